@@ -1,0 +1,32 @@
+"""The beat schedule, and nothing else.
+
+Two beat processes may run by mistake: each entry sends ``once_per_tick=True`` and the
+task claims its tick in Redis (:mod:`worker.ticks`), so a tick sent twice runs once.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+
+def entries(settings) -> dict:
+    """The schedule for ``settings`` (intervals come from the environment)."""
+    precompute = settings.precompute_interval
+    reconcile = settings.reconcile_interval
+    return {
+        # Keeps the common views of recently active users ready and drops idle users'
+        # sets; often enough that a user back from a break finds them warm.
+        "precompute-active": {
+            "task": "crm.precompute_active",
+            "schedule": timedelta(seconds=precompute),
+            "kwargs": {"once_per_tick": True},
+            "options": {"queue": "precompute", "expires": precompute},
+        },
+        # Finds and repairs drift between the index and the database (a crash between a
+        # commit and the index write, a flushed Redis); hourly bounds how long drift lives.
+        "reconcile-index": {
+            "task": "crm.reconcile_index",
+            "schedule": timedelta(seconds=reconcile),
+            "kwargs": {"once_per_tick": True},
+            "options": {"queue": "maintenance", "expires": reconcile},
+        },
+    }

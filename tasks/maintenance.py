@@ -1,0 +1,32 @@
+"""Maintenance tasks (queue ``maintenance``): rebuild and reconcile the index."""
+import time
+
+from worker.app import app
+from worker.db import get_engine
+from worker.maintenance import rebuild, reconcile
+from worker.records import positive_int
+from worker.redis_index import get_redis
+from worker.settings import get_settings
+from worker.ticks import claim
+
+
+def _installation(value):
+    return None if value is None else positive_int("installation_id", value)
+
+
+@app.task(name="crm.rebuild_index")
+def rebuild_index(installation_id=None):
+    """Rebuild the Redis index (one installation, or all) from the database."""
+    return rebuild(get_engine(), get_redis(), _installation(installation_id))
+
+
+@app.task(name="crm.reconcile_index")
+def reconcile_index(installation_id=None, once_per_tick=False):
+    """Compare the index with the database, repair drift, report what was found.
+    The beat sends ``once_per_tick=True``: a second beat's copy of a tick does nothing."""
+    installation_id = _installation(installation_id)
+    r = get_redis()
+    if once_per_tick is True and not claim(r, "reconcile_index", get_settings().reconcile_interval,
+                                             int(time.time())):
+        return {"skipped": "this tick already ran"}
+    return reconcile(get_engine(), r, installation_id)

@@ -1,0 +1,46 @@
+"""The query task (queue ``query``): what web apps call all day."""
+import logging
+
+from worker import keys
+from worker.app import app
+from worker.db import get_engine
+from worker.query import cursor_secret, parse, run
+from worker.redis_index import get_redis
+from worker.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+def configured_views(settings) -> frozenset:
+    return frozenset(keys.view_id(sort, [t] if t else None, [s] if s else None)
+                     for sort, t, s in settings.precompute_views)
+
+
+@app.task(name="crm.query_meetings")
+def query_meetings(installation_id, user_id, types=None, statuses=None, client_ids=None, date_from=None,
+                   date_to=None, sort="meeting_date", order="desc", offset=0, limit=20, cursor=None):
+    """One secured page of the user's meetings; see the README for every argument."""
+    settings = get_settings()
+    engine, r = get_engine(), get_redis()
+    secret = cursor_secret(engine, settings.cursor_secret)
+    query = parse(dict(installation_id=installation_id, user_id=user_id, types=types, statuses=statuses,
+                       client_ids=client_ids, date_from=date_from, date_to=date_to, sort=sort, order=order,
+                       offset=offset, limit=limit, cursor=cursor), secret)
+    result, not_ready = run(engine, r, query, secret, configured_views(settings))
+    if not_ready:
+        schedule_rebuild(r, query.installation_id)
+    return result
+
+
+def schedule_rebuild(r, installation_id: int) -> None:
+    """Queue one rebuild of an installation whose index is not ready (at most one per
+    ten minutes, however many queries notice)."""
+    if r.set(keys.rebuilding(installation_id), 1, nx=True, ex=600):
+        log.warning("index of installation %d is not ready: rebuild queued", installation_id)
+        app.send_task("crm.rebuild_index", kwargs={"installation_id": installation_id})
+
+
+@app.task(name="crm.noop")
+def noop():
+    """Does nothing: the floor of a task round trip, for the benchmark and health checks."""
+    return None

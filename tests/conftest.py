@@ -1,0 +1,110 @@
+"""Test set-up: the real MariaDB/MySQL and the real Redis, on databases of their own.
+
+``CRM_TEST_DATABASE_URL`` (default ``mysql+pymysql://root@127.0.0.1:3306/crm_test``) and
+``CRM_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/13``; the broker and the result
+backend take the next two database numbers) choose them.  Each test starts from empty
+tables and an empty keyspace.
+"""
+import os
+
+import pytest
+import sqlalchemy as sa
+
+DATABASE_URL = os.environ.get("CRM_TEST_DATABASE_URL", "mysql+pymysql://root@127.0.0.1:3306/crm_test")
+REDIS_URL = os.environ.get("CRM_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+_base, _db = REDIS_URL.rsplit("/", 1)
+BROKER_URL = f"{_base}/{int(_db) + 1}"
+BACKEND_URL = f"{_base}/{int(_db) + 2}"
+
+# Before anything imports the app: the tests never touch the configured service.
+os.environ.update({
+    "CRM_DATABASE_URL": DATABASE_URL,
+    "CRM_REDIS_URL": REDIS_URL,
+    "CELERY_BROKER_URL": BROKER_URL,
+    "CELERY_RESULT_BACKEND": BACKEND_URL,
+    "CRM_VISIBILITY_TIMEOUT": "30",
+    "CRM_DB_LOCK_WAIT_TIMEOUT": "2",
+})
+os.environ.pop("CRM_CURSOR_SECRET", None)
+
+from worker.db import get_engine, installations, meetings, user_clients, users  # noqa: E402
+from worker.redis_index import connect  # noqa: E402
+from worker.schema import upgrade  # noqa: E402
+
+
+def _create_database(url: str) -> None:
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "mysql":
+        return
+    server = sa.create_engine(parsed.set(database=""))
+    with server.begin() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS `{parsed.database}` CHARACTER SET utf8mb4")
+    server.dispose()
+
+
+@pytest.fixture(scope="session")
+def engine():
+    _create_database(DATABASE_URL)
+    engine = get_engine(DATABASE_URL)
+    upgrade(engine)
+    return engine
+
+
+@pytest.fixture(scope="session")
+def redis_client():
+    return connect(REDIS_URL)
+
+
+def wipe(engine, r) -> None:
+    with engine.begin() as conn:
+        for table in (meetings, user_clients, users, installations):
+            conn.execute(table.delete())
+    r.flushdb()
+
+
+@pytest.fixture
+def clean(engine, redis_client):
+    """Empty tables and keyspace; yields (engine, redis)."""
+    wipe(engine, redis_client)
+    yield engine, redis_client
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path):
+    """The embedded default: an SQLite file, migrated by the same code as `crm init`."""
+    from worker.db import make_engine
+    engine = make_engine(f"sqlite:///{tmp_path / 'crm.sqlite3'}")
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def celery_worker_session(engine, redis_client):
+    """One real worker for the session (threads pool, every queue), through the real
+    broker and result backend."""
+    from celery.contrib.testing.worker import start_worker
+
+    from worker.app import app
+    for url in (BROKER_URL, BACKEND_URL):
+        connect(url).flushdb()
+    with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False,
+                      loglevel="WARNING", shutdown_timeout=30) as worker:
+        yield worker
+
+
+@pytest.fixture(scope="session")
+def webapp():
+    """A Celery client that holds no project code, as a web app would have."""
+    from celery import Celery
+    client = Celery("webapp", broker=BROKER_URL, backend=BACKEND_URL)
+    client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                       result_accept_content=["json"])
+    return client
+
+
+@pytest.fixture
+def worker_env(celery_worker_session, clean, webapp):
+    """A running worker, clean data, and the web app's client."""
+    engine, r = clean
+    return engine, r, webapp

@@ -1,0 +1,4 @@
+"""crm-insight: the Celery app and the machinery beneath the tasks."""
+from worker.app import app
+
+__all__ = ["app"]

@@ -1,0 +1,91 @@
+"""The Celery app: ``celery -A worker worker`` and ``celery -A worker beat``."""
+from __future__ import annotations
+
+import logging
+import random
+
+from celery import Celery, Task
+from celery.signals import worker_process_init
+from kombu import Queue
+
+import beat_schedule
+from worker.errors import is_transient
+from worker.settings import get_settings, redact
+
+log = logging.getLogger(__name__)
+
+QUEUES = ("ingest", "query", "precompute", "maintenance")
+ROUTES = {
+    "crm.ingest_meetings": "ingest",
+    "crm.delete_meetings": "ingest",
+    "crm.set_user_clients": "ingest",
+    "crm.grant_clients": "ingest",
+    "crm.revoke_clients": "ingest",
+    "crm.query_meetings": "query",
+    "crm.precompute_user": "precompute",
+    "crm.precompute_active": "precompute",
+    "crm.rebuild_index": "maintenance",
+    "crm.reconcile_index": "maintenance",
+    "crm.noop": "query",
+}
+
+
+class CrmTask(Task):
+    """Retries transient faults (database or Redis unreachable, deadlock, lock wait
+    timeout, write conflict) with exponential backoff and jitter; anything else, and
+    invalid arguments above all, fails at once and reaches the caller's ``result.get()``."""
+    max_retries = 12
+    retry_backoff_cap = 60
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            if not is_transient(exc) or self.request.called_directly:
+                raise
+            delay = min(self.retry_backoff_cap, 2 ** self.request.retries) * (0.5 + random.random() / 2)
+            log.warning("%s: transient %s, retry in %.1fs", self.name, exc.__class__.__name__, delay)
+            raise self.retry(exc=exc, countdown=delay)
+
+
+def configure(app: Celery, settings) -> None:
+    transport = {"visibility_timeout": settings.visibility_timeout}
+    app.conf.update(
+        broker_url=settings.broker_url,
+        result_backend=settings.result_backend,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue="query",
+        task_routes={name: {"queue": queue} for name, queue in ROUTES.items()},
+        result_expires=3600,
+        result_extended=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        timezone="UTC",
+        enable_utc=True,
+        beat_schedule=beat_schedule.entries(settings),
+    )
+
+
+app = Celery("crm", task_cls=CrmTask, include=[
+    "tasks.ingest", "tasks.access", "tasks.query", "tasks.precompute", "tasks.maintenance"])
+configure(app, get_settings())
+log.debug("broker %s, result backend %s", redact(app.conf.broker_url), redact(app.conf.result_backend))
+
+
+@worker_process_init.connect
+def _fresh_connections(**_):
+    """A forked pool process must not share its parent's sockets."""
+    from worker.db import dispose_engines
+    from worker.redis_index import reset_clients
+    dispose_engines()
+    reset_clients()

@@ -1,0 +1,209 @@
+"""Ingestion: validated records into the database in small transactions, then into the
+Redis index from the same batch.
+
+A record is the newest version of its ``(installation_id, source_id)``; an older or
+identical version changes nothing, so redelivery and out-of-order delivery are harmless.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Callable
+
+import sqlalchemy as sa
+
+from worker import keys, redis_index
+from worker.db import installations, meetings
+from worker.errors import InvalidArgument, is_transient
+from worker.records import MAX_BATCH, Meeting, item_json, meeting_id, validate
+
+log = logging.getLogger(__name__)
+
+StoredRow = collections.namedtuple(
+    "StoredRow", "id installation_id source_id client_id type status meeting_s updated_s updated_us subject details")
+
+COLUMNS = [meetings.c[name] for name in StoredRow._fields]
+
+
+def run_transaction(engine: sa.Engine, work: Callable, attempts: int = 4, pause: float = 0.05):
+    """Run ``work(conn)`` in a transaction; retry transient faults (deadlock, lock wait
+    timeout, lost connection, TiDB write conflict) with exponential backoff, then give up
+    by raising the last one."""
+    for attempt in range(attempts):
+        try:
+            with engine.begin() as conn:
+                return work(conn)
+        except Exception as exc:
+            if not is_transient(exc) or attempt == attempts - 1:
+                raise
+            log.warning("transient database fault, retry %d: %s", attempt + 1, exc.__class__.__name__)
+            time.sleep(pause * (2 ** attempt))
+
+
+def _row(m: Meeting) -> StoredRow:
+    return StoredRow(m.id, m.installation_id, m.source_id, m.client_id, m.type, m.status,
+                     m.meeting_s, m.updated_s, m.updated_us, m.subject, m.details)
+
+
+def _write_chunk(conn, installation_id: int, chunk: list[Meeting], given: set[int]):
+    """Upsert one chunk (one installation, sorted by source_id); return the rows as stored
+    and the counts (updated, unchanged)."""
+    by_source = {m.source_id: m for m in chunk}
+    existing = {
+        row.source_id: row for row in conn.execute(
+            sa.select(*COLUMNS)
+            .where(meetings.c.installation_id == installation_id, meetings.c.source_id.in_(list(by_source)))
+            .order_by(meetings.c.source_id)
+            .with_for_update())
+    }
+    inserts, updates, stored = [], [], []
+    updated = unchanged = 0
+    for m in chunk:
+        old = existing.get(m.source_id)
+        if old is None:
+            inserts.append(m)
+            continue
+        m.id = old.id
+        newer = m.updated_us > old.updated_us
+        same = m.content() == (old.client_id, old.type, old.status, old.meeting_s, old.subject, old.details)
+        # A version without updated_at takes the ingestion time; when it holds what is
+        # stored already it is a redelivery, not a new version.
+        if newer and not (same and id(m) not in given):
+            updates.append(m)
+            stored.append(_row(m))
+            updated += 1
+        else:
+            stored.append(StoredRow(*old))
+            unchanged += 1
+    if inserts:
+        _assign_ids(conn, inserts)
+        conn.execute(meetings.insert(), [_row(m)._asdict() for m in inserts])
+        stored += [_row(m) for m in inserts]
+    if updates:
+        conn.execute(
+            meetings.update().where(meetings.c.id == sa.bindparam("b_id")),
+            [{"b_id": m.id, "client_id": m.client_id, "type": m.type, "status": m.status,
+              "meeting_s": m.meeting_s, "updated_s": m.updated_s, "updated_us": m.updated_us,
+              "subject": m.subject, "details": m.details} for m in updates])
+    return stored, updated, unchanged
+
+
+def _assign_ids(conn, new: list[Meeting]) -> None:
+    """Give each new meeting its derived id, salting the rare one that collides with an
+    id already taken by another meeting."""
+    salt = 0
+    pending = new
+    taken_here: set[int] = set()
+    while pending:
+        for m in pending:
+            m.id = meeting_id(m.installation_id, m.source_id, salt)
+        taken = set(conn.execute(sa.select(meetings.c.id).where(meetings.c.id.in_([m.id for m in pending]))).scalars())
+        again = []
+        for m in pending:
+            if m.id in taken or m.id in taken_here:
+                again.append(m)
+            else:
+                taken_here.add(m.id)
+        pending, salt = again, salt + 1
+
+
+def _register_installation(engine: sa.Engine, installation_id: int) -> bool:
+    """Record the installation; True when it is new (so its empty index is complete)."""
+    def work(conn):
+        if conn.execute(sa.select(installations.c.id).where(installations.c.id == installation_id)).first():
+            return False
+        try:
+            with conn.begin_nested():
+                conn.execute(installations.insert().values(id=installation_id))
+        except sa.exc.IntegrityError:
+            return False
+        return True
+    return run_transaction(engine, work)
+
+
+def mark_new_installation(engine, r, installation_id: int) -> None:
+    """Once per installation: record it; a brand-new one has a complete (empty) index."""
+    if _register_installation(engine, installation_id):
+        r.set(keys.ready(installation_id), 1)
+    redis_index.register_installation(r, installation_id)
+
+
+def validate_batch(records) -> tuple[list[tuple[int, Meeting]], list[dict]]:
+    if not isinstance(records, list):
+        raise InvalidArgument("records", f"must be a list of meeting objects, got {type(records).__name__}")
+    if len(records) > MAX_BATCH:
+        raise InvalidArgument("records", f"holds {len(records)} records; at most {MAX_BATCH} per task")
+    valid, rejected = [], []
+    for index, record in enumerate(records):
+        try:
+            valid.append((index, validate(record)))
+        except InvalidArgument as exc:
+            source_id = record.get("source_id") if isinstance(record, dict) else None
+            rejected.append({"index": index, "source_id": source_id if isinstance(source_id, str) else None,
+                             "error": str(exc)})
+    return valid, rejected
+
+
+def ingest(engine: sa.Engine, r, records, chunk_size: int = 250, now_us: int | None = None) -> dict:
+    """``crm.ingest_meetings``: validate, upsert, index.  Returns the contract's counts."""
+    valid, rejected = validate_batch(records)
+    now_us = int(time.time() * 1_000_000) if now_us is None else now_us
+    given = set()
+    for _, m in valid:
+        if m.updated_us is None:
+            m.updated_us = now_us
+        else:
+            given.add(id(m))
+    # Within one batch the newest version of a source_id wins (the later one on a tie).
+    newest: dict[tuple[int, str], Meeting] = {}
+    for _, m in valid:
+        key = (m.installation_id, m.source_id)
+        if key not in newest or m.updated_us >= newest[key].updated_us:
+            newest[key] = m
+    unchanged = len(valid) - len(newest)
+    updated = 0
+
+    by_installation: dict[int, list[Meeting]] = collections.defaultdict(list)
+    for m in newest.values():
+        by_installation[m.installation_id].append(m)
+    for installation_id, group in sorted(by_installation.items()):
+        mark_new_installation(engine, r, installation_id)
+        group.sort(key=lambda m: m.source_id)  # one lock order for every writer
+        for start in range(0, len(group), chunk_size):
+            chunk = group[start:start + chunk_size]
+            stored, n_updated, n_unchanged = run_transaction(
+                engine, lambda conn: _write_chunk(conn, installation_id, chunk, given))
+            updated += n_updated
+            unchanged += n_unchanged
+            # After the commit, from the same batch: the index holds what the database holds.
+            redis_index.apply_meetings(r, installation_id, stored, item_json)
+    return {"accepted": len(valid), "updated": updated, "unchanged": unchanged, "rejected": rejected}
+
+
+def delete(engine: sa.Engine, r, installation_id, source_ids) -> dict:
+    """``crm.delete_meetings``: gone from the index first, then from the database."""
+    from worker.records import positive_int
+    installation_id = positive_int("installation_id", installation_id)
+    if not isinstance(source_ids, list) or not all(isinstance(s, str) for s in source_ids):
+        raise InvalidArgument("source_ids", "must be a list of strings")
+    if len(source_ids) > MAX_BATCH:
+        raise InvalidArgument("source_ids", f"holds {len(source_ids)} ids; at most {MAX_BATCH} per task")
+    deleted = 0
+    wanted = sorted(set(source_ids))
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start:start + 500]
+
+        def work(conn):
+            ids = list(conn.execute(
+                sa.select(meetings.c.id)
+                .where(meetings.c.installation_id == installation_id, meetings.c.source_id.in_(chunk))
+                .with_for_update()).scalars())
+            if not ids:
+                return 0
+            # Out of every query at once, before the rows go: a crash in between leaves
+            # the rows in the database, and the redelivered task deletes them again.
+            redis_index.delete_meetings(r, installation_id, ids)
+            return conn.execute(meetings.delete().where(meetings.c.id.in_(ids))).rowcount
+        deleted += run_transaction(engine, work)
+    return {"deleted": deleted}

@@ -1,0 +1,122 @@
+"""Every Redis key of the index, defined once.
+
+All keys of one installation share the hash tag ``{i:<installation_id>}`` so that they sit
+in one Redis Cluster slot and the Lua scripts may work on them together.  The scripts in
+``worker/scripts`` derive per-client and per-user keys from :func:`prefix` with the same
+templates as below (``tests/test_keys.py`` checks that the two agree).
+
+Sorted-set members encode their own order: one letter for the sort field (``d``:
+meeting_date, ``u``: updated_at), the sort value as 4 big-endian bytes of whole seconds,
+and the meeting id as 7 big-endian bytes.  Every score is 0, so Redis orders members by
+these bytes: by sort value, ties by id, and a cursor is simply the last member.
+"""
+from __future__ import annotations
+
+import struct
+
+DATE = b"d"
+UPDATED = b"u"
+SORT_LETTER = {"meeting_date": DATE, "updated_at": UPDATED}
+
+#: Set (global, no hash tag) of installation ids that have an index.
+INSTALLATIONS = "crm:installations"
+
+
+def prefix(installation_id: int) -> str:
+    """Start of every key of one installation."""
+    return "{i:%d}:" % installation_id
+
+
+def client_set(installation_id: int, client_id: int, type_: str, status: str) -> str:
+    """Sorted set, lifetime of the data: one (client, type, status)'s meetings, both sort
+    fields' members (``d…`` and ``u…``) in one key to halve the per-key overhead."""
+    return f"{prefix(installation_id)}z:{client_id}:{type_}:{status}"
+
+
+def payloads(installation_id: int) -> str:
+    """Hash, lifetime of the data: 7-byte meeting id -> ``"client type status meeting_s
+    updated_s updated_us|<item JSON>"``.  The space-separated head lets the scripts find
+    a meeting's index entries without decoding JSON."""
+    return f"{prefix(installation_id)}m"
+
+
+def pairs(installation_id: int) -> str:
+    """Set: the ``type:status`` pairs present in the installation."""
+    return f"{prefix(installation_id)}ts"
+
+
+def user_clients(installation_id: int, user_id: int) -> str:
+    """Set: the client ids the user may see (mirror of the ``user_clients`` table)."""
+    return f"{prefix(installation_id)}uc:{user_id}"
+
+
+def client_users(installation_id: int, client_id: int) -> str:
+    """Set: the users who may see the client (the reverse of :func:`user_clients`)."""
+    return f"{prefix(installation_id)}cu:{client_id}"
+
+
+def access_versions(installation_id: int) -> str:
+    """Hash: user id -> ``users.access_version`` of the access list now in Redis; a write
+    of an older version is ignored, so concurrent writers cannot restore revoked access."""
+    return f"{prefix(installation_id)}av"
+
+
+def ready(installation_id: int) -> str:
+    """String ``1`` while the index mirrors the database; absent after a flush or during a
+    rebuild, when queries fall back to SQL."""
+    return f"{prefix(installation_id)}ready"
+
+
+def rebuilding(installation_id: int) -> str:
+    """String with a TTL: a rebuild of this installation is queued or running."""
+    return f"{prefix(installation_id)}rebuilding"
+
+
+def user_views(installation_id: int, user_id: int) -> str:
+    """Hash: view id -> last use (epoch seconds) of the user's precomputed sets."""
+    return f"{prefix(installation_id)}pv:{user_id}"
+
+
+def view_set(installation_id: int, user_id: int, view: str) -> str:
+    """Sorted set: a user's precomputed secured result set for one view, members as in
+    :func:`client_set` (one sort letter only).  Dropped when idle or over budget."""
+    return f"{prefix(installation_id)}p:{user_id}:{view}"
+
+
+def active_users(installation_id: int) -> str:
+    """Sorted set: user id scored by the time of their last query (epoch seconds)."""
+    return f"{prefix(installation_id)}active"
+
+
+def stats(installation_id: int) -> str:
+    """Hash: ``hit``/``miss``/``fill`` counters of the installation's precomputed sets."""
+    return f"{prefix(installation_id)}stats"
+
+
+def scratch(installation_id: int) -> str:
+    """Sorted set used inside one script call and deleted before it returns."""
+    return f"{prefix(installation_id)}tmp"
+
+
+def view_id(sort: str, types, statuses) -> str:
+    """The id of a precomputable view: sort letter, sorted types, sorted statuses, ``*``
+    for any: ``d:email:open``, ``d:*:*``, ``u:email,sms:*``."""
+    letter = SORT_LETTER[sort].decode()
+    return "%s:%s:%s" % (letter, ",".join(sorted(set(types))) if types else "*",
+                         ",".join(sorted(set(statuses))) if statuses else "*")
+
+
+def member(letter: bytes, seconds: int, meeting_id: int) -> bytes:
+    return letter + struct.pack(">I", seconds) + meeting_id.to_bytes(7, "big")
+
+
+def member_id(member_bytes: bytes) -> int:
+    return int.from_bytes(member_bytes[5:12], "big")
+
+
+def member_seconds(member_bytes: bytes) -> int:
+    return struct.unpack(">I", member_bytes[1:5])[0]
+
+
+def id_field(meeting_id: int) -> bytes:
+    return meeting_id.to_bytes(7, "big")

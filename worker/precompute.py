@@ -1,0 +1,130 @@
+"""Precomputed per-user secured result sets.
+
+A view is (sort field, types, statuses); its set holds the members of every meeting the
+user may see that matches, in sort order, so the first pages cost O(log N + page).  Sets
+are kept fresh by the index scripts on every write and dropped on every access change;
+here they are built, refreshed for active users, and evicted when idle or over budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import redis
+
+from worker import keys
+from worker.query import Query, call_script
+
+LETTER_SORT = {"d": "meeting_date", "u": "updated_at"}
+
+
+def view_query(installation_id: int, user_id: int, view: str) -> Query:
+    letter, types, statuses = view.split(":")
+    return Query(installation_id=installation_id, user_id=user_id,
+                 types=None if types == "*" else tuple(types.split(",")),
+                 statuses=None if statuses == "*" else tuple(statuses.split(",")),
+                 client_ids=None, date_from=None, date_to=None, sort=LETTER_SORT[letter],
+                 order="desc", offset=0, limit=1)
+
+
+def precompute_user(r: redis.Redis, installation_id: int, user_id: int, views, now: int) -> dict:
+    """Build the user's sets for ``views`` now, each replacing its previous version in one
+    atomic step.  Returns the number of views built and of entries they hold."""
+    built = entries = 0
+    for view in sorted(views):
+        reply = call_script(r, view_query(installation_id, user_id, view), view, "2", 0, now)
+        if reply[0] == b"notready":
+            return {"user_id": user_id, "views": built, "entries": entries, "ready": False}
+        built += 1
+        entries += int(reply[1])
+    return {"user_id": user_id, "views": built, "entries": entries, "ready": True}
+
+
+def drop_user(r: redis.Redis, installation_id: int, user_id: int, views=None) -> int:
+    """Drop the user's precomputed sets (``views``, or all); returns how many."""
+    pv = keys.user_views(installation_id, user_id)
+    names = [v.decode() for v in r.hkeys(pv)] if views is None else list(views)
+    if not names:
+        return 0
+    pipe = r.pipeline(transaction=True)
+    pipe.delete(*[keys.view_set(installation_id, user_id, v) for v in names])
+    pipe.hdel(pv, *names)
+    pipe.execute()
+    return len(names)
+
+
+@dataclasses.dataclass
+class ViewInfo:
+    installation_id: int
+    user_id: int
+    view: str
+    last_used: float
+    size: int = 0
+
+
+def list_views(r: redis.Redis, installation_id: int) -> list[ViewInfo]:
+    """Every precomputed set of the installation, with its last use and size in bytes."""
+    found = []
+    match = keys.user_views(installation_id, 0)[:-1] + "*"
+    for key in r.scan_iter(match=match, count=1000):
+        user_id = int(key.rsplit(b":", 1)[1])
+        for view, used in r.hgetall(key).items():
+            found.append(ViewInfo(installation_id, user_id, view.decode(), float(used)))
+    if found:
+        pipe = r.pipeline(transaction=False)
+        for info in found:
+            pipe.memory_usage(keys.view_set(info.installation_id, info.user_id, info.view))
+        for info, size in zip(found, pipe.execute()):
+            info.size = size or 0
+    return found
+
+
+def precompute_active(r: redis.Redis, installation_ids, views, idle: int, budget: int, now: int) -> dict:
+    """Drop the sets of users idle longer than ``idle`` seconds, refresh those of recently
+    active users (most recent first) while the budget lasts, then evict the least recently
+    used sets until all of them fit in ``budget`` bytes."""
+    dropped_idle = refreshed = evicted = 0
+    for installation_id in installation_ids:
+        active = keys.active_users(installation_id)
+        for user in r.zrangebyscore(active, "-inf", now - idle):
+            dropped_idle += drop_user(r, installation_id, int(user))
+        r.zremrangebyscore(active, "-inf", now - idle)
+        sizes = {(v.user_id, v.view): v.size for v in list_views(r, installation_id)}
+        used = sum(sizes.values())
+        for user in r.zrevrangebyscore(active, "+inf", f"({now - idle}"):
+            if used >= budget:
+                break
+            user = int(user)
+            result = precompute_user(r, installation_id, user, views, now)
+            if not result["ready"]:
+                break
+            refreshed += 1
+            pipe = r.pipeline(transaction=False)
+            for view in sorted(views):
+                pipe.memory_usage(keys.view_set(installation_id, user, view))
+            for view, size in zip(sorted(views), pipe.execute()):
+                used += (size or 0) - sizes.get((user, view), 0)
+    every = [info for i in installation_ids for info in list_views(r, i)]
+    total = sum(info.size for info in every)
+    for info in sorted(every, key=lambda v: v.last_used):
+        if total <= budget:
+            break
+        drop_user(r, info.installation_id, info.user_id, [info.view])
+        total -= info.size
+        evicted += 1
+    return {"refreshed_users": refreshed, "dropped_idle_views": dropped_idle, "evicted_views": evicted,
+            "bytes": total, "views": len(every) - evicted}
+
+
+def stats(r: redis.Redis, installation_ids) -> dict:
+    """Users and bytes precomputed, and the hit rate of the precomputed sets."""
+    users, views, size, hit, miss = set(), 0, 0, 0, 0
+    for installation_id in installation_ids:
+        for info in list_views(r, installation_id):
+            users.add((installation_id, info.user_id))
+            views += 1
+            size += info.size
+        counters = r.hgetall(keys.stats(installation_id))
+        hit += int(counters.get(b"hit", 0))
+        miss += int(counters.get(b"miss", 0))
+    return {"users": len(users), "views": views, "bytes": size, "hits": hit, "misses": miss,
+            "hit_rate": round(hit / (hit + miss), 4) if hit + miss else None}

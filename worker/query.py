@@ -1,0 +1,306 @@
+"""Secured queries: ``crm.query_meetings`` from the Redis index, with the same query as
+SQL on the database when the index cannot answer.
+
+Both paths order by (sort value in whole seconds, id) and build items with the same
+function, so their answers are identical: same items, same order, same total.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import struct
+import threading
+import time
+
+import redis
+import sqlalchemy as sa
+
+from worker import keys, redis_index
+from worker.db import crm_meta, meetings, user_clients
+from worker.errors import InvalidArgument, is_transient
+from worker.records import item_json, parse_time, positive_int, to_seconds, token
+
+log = logging.getLogger(__name__)
+
+SORTS = {"meeting_date": "meeting_s", "updated_at": "updated_s"}
+ORDERS = ("asc", "desc")
+MAX_LIMIT = 200
+MAX_OFFSET = 10**9
+MAX_FILTER = 10_000
+MAX_CURSOR = 200
+ARGUMENTS = {"installation_id", "user_id", "types", "statuses", "client_ids", "date_from", "date_to",
+             "sort", "order", "offset", "limit", "cursor"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    installation_id: int
+    user_id: int
+    types: tuple | None
+    statuses: tuple | None
+    client_ids: tuple | None
+    date_from: int | None  # whole seconds, inclusive
+    date_to: int | None    # whole seconds, exclusive
+    sort: str
+    order: str
+    offset: int
+    limit: int
+    after: bytes | None = None  # the cursor's member: continue strictly after it
+
+    @property
+    def letter(self) -> bytes:
+        return keys.SORT_LETTER[self.sort]
+
+    @property
+    def desc(self) -> bool:
+        return self.order == "desc"
+
+    def fingerprint(self) -> bytes:
+        """What a cursor is bound to: everything but the page position."""
+        return json.dumps([self.installation_id, self.user_id, self.types, self.statuses, self.client_ids,
+                           self.date_from, self.date_to, self.sort, self.order]).encode()
+
+    def empty(self) -> bool:
+        return self.types == () or self.statuses == () or self.client_ids == ()
+
+
+def _token_list(field, value, maker):
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise InvalidArgument(field, f"must be a list or null, got {type(value).__name__}")
+    if len(value) > MAX_FILTER:
+        raise InvalidArgument(field, f"holds {len(value)} values; at most {MAX_FILTER}")
+    return tuple(sorted({maker(f"{field}[]", v) for v in value}))
+
+
+def _bounded_int(field, value, lo, hi):
+    if type(value) is not int:
+        raise InvalidArgument(field, f"must be an integer, got {type(value).__name__} {value!r:.40}")
+    if not lo <= value <= hi:
+        raise InvalidArgument(field, f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def parse(args: dict, secret: bytes) -> Query:
+    """Validate the task's arguments into a :class:`Query`; raise :class:`InvalidArgument`."""
+    unknown = set(args) - ARGUMENTS
+    if unknown:
+        raise InvalidArgument(sorted(unknown)[0], "is not an argument of crm.query_meetings")
+    for field in ("installation_id", "user_id"):
+        if field not in args:
+            raise InvalidArgument(field, "is required")
+    sort = args.get("sort", "meeting_date")
+    if sort not in SORTS:
+        raise InvalidArgument("sort", f"must be one of {sorted(SORTS)}, got {sort!r:.40}")
+    order = args.get("order", "desc")
+    if order not in ORDERS:
+        raise InvalidArgument("order", f"must be 'asc' or 'desc', got {order!r:.40}")
+    dates = {}
+    for field in ("date_from", "date_to"):
+        value = args.get(field)
+        dates[field] = None if value is None else to_seconds(parse_time(field, value))
+    query = Query(
+        installation_id=positive_int("installation_id", args["installation_id"]),
+        user_id=positive_int("user_id", args["user_id"]),
+        types=_token_list("types", args.get("types"), token),
+        statuses=_token_list("statuses", args.get("statuses"), token),
+        client_ids=_token_list("client_ids", args.get("client_ids"), positive_int),
+        date_from=dates["date_from"], date_to=dates["date_to"],
+        sort=sort, order=order,
+        offset=_bounded_int("offset", args.get("offset", 0), 0, MAX_OFFSET),
+        limit=_bounded_int("limit", args.get("limit", 20), 1, MAX_LIMIT),
+    )
+    cursor = args.get("cursor")
+    if cursor is not None:
+        if query.offset:
+            raise InvalidArgument("cursor", "cannot be combined with a non-zero offset")
+        query = dataclasses.replace(query, after=decode_cursor(cursor, query, secret))
+    return query
+
+
+# -- cursors ---------------------------------------------------------------------------
+
+def _mac(secret: bytes, query: Query, member: bytes) -> bytes:
+    return hmac.new(secret, query.fingerprint() + b"\x00" + member, hashlib.sha256).digest()[:12]
+
+
+def encode_cursor(query: Query, member: bytes, secret: bytes) -> str:
+    """Opaque and signed: the last item's sort value and id, bound to this query."""
+    return base64.urlsafe_b64encode(member + _mac(secret, query, member)).decode().rstrip("=")
+
+
+def decode_cursor(cursor, query: Query, secret: bytes) -> bytes:
+    if not isinstance(cursor, str) or not 0 < len(cursor) <= MAX_CURSOR:
+        raise InvalidArgument("cursor", "must be the next_cursor string of an earlier page")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    except (ValueError, TypeError):
+        raw = b""
+    member, mac = raw[:12], raw[12:]
+    if len(raw) != 24 or member[:1] != query.letter or not hmac.compare_digest(mac, _mac(secret, query, member)):
+        raise InvalidArgument("cursor", "is malformed, was altered, or belongs to another query "
+                                        "(a cursor only continues the query that returned it)")
+    return member
+
+
+_secret_cache: dict[str, bytes] = {}
+_secret_lock = threading.Lock()
+
+
+def cursor_secret(engine: sa.Engine, configured: str | None) -> bytes:
+    """The configured secret, else the one ``crm init`` stored in the database."""
+    if configured:
+        return configured.encode()
+    url = str(engine.url)
+    with _secret_lock:
+        if url not in _secret_cache:
+            with engine.connect() as conn:
+                value = conn.execute(sa.select(crm_meta.c.value).where(crm_meta.c.name == "cursor_secret")).scalar()
+            if value is None:
+                raise RuntimeError("the database has no cursor secret: run `crm init`")
+            _secret_cache[url] = value.encode()
+        return _secret_cache[url]
+
+
+# -- the two paths ---------------------------------------------------------------------
+
+def _date_bounds(letter: bytes, date_from, date_to) -> tuple[bytes, bytes]:
+    lo = b"[" + letter + (struct.pack(">I", date_from) if date_from is not None else b"")
+    hi = b"(" + (letter + struct.pack(">I", date_to) if date_to is not None else bytes([letter[0] + 1]))
+    return lo, hi
+
+
+def lex_bounds(query: Query) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
+    """ZRANGEBYLEX bounds: (count min, count max, page min, page max, date min, date max).
+    The date range is on meeting_date; when the sort is meeting_date it narrows the count
+    bounds directly, otherwise it comes as the separate date bounds ("" when absent)."""
+    dated = query.date_from is not None or query.date_to is not None
+    dmin = dmax = b""
+    if query.sort == "meeting_date" or not dated:
+        cmin, cmax = _date_bounds(query.letter, query.date_from, query.date_to)
+    else:
+        cmin, cmax = _date_bounds(query.letter, None, None)
+        dmin, dmax = _date_bounds(keys.DATE, query.date_from, query.date_to)
+    pmin, pmax = cmin, cmax
+    if query.after is not None:
+        if query.desc:
+            pmax = min(pmax, b"(" + query.after, key=lambda b: b[1:])
+        else:
+            pmin = max(pmin, b"(" + query.after, key=lambda b: b[1:])
+    return cmin, cmax, pmin, pmax, dmin, dmax
+
+
+def call_script(r: redis.Redis, query: Query, view: str, fill: str, limit: int, now: int) -> list:
+    """Run ``query.lua`` for ``query`` (see its header for ``view`` and ``fill``)."""
+    cmin, cmax, pmin, pmax, dmin, dmax = lex_bounds(query)
+    i, u = query.installation_id, query.user_id
+    return redis_index.script(r, "query")(
+        keys=[keys.payloads(i), keys.user_clients(i, u), keys.ready(i), keys.user_views(i, u),
+              keys.scratch(i), keys.pairs(i), keys.active_users(i), keys.stats(i)],
+        args=[keys.prefix(i), u, view, fill, query.letter, "1" if query.desc else "0",
+              cmin, cmax, pmin, pmax, query.offset, limit, now,
+              ",".join(query.types or ()), ",".join(query.statuses or ()),
+              ",".join(map(str, query.client_ids or ())), dmin, dmax])
+
+
+def precomputable(query: Query, views: frozenset) -> str:
+    """The view id that may answer ``query`` from a precomputed set, else ""."""
+    if query.client_ids is not None:
+        return ""
+    if query.sort != "meeting_date" and (query.date_from is not None or query.date_to is not None):
+        return ""  # the view holds updated_at members only; the range is on meeting_date
+    view = keys.view_id(query.sort, query.types, query.statuses)
+    return view if view in views else ""
+
+
+def from_index(r: redis.Redis, query: Query, views: frozenset, now: int):
+    """The answer from Redis, or None when the index is not ready for the installation."""
+    view = precomputable(query, views)
+    reply = call_script(r, query, view, "1" if view else "0", query.limit + 1, now)
+    source = reply[0].decode()
+    if source == "notready":
+        return None
+    members = reply[2::2]
+    values = reply[3::2]
+    if any(not v for v in values):
+        # A member without its payload: the index has drifted; the database answers.
+        log.error("index drift: payload missing for installation %d; answering from the database", i)
+        return None
+    items = [v[v.index(b"|") + 1:].decode() for v in values]
+    return source, int(reply[1]), members, items
+
+
+def _sql_filter(query: Query, with_cursor: bool):
+    m = meetings.c
+    allowed = sa.select(user_clients.c.client_id).where(
+        user_clients.c.installation_id == query.installation_id, user_clients.c.user_id == query.user_id)
+    conds = [m.installation_id == query.installation_id, m.client_id.in_(allowed)]
+    if query.client_ids is not None:
+        conds.append(m.client_id.in_(query.client_ids))
+    if query.types is not None:
+        conds.append(m.type.in_(query.types))
+    if query.statuses is not None:
+        conds.append(m.status.in_(query.statuses))
+    if query.date_from is not None:
+        conds.append(m.meeting_s >= query.date_from)
+    if query.date_to is not None:
+        conds.append(m.meeting_s < query.date_to)
+    col = m[SORTS[query.sort]]
+    if with_cursor and query.after is not None:
+        value, last_id = keys.member_seconds(query.after), keys.member_id(query.after)
+        if query.desc:
+            conds.append(sa.or_(col < value, sa.and_(col == value, m.id < last_id)))
+        else:
+            conds.append(sa.or_(col > value, sa.and_(col == value, m.id > last_id)))
+    return conds, col
+
+
+def from_database(conn, query: Query):
+    """The same answer as SQL: (total, members, item JSON texts)."""
+    conds, col = _sql_filter(query, with_cursor=False)
+    total = conn.execute(sa.select(sa.func.count()).select_from(meetings).where(*conds)).scalar()
+    conds, col = _sql_filter(query, with_cursor=True)
+    direction = sa.desc if query.desc else sa.asc
+    rows = conn.execute(
+        sa.select(meetings).where(*conds)
+        .order_by(direction(col), direction(meetings.c.id))
+        .limit(query.limit + 1).offset(query.offset)).all()
+    members = [keys.member(query.letter, getattr(row, SORTS[query.sort]), row.id) for row in rows]
+    return total, members, [item_json(row) for row in rows]
+
+
+def run(engine: sa.Engine, r: redis.Redis, query: Query, secret: bytes, views: frozenset,
+        now: int | None = None) -> tuple[dict, bool]:
+    """Answer ``query``; return (result, index_not_ready)."""
+    if query.empty():
+        return {"total": 0, "items": [], "next_cursor": None, "source": "index"}, False
+    now = int(time.time()) if now is None else now
+    answer = None
+    not_ready = False
+    try:
+        answer = from_index(r, query, views, now)
+        not_ready = answer is None
+    except redis.RedisError as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("index unreachable (%s); answering from the database", exc.__class__.__name__)
+    if answer is None:
+        with engine.connect() as conn:
+            total, members, items = from_database(conn, query)
+        source = "database"
+    else:
+        source, total, members, items = answer
+    more = len(items) > query.limit
+    items, members = items[:query.limit], members[:query.limit]
+    result = {
+        "total": total,
+        "items": [json.loads(text) for text in items],
+        "next_cursor": encode_cursor(query, members[-1], secret) if more else None,
+        "source": source,
+    }
+    return result, not_ready

@@ -1,0 +1,28 @@
+"""``crm init``: create or upgrade the schema through Alembic, any number of times."""
+from __future__ import annotations
+
+import os
+import secrets
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+
+from worker.db import crm_meta, get_engine
+
+MIGRATIONS = os.path.join(os.path.dirname(__file__), "migrations")
+
+
+def upgrade(engine: sa.Engine | None = None) -> str:
+    """Bring the schema to the newest revision; return that revision."""
+    engine = engine or get_engine()
+    config = Config()
+    config.set_main_option("script_location", MIGRATIONS)
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+    with engine.begin() as conn:
+        # The secret that signs cursors lives with the data, so every worker shares it.
+        if conn.execute(sa.select(crm_meta.c.value).where(crm_meta.c.name == "cursor_secret")).first() is None:
+            conn.execute(crm_meta.insert().values(name="cursor_secret", value=secrets.token_hex(32)))
+        return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()

@@ -1,0 +1,39 @@
+-- apply.lua: write meetings of one installation into the index, all or nothing.
+--
+-- KEYS[1]  {i:N}:m    hash  7-byte id -> "client type status meeting_s updated_s updated_us|json"
+-- KEYS[2]  {i:N}:ts   set   "type:status" pairs present
+-- ARGV[1]  the installation's key prefix "{i:N}:"; the script derives from it the keys
+--          z:<client>:<type>:<status>, cu:<client>, pv:<user>, p:<user>:<view> (worker/keys.py)
+-- ARGV[2], ARGV[3], ARGV[4], then the same for each further meeting:
+--          7-byte id, head "client type status meeting_s updated_s updated_us", item JSON
+-- Reply:   {written, fanned_out}: meetings written (a meeting whose stored version is newer
+--          or identical is left alone) and precomputed-set entries touched.
+local prefix = ARGV[1]
+local written, fanned = 0, 0
+for i = 2, #ARGV, 3 do
+  local id, head, json = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local value = head .. "|" .. json
+  local old = redis.call("HGET", KEYS[1], id)
+  local client, typ, status, meeting_s, updated_s, updated_us =
+    string.match(head, "^(%d+) (%S+) (%S+) (%d+) (%d+) (%d+)$")
+  local skip = false
+  if old then
+    local oc, ot, os, oms, ous, ouus = parse_head(old)
+    if old == value or tonumber(ouus) > tonumber(updated_us) then
+      skip = true
+    else
+      local gone = members_of(id, oms, ous)
+      redis.call("ZREM", prefix .. "z:" .. oc .. ":" .. ot .. ":" .. os, gone.d, gone.u)
+      fanned = fanned + fan_out(prefix, oc, ot, os, gone, "rem")
+    end
+  end
+  if not skip then
+    local new = members_of(id, meeting_s, updated_s)
+    redis.call("ZADD", prefix .. "z:" .. client .. ":" .. typ .. ":" .. status, 0, new.d, 0, new.u)
+    redis.call("HSET", KEYS[1], id, value)
+    redis.call("SADD", KEYS[2], typ .. ":" .. status)
+    fanned = fanned + fan_out(prefix, client, typ, status, new, "add")
+    written = written + 1
+  end
+end
+return {written, fanned}
