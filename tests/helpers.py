@@ -31,14 +31,29 @@ class Oracle:
         self.access = {}    # (installation, user) -> set(clients)
 
     def ingest(self, records, now_us):
+        """The contract's version rules: within a batch the later of equal versions wins;
+        against the stored version only a newer one counts, and a record without
+        updated_at that holds what is stored is a redelivery."""
+        newest = {}
         for rec in records:
             key = (rec["installation_id"], rec["source_id"])
             updated = rec.get("updated_at")
             us = to_micros(parse_time("updated_at", updated)) if updated else now_us
-            new = dict(rec, meeting_s=to_seconds(parse_time("meeting_date", rec["meeting_date"])), updated_us=us)
+            new = dict(rec, meeting_s=to_seconds(parse_time("meeting_date", rec["meeting_date"])), updated_us=us,
+                       implicit=updated is None)
+            if key not in newest or us >= newest[key]["updated_us"]:
+                newest[key] = new
+        for key, new in newest.items():
             old = self.meetings.get(key)
-            if old is None or us > old["updated_us"]:
+            if old is None:
                 self.meetings[key] = new
+            elif new["updated_us"] > old["updated_us"] and not (new["implicit"] and self._same(old, new)):
+                self.meetings[key] = new
+
+    @staticmethod
+    def _same(a, b):
+        fields = ("client_id", "type", "status", "meeting_s", "subject", "details")
+        return all(a.get(f) == b.get(f) for f in fields)
 
     def delete(self, installation_id, source_ids):
         for s in source_ids:

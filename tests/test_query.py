@@ -1,0 +1,252 @@
+"""Secured queries: the Redis path, the SQL fallback and a brute-force oracle agree;
+hostile arguments get a clear error or a correct answer, never another user's meeting."""
+import json
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import wipe
+from tests.helpers import SECRET, VIEWS, Oracle, ids_of, page_sources, query, record
+from worker import keys
+from worker.access import change
+from worker.errors import InvalidArgument
+from worker.ingest import delete, ingest, mark_new_installation
+from worker.precompute import precompute_user
+from worker.query import from_database, parse, run
+
+DATES = ["2024-01-01T00:00:00Z", "2024-01-01T00:00:00.900Z", "2024-01-02T10:00:00+02:00",
+         "2024-01-03T00:00:00Z", "2024-03-01T00:00:00Z", "2025-06-01T12:30:00Z"]
+UPDATES = [None, "2024-05-01T00:00:00Z", "2024-05-01T00:00:00.5Z", "2024-05-02T00:00:00Z", "2024-06-01T00:00:00Z"]
+TYPES = ["email", "sms", "call"]
+STATUSES = ["open", "closed"]
+
+records_st = st.builds(
+    record,
+    installation_id=st.sampled_from([1, 2]),
+    source_id=st.sampled_from([f"s{n}" for n in range(14)]),
+    client_id=st.integers(1, 6),
+    type=st.sampled_from(TYPES),
+    status=st.sampled_from(STATUSES),
+    meeting_date=st.sampled_from(DATES),
+    updated_at=st.sampled_from(UPDATES),
+    subject=st.sampled_from([None, "hello", "другой"]),
+)
+subset = lambda values: st.one_of(st.none(), st.lists(st.sampled_from(values), max_size=3))  # noqa: E731
+queries_st = st.fixed_dictionaries({
+    "installation_id": st.sampled_from([1, 2]),
+    "user_id": st.integers(1, 4),
+    "types": subset(TYPES),
+    "statuses": subset(STATUSES),
+    "client_ids": st.one_of(st.none(), st.lists(st.integers(1, 7), max_size=4)),
+    "date_from": st.sampled_from([None] + DATES),
+    "date_to": st.sampled_from([None] + DATES),
+    "sort": st.sampled_from(["meeting_date", "updated_at"]),
+    "order": st.sampled_from(["asc", "desc"]),
+    "offset": st.integers(0, 12),
+    "limit": st.integers(1, 7),
+})
+operations_st = st.lists(st.one_of(
+    st.tuples(st.just("ingest"), st.lists(records_st, min_size=1, max_size=12)),
+    st.tuples(st.just("delete"), st.sampled_from([1, 2]), st.lists(st.sampled_from([f"s{n}" for n in range(14)]),
+                                                                    max_size=4)),
+    st.tuples(st.just("access"), st.sampled_from([1, 2]), st.integers(1, 4),
+              st.lists(st.integers(1, 6), max_size=5), st.sampled_from(["set", "grant", "revoke"])),
+    st.tuples(st.just("precompute"), st.sampled_from([1, 2]), st.integers(1, 4)),
+    st.tuples(st.just("query"), queries_st),
+), min_size=1, max_size=14)
+
+
+def check(engine, r, oracle, q):
+    """All three answers to ``q`` agree, page by page through cursors too."""
+    ids = ids_of(engine)
+    want_total, want_page = oracle.answer(ids=ids, **q)
+    got = query(engine, r, **q)
+    parsed = parse(dict(q), SECRET)
+    with engine.connect() as conn:
+        sql_total, _, sql_items = from_database(conn, parsed)
+    sql_page = [json.loads(t)["source_id"] for t in sql_items][:q["limit"]]
+    assert (got["total"], page_sources(got)) == (want_total, want_page), f"index vs oracle for {q}"
+    assert (sql_total, sql_page) == (want_total, want_page), f"database vs oracle for {q}"
+    assert got["source"] in ("index", "precomputed")
+    # Walk every page with cursors from the start: the concatenation is the whole answer.
+    walk = dict(q, offset=0)
+    _, everything = oracle.answer(ids=ids, **dict(walk, limit=10_000))
+    seen, cursor = [], None
+    while True:
+        page = query(engine, r, **dict(walk, cursor=cursor))
+        seen += page_sources(page)
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == everything, f"cursor walk for {q}"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(operations=operations_st)
+def test_index_database_and_oracle_agree(engine, redis_client, operations):
+    r = redis_client
+    wipe(engine, r)
+    for installation_id in (1, 2):  # both tenants exist, so the index answers for them
+        mark_new_installation(engine, r, installation_id)
+    oracle = Oracle()
+    now = 1_800_000_000_000_000
+    for op in operations:
+        if op[0] == "ingest":
+            now += 1
+            ingest(engine, r, op[1], now_us=now, chunk_size=5)
+            oracle.ingest(op[1], now)
+        elif op[0] == "delete":
+            delete(engine, r, op[1], op[2])
+            oracle.delete(op[1], op[2])
+        elif op[0] == "access":
+            change(engine, r, *op[1:])
+            oracle.set_access(*op[1:])
+        elif op[0] == "precompute":
+            precompute_user(r, op[1], op[2], VIEWS, now=1)
+        else:
+            check(engine, r, oracle, op[1])
+    # Finally every user's common views, which may come from precomputed sets.
+    for installation_id in (1, 2):
+        for user_id in (1, 2, 3, 4):
+            check(engine, r, oracle, {"installation_id": installation_id, "user_id": user_id, "limit": 5})
+            check(engine, r, oracle, {"installation_id": installation_id, "user_id": user_id, "limit": 3,
+                                      "types": ["email"], "statuses": ["open"]})
+            check(engine, r, oracle, {"installation_id": installation_id, "user_id": user_id, "limit": 4,
+                                      "client_ids": [1, 2, 3, 4, 5, 6, 7], "sort": "updated_at",
+                                      "date_from": DATES[1], "order": "asc"})
+
+
+@pytest.fixture
+def two_users(clean):
+    """User 1 sees clients 1 and 2; user 2 sees client 3; installation 2 has a user 1 too."""
+    engine, r = clean
+    ingest(engine, r, [record(source_id=f"m{c}-{n}", client_id=c, meeting_date=f"2024-01-0{n + 1}T00:00:00Z")
+                       for c in (1, 2, 3) for n in range(3)])
+    ingest(engine, r, [record(installation_id=2, source_id="other", client_id=1)])
+    change(engine, r, 1, 1, [1, 2], "set")
+    change(engine, r, 1, 2, [3], "set")
+    change(engine, r, 2, 1, [1], "set")
+    return engine, r
+
+
+HOSTILE = [
+    ({"sort": "*->details"}, "sort"), ({"sort": "clientid"}, "sort"), ({"sort": None}, "sort"),
+    ({"order": "DESC"}, "order"), ({"order": "desc; DROP TABLE meetings"}, "order"),
+    ({"limit": 0}, "limit"), ({"limit": 201}, "limit"), ({"limit": "20"}, "limit"), ({"limit": True}, "limit"),
+    ({"limit": 2.0}, "limit"), ({"offset": -1}, "offset"), ({"offset": "0"}, "offset"),
+    ({"types": "email"}, "types"), ({"types": ["email", 5]}, "types[]"), ({"types": ["*"]}, "types[]"),
+    ({"statuses": ["open:*"]}, "statuses[]"), ({"client_ids": ["1"]}, "client_ids[]"),
+    ({"client_ids": 1}, "client_ids"), ({"date_from": "2024-13-01T00:00:00Z"}, "date_from"),
+    ({"date_to": 20240101}, "date_to"), ({"cursor": "x"}, "cursor"), ({"cursor": 5}, "cursor"),
+    ({"cursor": "A" * 5000}, "cursor"), ({"user_id": -1}, "user_id"), ({"installation_id": "1"}, "installation_id"),
+    ({"bogus": 1}, "bogus"),
+]
+
+
+@pytest.mark.parametrize("extra,field", HOSTILE)
+def test_hostile_arguments_fail_clearly(two_users, extra, field):
+    engine, r = two_users
+    with pytest.raises(InvalidArgument) as info:
+        query(engine, r, **{"installation_id": 1, "user_id": 1, **extra})
+    assert info.value.field == field
+
+
+def test_foreign_client_ids_and_foreign_users_see_nothing(two_users):
+    engine, r = two_users
+    mine = query(engine, r, installation_id=1, user_id=1, limit=200)
+    assert mine["total"] == 6 and {i["client_id"] for i in mine["items"]} == {1, 2}
+    assert query(engine, r, installation_id=1, user_id=1, client_ids=[3])["total"] == 0
+    assert query(engine, r, installation_id=1, user_id=1, client_ids=[2, 3])["total"] == 3
+    assert query(engine, r, installation_id=1, user_id=99)["total"] == 0      # unknown user
+    other = query(engine, r, installation_id=2, user_id=1, limit=200)          # same id, other tenant
+    assert [i["source_id"] for i in other["items"]] == ["other"]
+    assert query(engine, r, installation_id=3, user_id=1)["total"] == 0       # unknown installation
+    assert query(engine, r, installation_id=1, user_id=1, client_ids=[])["total"] == 0
+
+
+def test_cursors_are_bound_to_their_query_and_signed(two_users):
+    engine, r = two_users
+    first = query(engine, r, installation_id=1, user_id=1, limit=2)
+    cursor = first["next_cursor"]
+    assert cursor
+    for other in ({"user_id": 2}, {"types": ["email"]}, {"order": "asc"}, {"sort": "updated_at"},
+                  {"installation_id": 2}):
+        with pytest.raises(InvalidArgument, match="^cursor: "):
+            query(engine, r, **{"installation_id": 1, "user_id": 1, "limit": 2, "cursor": cursor, **other})
+    raw = bytearray(cursor.encode())
+    raw[3] = ord("A") if raw[3] != ord("A") else ord("B")  # one character changed
+    with pytest.raises(InvalidArgument, match="^cursor: "):
+        query(engine, r, installation_id=1, user_id=1, limit=2, cursor=raw.decode())
+    with pytest.raises(InvalidArgument, match="non-zero offset"):
+        query(engine, r, installation_id=1, user_id=1, limit=2, cursor=cursor, offset=2)
+    # The cursor is valid for the query it came from, with any limit.
+    assert query(engine, r, installation_id=1, user_id=1, limit=4, cursor=cursor)["items"]
+
+
+def test_cursor_paging_across_inserts_before_the_cursor(two_users):
+    engine, r = two_users
+    seen, cursor, n = [], None, 0
+    while True:
+        page = query(engine, r, installation_id=1, user_id=1, limit=2, cursor=cursor)
+        seen += page_sources(page)
+        cursor = page["next_cursor"]
+        # After each page, a newer meeting (before the cursor) and an older one arrive.
+        ingest(engine, r, [record(source_id=f"new{n}", client_id=1, meeting_date="2030-01-01T00:00:00Z"),
+                           record(source_id=f"old{n}", client_id=2, meeting_date="2000-01-01T00:00:00Z")])
+        n += 1
+        if cursor is None:
+            break
+    first = ["m1-0", "m1-1", "m1-2", "m2-0", "m2-1", "m2-2"]
+    assert len(seen) == len(set(seen)), "a meeting was repeated"
+    assert all(s in seen for s in first), "a meeting was skipped"
+    assert not any(s.startswith("new") for s in seen), "an item before the cursor appeared later"
+
+
+def test_deep_offsets_and_every_page(clean):
+    engine, r = clean
+    ingest(engine, r, [record(source_id=f"m{n:04d}", client_id=n % 5 + 1,
+                              meeting_date=f"2024-01-01T00:{n // 60 % 60:02d}:{n % 60:02d}Z") for n in range(900)])
+    change(engine, r, 1, 1, [1, 2, 3, 4, 5], "set")
+    everything = page_sources(query(engine, r, installation_id=1, user_id=1, limit=200, offset=0))
+    everything += sum((page_sources(query(engine, r, installation_id=1, user_id=1, limit=200, offset=o))
+                       for o in range(200, 1000, 200)), [])
+    assert everything == [f"m{n:04d}" for n in reversed(range(900))]
+    assert page_sources(query(engine, r, installation_id=1, user_id=1, limit=5, offset=895)) == \
+        ["m0004", "m0003", "m0002", "m0001", "m0000"]
+    assert query(engine, r, installation_id=1, user_id=1, offset=10**9)["items"] == []
+
+
+def test_no_key_outlives_the_queries(two_users):
+    engine, r = two_users
+    before = set(r.keys("*"))
+    for n in range(2000):
+        query(engine, r, views=frozenset(), installation_id=1, user_id=n % 3 + 1, types=[TYPES[n % 3]],
+              sort=("meeting_date", "updated_at")[n % 2], date_from="2024-01-02T00:00:00Z" if n % 4 else None,
+              client_ids=[1, 2] if n % 5 == 0 else None, offset=n % 4)
+    after = set(r.keys("*"))
+    # Only the bookkeeping of who queried when may be new; no scratch or result key remains.
+    assert {k for k in after - before} <= {b"{i:1}:active", b"{i:1}:stats"}
+    assert not r.exists(keys.scratch(1))
+
+
+def test_fallback_answers_identically_after_a_flush(two_users):
+    engine, r = two_users
+    shapes = [{}, {"types": ["email"], "statuses": ["open"]}, {"sort": "updated_at", "order": "asc", "limit": 4},
+              {"date_from": "2024-01-02T00:00:00Z", "client_ids": [2]}]
+    before = [query(engine, r, installation_id=1, user_id=1, **s) for s in shapes]
+    r.flushdb()
+    after = [query(engine, r, installation_id=1, user_id=1, **s) for s in shapes]
+    for b, a in zip(before, after):
+        assert a["source"] == "database"
+        assert {k: v for k, v in a.items() if k != "source"} == {k: v for k, v in b.items() if k != "source"}
+    # A cursor from the index continues on the database, and the other way round.
+    assert query(engine, r, installation_id=1, user_id=1, limit=2, cursor=before[0]["next_cursor"]) is not None
+
+
+def test_fallback_when_redis_is_unreachable(two_users):
+    engine, _ = two_users
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    result, _ = run(engine, dead, parse({"installation_id": 1, "user_id": 1}, SECRET), SECRET, VIEWS)
+    assert result["source"] == "database" and result["total"] == 6
