@@ -7,7 +7,7 @@ from worker.maintenance import rebuild, reconcile
 from worker.records import positive_int
 from worker.redis_index import get_redis
 from worker.settings import get_settings
-from worker.ticks import claim
+from worker.ticks import claim, tick_number
 
 
 def _installation(value):
@@ -26,7 +26,7 @@ def reconcile_index(installation_id=None, once_per_tick=False):
     The beat sends ``once_per_tick=True``: a second beat's copy of a tick does nothing."""
     installation_id = _installation(installation_id)
     r = get_redis()
-    if once_per_tick is True and not claim(r, "reconcile_index", get_settings().reconcile_interval,
-                                             int(time.time())):
-        return {"skipped": "this tick already ran"}
+    interval, now = get_settings().reconcile_interval, int(time.time())
+    if once_per_tick is True and not claim(r, "reconcile_index", interval, now):
+        return {"skipped": "this tick already ran", "tick": tick_number(interval, now)}
     return reconcile(get_engine(), r, installation_id)

@@ -10,7 +10,7 @@ from worker.precompute import precompute_user as build_user
 from worker.records import positive_int
 from worker.redis_index import get_redis
 from worker.settings import get_settings
-from worker.ticks import claim
+from worker.ticks import claim, tick_number
 
 
 @app.task(name="crm.precompute_user")
@@ -28,6 +28,7 @@ def precompute_active(once_per_tick=False):
     settings, r = get_settings(), get_redis()
     now = int(time.time())
     if once_per_tick is True and not claim(r, "precompute_active", settings.precompute_interval, now):
-        return {"skipped": "this tick already ran"}
-    return refresh_active(r, installation_ids(get_engine()), configured_views(settings),
-                          settings.precompute_idle, settings.precompute_budget, now)
+        return {"skipped": "this tick already ran", "tick": tick_number(settings.precompute_interval, now)}
+    report = refresh_active(r, installation_ids(get_engine()), configured_views(settings),
+                            settings.precompute_idle, settings.precompute_budget, now)
+    return {**report, "tick": tick_number(settings.precompute_interval, now) if once_per_tick is True else None}

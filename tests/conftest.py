@@ -8,7 +8,6 @@ tables and an empty keyspace.
 import os
 
 import pytest
-import sqlalchemy as sa
 
 DATABASE_URL = os.environ.get("CRM_TEST_DATABASE_URL", "mysql+pymysql://root@127.0.0.1:3306/crm_test")
 REDIS_URL = os.environ.get("CRM_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -29,22 +28,12 @@ os.environ.pop("CRM_CURSOR_SECRET", None)
 
 from worker.db import get_engine, installations, meetings, user_clients, users  # noqa: E402
 from worker.redis_index import connect  # noqa: E402
-from worker.schema import upgrade  # noqa: E402
-
-
-def _create_database(url: str) -> None:
-    parsed = sa.engine.make_url(url)
-    if parsed.get_backend_name() != "mysql":
-        return
-    server = sa.create_engine(parsed.set(database=""))
-    with server.begin() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS `{parsed.database}` CHARACTER SET utf8mb4")
-    server.dispose()
+from worker.schema import create_database, upgrade  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def engine():
-    _create_database(DATABASE_URL)
+    create_database(DATABASE_URL)
     engine = get_engine(DATABASE_URL)
     upgrade(engine)
     return engine

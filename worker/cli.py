@@ -16,9 +16,20 @@ from worker.settings import get_settings, redact
 
 
 def cmd_init(args) -> int:
-    from worker.schema import upgrade
+    from worker.schema import create_database, upgrade
+    url = get_settings().database_url
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            create_database(url)
+            break
+        except sa.exc.OperationalError as exc:
+            if time.monotonic() > deadline:
+                print(f"database at {redact(url)} does not answer: {exc.orig}", file=sys.stderr)
+                return 1
+            time.sleep(2)
     revision = upgrade()
-    print(f"schema at revision {revision} on {redact(get_settings().database_url)}")
+    print(f"schema at revision {revision} on {redact(url)}")
     return 0
 
 
@@ -155,7 +166,10 @@ def cmd_bench(args) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crm", description="crm-insight: real-time CRM query backend")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("init", help="create or upgrade the database schema (safe to repeat)").set_defaults(fn=cmd_init)
+    s = sub.add_parser("init", help="create or upgrade the database and its schema (safe to repeat)")
+    s.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="keep trying this long while the database does not answer")
+    s.set_defaults(fn=cmd_init)
     s = sub.add_parser("seed", help="ingest a deterministic synthetic CRM")
     s.add_argument("--installations", type=int, default=1)
     s.add_argument("--clients", type=int, default=5000)

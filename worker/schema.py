@@ -13,6 +13,20 @@ from worker.db import crm_meta, get_engine
 MIGRATIONS = os.path.join(os.path.dirname(__file__), "migrations")
 
 
+def create_database(url: str) -> None:
+    """Create the MySQL/TiDB database named in ``url`` when it does not exist yet."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "mysql" or not parsed.database:
+        return
+    server = sa.create_engine(parsed.set(database=""))
+    try:
+        with server.begin() as conn:
+            name = parsed.database.replace("`", "``")
+            conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
+    finally:
+        server.dispose()
+
+
 def upgrade(engine: sa.Engine | None = None) -> str:
     """Bring the schema to the newest revision; return that revision."""
     engine = engine or get_engine()

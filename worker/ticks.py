@@ -8,8 +8,13 @@ claim expires with its tick.
 from __future__ import annotations
 
 
+def tick_number(interval: int, now: int) -> int:
+    """Ticks are wall-clock windows of ``interval`` seconds, the same for every beat."""
+    return now // interval
+
+
 def tick_key(name: str, interval: int, now: int) -> str:
-    return f"crm:tick:{name}:{now // interval}"
+    return f"crm:tick:{name}:{tick_number(interval, now)}"
 
 
 def claim(r, name: str, interval: int, now: int) -> bool:

@@ -1,0 +1,33 @@
+"""The key templates of worker/keys.py and those the Lua scripts derive agree."""
+from tests.helpers import record
+from worker import keys
+from worker.access import change
+from worker.ingest import ingest
+
+
+def test_scripts_write_the_keys_python_names(clean):
+    engine, r = clean
+    change(engine, r, 7, 3, [11], "set")
+    ingest(engine, r, [record(installation_id=7, client_id=11, type="sms", status="closed")])
+    r.zadd(keys.active_users(7), {"3": 1})
+    expected = {keys.client_set(7, 11, "sms", "closed"), keys.payloads(7), keys.pairs(7), keys.user_clients(7, 3),
+                keys.client_users(7, 11), keys.access_versions(7), keys.ready(7), keys.active_users(7)}
+    assert {k.decode() for k in r.keys("*") if k != keys.INSTALLATIONS.encode()} == expected
+    from tests.helpers import query
+    query(engine, r, installation_id=7, user_id=3)  # fills the d:*:* view
+    assert r.exists(keys.view_set(7, 3, "d:*:*")) and r.hexists(keys.user_views(7, 3), "d:*:*")
+
+
+def test_every_key_of_an_installation_shares_its_hash_tag():
+    for key in (keys.client_set(5, 1, "a", "b"), keys.payloads(5), keys.user_clients(5, 2), keys.view_set(5, 2, "d:*:*"),
+                keys.ready(5), keys.scratch(5), keys.stats(5), keys.active_users(5), keys.access_versions(5)):
+        assert key.startswith("{i:5}:")
+
+
+def test_members_order_by_value_then_id():
+    a = keys.member(b"d", 100, 2**52)
+    b = keys.member(b"d", 101, 1)
+    c = keys.member(b"d", 101, 2)
+    assert a < b < c
+    assert keys.member_id(c) == 2 and keys.member_seconds(c) == 101 and len(c) == 12
+    assert keys.view_id("meeting_date", ["sms", "email", "sms"], None) == "d:email,sms:*"

@@ -1,0 +1,191 @@
+"""Precomputed per-user sets: built, kept fresh on every write, never stale after an
+access change, evicted when idle or over budget; the beat schedule runs each tick once."""
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from freezegun import freeze_time
+
+from tests.helpers import VIEWS, page_sources, query, record
+from worker import keys
+from worker.access import change
+from worker.ingest import delete, ingest
+from worker.precompute import list_views, precompute_active, precompute_user, stats
+
+
+@pytest.fixture
+def user_with_meetings(clean):
+    engine, r = clean
+    change(engine, r, 1, 1, [1, 2, 3], "set")
+    ingest(engine, r, [record(source_id=f"m{c}-{n}", client_id=c, type=("email", "sms")[n % 2],
+                              status=("open", "closed")[n % 3 == 0], meeting_date=f"2024-01-{n + 1:02d}T00:00:00Z")
+                       for c in (1, 2, 3, 4) for n in range(12)])
+    return engine, r
+
+
+def test_precompute_then_answers_come_from_the_sets(user_with_meetings):
+    engine, r = user_with_meetings
+    built = precompute_user(r, 1, 1, VIEWS, now=100)
+    assert built == {"user_id": 1, "views": 2, "entries": 36 + 12, "ready": True}
+    page = query(engine, r, installation_id=1, user_id=1, types=["email"], statuses=["open"], limit=3)
+    assert page["source"] == "precomputed" and page["total"] == 12
+    # Shapes that are not views come from the index; the answer is the same either way.
+    other = query(engine, r, views=frozenset(), installation_id=1, user_id=1, types=["email"], statuses=["open"],
+                  limit=3)
+    assert other["source"] == "index" and page_sources(other) == page_sources(page)
+
+
+def test_a_query_fills_its_view_for_next_time(user_with_meetings):
+    engine, r = user_with_meetings
+    assert query(engine, r, installation_id=1, user_id=1)["source"] == "index"
+    assert query(engine, r, installation_id=1, user_id=1)["source"] == "precomputed"
+    assert stats(r, [1])["hits"] == 1 and stats(r, [1])["misses"] == 1
+
+
+def test_writes_reach_every_affected_set_before_the_task_returns(user_with_meetings):
+    engine, r = user_with_meetings
+    change(engine, r, 1, 2, [1], "set")
+    for user in (1, 2):
+        precompute_user(r, 1, user, VIEWS, now=100)
+    ingest(engine, r, [record(source_id="new", client_id=1, meeting_date="2025-01-01T00:00:00Z")])
+    for user in (1, 2):
+        page = query(engine, r, installation_id=1, user_id=user, types=["email"], statuses=["open"], limit=1)
+        assert page["source"] == "precomputed" and page_sources(page) == ["new"]
+    # A status change moves it between views; a delete removes it everywhere.
+    ingest(engine, r, [record(source_id="new", client_id=1, status="closed", meeting_date="2025-01-01T00:00:00Z")])
+    page = query(engine, r, installation_id=1, user_id=2, types=["email"], statuses=["open"], limit=1)
+    assert page_sources(page) != ["new"]
+    assert page_sources(query(engine, r, installation_id=1, user_id=2, limit=1)) == ["new"]
+    delete(engine, r, 1, ["new"])
+    for user in (1, 2):
+        assert "new" not in page_sources(query(engine, r, installation_id=1, user_id=user, limit=200))
+
+
+def test_revocations_racing_precomputation_never_leak(user_with_meetings):
+    engine, r = user_with_meetings
+    clients = list(range(1, 41))
+    ingest(engine, r, [record(source_id=f"r{c}", client_id=c) for c in clients])
+    change(engine, r, 1, 5, clients, "set")
+    stop = threading.Event()
+
+    def precompute_forever():
+        while not stop.is_set():
+            precompute_user(r, 1, 5, VIEWS, now=int(time.time()))
+
+    threads = [threading.Thread(target=precompute_forever) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for c in clients:
+            change(engine, r, 1, 5, [c], "revoke")
+            for shape in ({}, {"types": ["email"], "statuses": ["open"]}):
+                page = query(engine, r, installation_id=1, user_id=5, limit=200, **shape)
+                leaked = {i["client_id"] for i in page["items"]} & set(range(1, c + 1))
+                assert not leaked, f"revoked clients {leaked} seen from {page['source']}"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    for view in VIEWS:
+        assert r.zcard(keys.view_set(1, 5, view)) == 0
+
+
+def test_idle_users_lose_their_sets(user_with_meetings):
+    engine, r = user_with_meetings
+    change(engine, r, 1, 2, [1], "set")
+    with freeze_time("2024-06-01 00:00:00"):
+        query(engine, r, installation_id=1, user_id=1)
+    with freeze_time("2024-06-01 20:00:00"):
+        query(engine, r, installation_id=1, user_id=2)
+    day = 86400
+    now = int(time.mktime(time.strptime("2024-06-02 06:00:00", "%Y-%m-%d %H:%M:%S"))) - time.timezone
+    report = precompute_active(r, [1], VIEWS, idle=day, budget=10**9, now=now)
+    assert report["dropped_idle_views"] == 1 and report["refreshed_users"] == 1
+    assert {(v.user_id, v.view) for v in list_views(r, 1)} == {(2, "d:*:*"), (2, "d:email:open")}
+
+
+def test_budget_evicts_least_recently_used(user_with_meetings):
+    engine, r = user_with_meetings
+    for user in (1, 2, 3):
+        change(engine, r, 1, user, [1, 2, 3], "set")
+    for n, user in enumerate((1, 2, 3)):
+        query(engine, r, now=1000 + n, installation_id=1, user_id=user)  # fills d:*:*
+    sizes = {v.user_id: v.size for v in list_views(r, 1)}
+    budget = sizes[2] + sizes[3]
+    report = precompute_active(r, [1], frozenset({"d:*:*"}), idle=10**6, budget=budget, now=2000)
+    left = {v.user_id for v in list_views(r, 1)}
+    assert report["evicted_views"] >= 1 and 1 not in left and 3 in left
+    assert sum(v.size for v in list_views(r, 1)) <= budget
+
+
+def test_beat_schedule_names_registered_tasks_and_expires():
+    import beat_schedule
+    from worker.app import app
+    from worker.settings import get_settings
+    app.loader.import_default_modules()
+    entries = beat_schedule.entries(get_settings())
+    assert entries
+    for name, entry in entries.items():
+        assert entry["task"] in app.tasks, name
+        assert entry["options"]["expires"] > 0
+        assert entry["kwargs"] == {"once_per_tick": True}
+    assert app.conf.beat_schedule.keys() == entries.keys()
+
+
+def test_tick_windows():
+    from worker.ticks import claim, tick_key
+    assert tick_key("x", 300, 299) != tick_key("x", 300, 300) and tick_key("x", 300, 0) == tick_key("x", 300, 299)
+
+
+def test_one_tick_runs_once_however_many_beats_send_it(clean):
+    from tasks.precompute import precompute_active as task
+    _, r = clean
+    with freeze_time("2024-06-01 00:00:10"):
+        first, second = task.run(once_per_tick=True), task.run(once_per_tick=True)
+    assert "skipped" not in first and second["skipped"] and first["tick"] == second["tick"]
+    with freeze_time("2024-06-01 00:05:10"):
+        assert "skipped" not in task.run(once_per_tick=True)
+    # Called by hand (no once_per_tick), it always runs.
+    with freeze_time("2024-06-01 00:05:11"):
+        assert "skipped" not in task.run()
+
+
+def test_two_beat_processes_one_run_per_tick(worker_env, tmp_path, monkeypatch):
+    """Two real `celery beat` processes against one Redis and one worker, 5-second ticks
+    (the shortest allowed), for long enough that each beat sends twice."""
+    import json
+
+    from worker.settings import reset_settings
+    engine, r, webapp = worker_env
+    monkeypatch.setenv("CRM_PRECOMPUTE_INTERVAL", "5")  # the worker's settings too
+    reset_settings()
+    env = dict(os.environ, CRM_RECONCILE_INTERVAL="3600")
+    beats = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "beat", "-l", "warning",
+                               "-s", str(tmp_path / f"beat{n}")], env=env, cwd=os.getcwd(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in range(2)]
+    try:
+        time.sleep(16)
+    finally:
+        for b in beats:
+            b.terminate()
+        for b in beats:
+            b.wait(10)
+        time.sleep(2)  # let the worker finish what was sent
+        monkeypatch.undo()
+        reset_settings()
+    from tests.conftest import BACKEND_URL
+    from worker.redis_index import connect
+    backend = connect(BACKEND_URL)
+    runs = {}
+    for key in backend.scan_iter(match="celery-task-meta-*"):
+        meta = json.loads(backend.get(key))
+        if meta.get("name") == "crm.precompute_active" and meta["status"] == "SUCCESS" \
+                and meta["result"].get("tick") is not None:
+            result = meta["result"]
+            runs.setdefault(result["tick"], []).append("skipped" not in result)
+    assert sum(len(v) for v in runs.values()) >= 3 and len(runs) >= 2, f"the beats sent too little: {runs}"
+    print("beat runs per tick:", runs)
+    assert all(v.count(True) == 1 for v in runs.values()), f"a tick ran twice or never: {runs}"
