@@ -45,6 +45,8 @@ def redis_client():
 
 
 def wipe(engine, r) -> None:
+    from worker.ingest import forget_installations
+    forget_installations()
     with engine.begin() as conn:
         for table in (meetings, user_clients, users, installations):
             conn.execute(table.delete())

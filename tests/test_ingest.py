@@ -179,3 +179,20 @@ def test_deadlock_is_retried(clean, caplog):
     assert result["updated"] == 2
     assert stored(engine, "b").subject == "y"
     assert_index_matches(engine, r)
+
+
+def test_an_id_collision_is_salted_away(clean):
+    """Another meeting already holds the id derived for a new one: the new one gets the
+    next salted id, and both stay queryable."""
+    from worker.records import meeting_id
+    engine, r = clean
+    ingest(engine, r, [record(source_id="first")])
+    taken = meeting_id(1, "victim")
+    with engine.begin() as conn:  # forge the collision: "first" moves onto victim's id
+        conn.execute(meetings.update().where(meetings.c.source_id == "first").values(id=taken))
+    from worker.maintenance import rebuild
+    rebuild(engine, r, 1)
+    assert ingest(engine, r, [record(source_id="victim", client_id=2)])["accepted"] == 1
+    assert stored(engine, "victim").id == meeting_id(1, "victim", salt=1)
+    assert stored(engine, "first").id == taken
+    assert_index_matches(engine, r)

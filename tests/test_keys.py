@@ -16,6 +16,7 @@ def test_scripts_write_the_keys_python_names(clean):
     from tests.helpers import query
     query(engine, r, installation_id=7, user_id=3)  # fills the d:*:* view
     assert r.exists(keys.view_set(7, 3, "d:*:*")) and r.hexists(keys.user_views(7, 3), "d:*:*")
+    assert r.sismember(keys.view_users(7, "d:*:*"), 3) and r.sismember(keys.views(7), "d:*:*")
 
 
 def test_every_key_of_an_installation_shares_its_hash_tag():

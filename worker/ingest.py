@@ -26,16 +26,19 @@ StoredRow = collections.namedtuple(
 COLUMNS = [meetings.c[name] for name in StoredRow._fields]
 
 
-def run_transaction(engine: sa.Engine, work: Callable, attempts: int = 4, pause: float = 0.05):
+def run_transaction(engine: sa.Engine, work: Callable, attempts: int = 4, pause: float = 0.05,
+                    retry_duplicates: bool = False):
     """Run ``work(conn)`` in a transaction; retry transient faults (deadlock, lock wait
     timeout, lost connection, TiDB write conflict) with exponential backoff, then give up
-    by raising the last one."""
+    by raising the last one.  ``retry_duplicates``: a duplicate key is a lost race with a
+    concurrent insert of the same row, and the next try sees that row."""
     for attempt in range(attempts):
         try:
             with engine.begin() as conn:
                 return work(conn)
         except Exception as exc:
-            if not is_transient(exc) or attempt == attempts - 1:
+            duplicate = retry_duplicates and isinstance(exc, sa.exc.IntegrityError)
+            if not (duplicate or is_transient(exc)) or attempt == attempts - 1:
                 raise
             log.warning("transient database fault, retry %d: %s", attempt + 1, exc.__class__.__name__)
             time.sleep(pause * (2 ** attempt))
@@ -48,7 +51,20 @@ def _row(m: Meeting) -> StoredRow:
 
 def _write_chunk(conn, installation_id: int, chunk: list[Meeting], given: set[int]):
     """Upsert one chunk (one installation, sorted by source_id); return the rows as stored
-    and the counts (updated, unchanged)."""
+    and the counts (updated, unchanged).
+
+    A stream mostly brings new meetings, so the chunk is first inserted as it is, in one
+    statement; only when a row of it exists already (or an id collides) does the chunk go
+    the longer way of a locking read and per-row decisions."""
+    for m in chunk:
+        m.id = meeting_id(installation_id, m.source_id)
+    try:
+        conn.execute(meetings.insert(), [_row(m)._asdict() for m in chunk])
+        return [_row(m) for m in chunk], 0, 0
+    except sa.exc.IntegrityError:
+        # MySQL, MariaDB, TiDB and SQLite undo the failed statement alone: the
+        # transaction goes on, with none of the chunk written.
+        pass
     by_source = {m.source_id: m for m in chunk}
     existing = {
         row.source_id: row for row in conn.execute(
@@ -122,11 +138,24 @@ def _register_installation(engine: sa.Engine, installation_id: int) -> bool:
     return run_transaction(engine, work)
 
 
+#: (database url, installation id) known to be recorded, so that each process asks once.
+_known_installations: set[tuple[str, int]] = set()
+
+
+def forget_installations() -> None:
+    """Forget which installations are known (for tests that empty the tables)."""
+    _known_installations.clear()
+
+
 def mark_new_installation(engine, r, installation_id: int) -> None:
     """Once per installation: record it; a brand-new one has a complete (empty) index."""
+    known = (str(engine.url), installation_id)
+    if known in _known_installations:
+        return
     if _register_installation(engine, installation_id):
         r.set(keys.ready(installation_id), 1)
     redis_index.register_installation(r, installation_id)
+    _known_installations.add(known)
 
 
 def validate_batch(records) -> tuple[list[tuple[int, Meeting]], list[dict]]:
@@ -164,6 +193,9 @@ def ingest(engine: sa.Engine, r, records, chunk_size: int = 250, now_us: int | N
     unchanged = len(valid) - len(newest)
     updated = 0
 
+    # Read committed takes no gap locks: concurrent batches insert side by side instead of
+    # queueing behind each other's locking reads of keys that do not exist yet.
+    writer = engine.execution_options(isolation_level="READ COMMITTED") if engine.dialect.name == "mysql" else engine
     by_installation: dict[int, list[Meeting]] = collections.defaultdict(list)
     for m in newest.values():
         by_installation[m.installation_id].append(m)
@@ -173,7 +205,7 @@ def ingest(engine: sa.Engine, r, records, chunk_size: int = 250, now_us: int | N
         for start in range(0, len(group), chunk_size):
             chunk = group[start:start + chunk_size]
             stored, n_updated, n_unchanged = run_transaction(
-                engine, lambda conn: _write_chunk(conn, installation_id, chunk, given))
+                writer, lambda conn: _write_chunk(conn, installation_id, chunk, given), retry_duplicates=True)
             updated += n_updated
             unchanged += n_unchanged
             # After the commit, from the same batch: the index holds what the database holds.

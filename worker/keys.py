@@ -83,6 +83,17 @@ def view_set(installation_id: int, user_id: int, view: str) -> str:
     return f"{prefix(installation_id)}p:{user_id}:{view}"
 
 
+def view_users(installation_id: int, view: str) -> str:
+    """Set: the users who hold a precomputed set for ``view``; the writers' fan-out visits
+    ``cu:<client>`` ∩ this set.  Changed only together with :func:`user_views`."""
+    return f"{prefix(installation_id)}vu:{view}"
+
+
+def views(installation_id: int) -> str:
+    """Set: the view ids ever precomputed in the installation (a handful)."""
+    return f"{prefix(installation_id)}views"
+
+
 def active_users(installation_id: int) -> str:
     """Sorted set: user id scored by the time of their last query (epoch seconds)."""
     return f"{prefix(installation_id)}active"

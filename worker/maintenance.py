@@ -185,6 +185,7 @@ def _reconcile_views(engine, r, installation_id, report) -> None:
             expected = {keys.member(query.letter, s, i) for s, i in conn.execute(
                 sa.select(meetings.c[SORTS[query.sort]], meetings.c.id).where(*conds))}
         actual = set(r.zrange(keys.view_set(installation_id, info.user_id, info.view), 0, -1))
-        if actual != expected:
+        registered = r.sismember(keys.view_users(installation_id, info.view), info.user_id)
+        if actual != expected or not registered:
             drop_user(r, installation_id, info.user_id, [info.view])
             report["views_dropped"] += 1

@@ -48,6 +48,8 @@ def drop_user(r: redis.Redis, installation_id: int, user_id: int, views=None) ->
     pipe = r.pipeline(transaction=True)
     pipe.delete(*[keys.view_set(installation_id, user_id, v) for v in names])
     pipe.hdel(pv, *names)
+    for view in names:
+        pipe.srem(keys.view_users(installation_id, view), user_id)
     pipe.execute()
     return len(names)
 

@@ -3,13 +3,15 @@
 -- KEYS[1]  {i:N}:m    hash  7-byte id -> "client type status meeting_s updated_s updated_us|json"
 -- KEYS[2]  {i:N}:ts   set   "type:status" pairs present
 -- ARGV[1]  the installation's key prefix "{i:N}:"; the script derives from it the keys
---          z:<client>:<type>:<status>, cu:<client>, pv:<user>, p:<user>:<view> (worker/keys.py)
+--          z:<client>:<type>:<status>, cu:<client>, views, vu:<view>, p:<user>:<view>
+--          (worker/keys.py)
 -- ARGV[2], ARGV[3], ARGV[4], then the same for each further meeting:
 --          7-byte id, head "client type status meeting_s updated_s updated_us", item JSON
 -- Reply:   {written, fanned_out}: meetings written (a meeting whose stored version is newer
 --          or identical is left alone) and precomputed-set entries touched.
 local prefix = ARGV[1]
 local written, fanned = 0, 0
+local pairs_added = {}
 for i = 2, #ARGV, 3 do
   local id, head, json = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local value = head .. "|" .. json
@@ -31,7 +33,11 @@ for i = 2, #ARGV, 3 do
     local new = members_of(id, meeting_s, updated_s)
     redis.call("ZADD", prefix .. "z:" .. client .. ":" .. typ .. ":" .. status, 0, new.d, 0, new.u)
     redis.call("HSET", KEYS[1], id, value)
-    redis.call("SADD", KEYS[2], typ .. ":" .. status)
+    local pair = typ .. ":" .. status
+    if not pairs_added[pair] then
+      redis.call("SADD", KEYS[2], pair)
+      pairs_added[pair] = true
+    end
     fanned = fanned + fan_out(prefix, client, typ, status, new, "add")
     written = written + 1
   end

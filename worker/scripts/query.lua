@@ -13,7 +13,8 @@
 -- KEYS[6]  {i:N}:ts         set   "type:status" pairs present
 -- KEYS[7]  {i:N}:active     zset  user -> last query time
 -- KEYS[8]  {i:N}:stats      hash  hit / miss / fill counters of the precomputed sets
--- ARGV[1]  key prefix "{i:N}:" (derives z:<client>:<type>:<status> and p:<user>:<view>)
+-- ARGV[1]  key prefix "{i:N}:" (derives z:<client>:<type>:<status>, p:<user>:<view>,
+--          vu:<view> and views)
 -- ARGV[2]  user id
 -- ARGV[3]  view id when this query's shape may use a precomputed set, else ""
 -- ARGV[4]  "0": only read a precomputed set; "1": fill it when missing; "2": rebuild it
@@ -167,7 +168,11 @@ if keep then
   local next_letter = string.char(string.byte(letter) + 1)
   redis.call("ZREMRANGEBYLEX", dest, "-", "(" .. letter)
   redis.call("ZREMRANGEBYLEX", dest, "[" .. next_letter, "+")
+  -- Registered with the writers (apply.lua, delete.lua) in this same step: from now on
+  -- every write to the user's clients reaches this set.
   redis.call("HSET", KEYS[4], view, now)
+  redis.call("SADD", prefix .. "vu:" .. view, user)
+  redis.call("SADD", prefix .. "views", view)
   redis.call("HINCRBY", KEYS[8], "fill", 1)
 end
 local reply = answer("index", dest)

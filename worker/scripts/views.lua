@@ -8,20 +8,41 @@ local function view_matches(view, typ, status)
   return has(tlist, typ) and has(slist, status)
 end
 
--- For each user who may see `client` and holds a precomputed view matching (typ, status):
--- ZADD (op "add") or ZREM (op "rem") the member of that view's sort letter.
-local function fan_out(prefix, client, typ, status, members, op)
-  local users = redis.call("SMEMBERS", prefix .. "cu:" .. client)
-  local touched = 0
-  for _, user in ipairs(users) do
-    local views = redis.call("HKEYS", prefix .. "pv:" .. user)
-    for _, view in ipairs(views) do
-      if view_matches(view, typ, status) then
-        local key = prefix .. "p:" .. user .. ":" .. view
-        local m = members[string.sub(view, 1, 1)]
-        if op == "add" then redis.call("ZADD", key, 0, m) else redis.call("ZREM", key, m) end
-        touched = touched + 1
+-- The views held by at least one user that (typ, status) belongs to; looked up once per
+-- script call and per (typ, status).
+local view_ids = nil
+local views_cache = {}
+local function views_for(prefix, typ, status)
+  if view_ids == nil then
+    view_ids = redis.call("SMEMBERS", prefix .. "views")
+  end
+  local pair = typ .. ":" .. status
+  local found = views_cache[pair]
+  if found == nil then
+    found = {}
+    for _, view in ipairs(view_ids) do
+      if view_matches(view, typ, status) and redis.call("EXISTS", prefix .. "vu:" .. view) == 1 then
+        found[#found + 1] = view
       end
+    end
+    views_cache[pair] = found
+  end
+  return found
+end
+
+-- For each user who may see `client` and holds a precomputed view matching (typ, status):
+-- ZADD (op "add") or ZREM (op "rem") the member of that view's sort letter.  Only users
+-- in both cu:<client> and vu:<view> are visited, so the cost follows the users who hold
+-- precomputed sets, not all who may see the client.
+local function fan_out(prefix, client, typ, status, members, op)
+  local touched = 0
+  for _, view in ipairs(views_for(prefix, typ, status)) do
+    local users = redis.call("SINTER", prefix .. "cu:" .. client, prefix .. "vu:" .. view)
+    local m = members[string.sub(view, 1, 1)]
+    for _, user in ipairs(users) do
+      local key = prefix .. "p:" .. user .. ":" .. view
+      if op == "add" then redis.call("ZADD", key, 0, m) else redis.call("ZREM", key, m) end
+      touched = touched + 1
     end
   end
   return touched

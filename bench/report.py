@@ -1,0 +1,108 @@
+"""Ratios, targets and the terminal table of a benchmark result."""
+from __future__ import annotations
+
+LABELS = [
+    ("redis_ping", "Redis PING (the floor)"),
+    ("crm_warm_script_page1", "crm-insight warm, script only, page 1"),
+    ("crm_warm_page1", "crm-insight warm (precomputed), page 1"),
+    ("crm_warm_page50", "crm-insight warm (precomputed), page 50"),
+    ("crm_index_page1", "crm-insight index (cold), page 1"),
+    ("crm_index_page50", "crm-insight index (cold), page 50"),
+    ("crm_index_2000_clients_page1", "crm-insight index, 2,000-client user"),
+    ("crm_database_page1", "crm-insight database fallback, page 1"),
+    ("crm_database_page50", "crm-insight database fallback, page 50"),
+    ("crm_database_peer_index_page1", "  same, with the SQL peer's index, p1"),
+    ("crm_database_peer_index_page50", "  same, with the SQL peer's index, p50"),
+    ("sql_join_page1", "SQL join + composite index, page 1"),
+    ("sql_join_page50", "SQL join + composite index, page 50"),
+    ("redisearch_page1", "RediSearch 1.2.2, page 1"),
+    ("redisearch_page50", "RediSearch 1.2.2, page 50"),
+    ("seed_poc_page1", "seed POC Lua, page 1"),
+    ("seed_poc_page50", "seed POC Lua, page 50"),
+    ("celery_noop_round_trip", "Celery no-op task round trip"),
+    ("celery_query_round_trip", "crm.query_meetings round trip"),
+]
+
+
+def _get(result, path, stat):
+    return result["latency_ms"].get(path, {}).get(stat)
+
+
+def _ratio(a, b):
+    return round(a / b, 2) if a and b else None
+
+
+def ratios(result) -> tuple[dict, dict]:
+    warm50, warm99 = _get(result, "crm_warm_page1", "p50"), _get(result, "crm_warm_page1", "p99")
+    r = {
+        "seed_poc_over_warm_p50": _ratio(_get(result, "seed_poc_page1", "p50"), warm50),
+        "sql_over_warm_p50": _ratio(_get(result, "sql_join_page1", "p50"), warm50),
+        "sql_over_warm_p99": _ratio(_get(result, "sql_join_page1", "p99"), warm99),
+        "redisearch_over_warm_p50": _ratio(_get(result, "redisearch_page1", "p50"), warm50),
+        "warm_script_p50_in_pings": _ratio(_get(result, "crm_warm_script_page1", "p50"), _get(result, "redis_ping", "p50")),
+        "warm_p50_in_pings": _ratio(warm50, _get(result, "redis_ping", "p50")),
+        "query_task_over_noop_p50": _ratio(_get(result, "celery_query_round_trip", "p50"),
+                                           _get(result, "celery_noop_round_trip", "p50")),
+        "ingest_over_raw": _ratio(result.get("ingest", {}).get("crm_ingest_rows_per_s"),
+                                  result.get("ingest", {}).get("raw_executemany_rows_per_s")),
+    }
+    cold99 = _get(result, "crm_index_2000_clients_page1", "p99")
+    index_bytes = result.get("memory", {}).get("index_bytes_per_meeting")
+
+    def at_least(v, target):
+        return None if v is None else v >= target
+
+    def at_most(v, target):
+        return None if v is None else v <= target
+    targets = {
+        "warm p50 <= 2 Redis round trips (script)": at_most(r["warm_script_p50_in_pings"], 2),
+        "warm p99 <= 2 ms": at_most(warm99, 2),
+        ">= 500x the seed POC at p50": at_least(r["seed_poc_over_warm_p50"], 500),
+        ">= 20x SQL at p50": at_least(r["sql_over_warm_p50"], 20),
+        ">= 50x SQL at p99": at_least(r["sql_over_warm_p99"], 50),
+        ">= 30x RediSearch at p50": at_least(r["redisearch_over_warm_p50"], 30),
+        "cold 2,000-client p99 <= 50 ms": at_most(cold99, 50),
+        "query task p50 <= 1.25x no-op task": at_most(r["query_task_over_noop_p50"], 1.25),
+        "ingestion >= 0.5x raw executemany": at_least(r["ingest_over_raw"], 0.5),
+        "index <= 40 B per meeting": at_most(index_bytes, 40),
+    }
+    return r, targets
+
+
+def table(result) -> str:
+    lines = []
+    s = result["shape"]
+    lines.append(f"crm bench: {s['meetings']:,} meetings, {s['clients']:,} clients, {s['users']:,} users; "
+                 f"{result['machine']['cores']} cores, {result['machine']['cpu']}")
+    lines.append("")
+    lines.append(f"| {'path':<42} | {'p50 ms':>9} | {'p95 ms':>9} | {'p99 ms':>9} | {'n':>5} |")
+    lines.append(f"|{'-' * 44}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 7}|")
+    for key, label in LABELS:
+        v = result["latency_ms"].get(key)
+        if v and v.get("n"):
+            lines.append(f"| {label:<42} | {v['p50']:>9.3f} | {v['p95']:>9.3f} | {v['p99']:>9.3f} | {v['n']:>5} |")
+    lines.append("")
+    for name, value in result.get("ratios", {}).items():
+        lines.append(f"{name:<34} {value}")
+    if "ingest" in result:
+        i = result["ingest"]
+        lines.append(f"ingestion: crm.ingest_meetings {i['crm_ingest_rows_per_s']:,} rows/s vs raw executemany "
+                     f"{i['raw_executemany_rows_per_s']:,} rows/s")
+    if "memory" in result:
+        m = result["memory"]
+        lines.append(f"memory per meeting: index {m['index_bytes_per_meeting']} B, payload "
+                     f"{m['payload_bytes_per_meeting']} B, precomputed entry {m['precomputed_bytes_per_entry']} B; "
+                     f"seed layout sets {m['seed_sets_bytes_per_meeting']} B + hash {m['seed_hash_bytes_per_meeting']} B")
+    if "celery_throughput_per_s" in result:
+        t = result["celery_throughput_per_s"]
+        lines.append(f"Celery throughput: no-op {t['noop']}/s, query {t['query']}/s")
+    if "precompute" in result:
+        p = result["precompute"]
+        lines.append(f"precompute: 2,000-client user p50 {p['user_2000_clients_ms'].get('p50')} ms; "
+                     f"all {p['active_users_refreshed']} active users {p['active_all_users_s']} s")
+    lines.append("")
+    for name, met in result.get("targets", {}).items():
+        lines.append(f"[{'met' if met else 'MISSED' if met is False else 'n/a'}] {name}")
+    for note in result.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
