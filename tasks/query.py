@@ -26,9 +26,11 @@ def query_meetings(installation_id, user_id, types=None, statuses=None, client_i
     query = parse(dict(installation_id=installation_id, user_id=user_id, types=types, statuses=statuses,
                        client_ids=client_ids, date_from=date_from, date_to=date_to, sort=sort, order=order,
                        offset=offset, limit=limit, cursor=cursor), secret)
-    result, not_ready = run(engine, r, query, secret, configured_views(settings))
-    if not_ready:
+    result, follow_ups = run(engine, r, query, secret, configured_views(settings))
+    if "rebuild" in follow_ups:
         schedule_rebuild(r, query.installation_id)
+    if "precompute" in follow_ups:
+        schedule_precompute(r, query.installation_id, query.user_id)
     return result
 
 
@@ -38,6 +40,13 @@ def schedule_rebuild(r, installation_id: int) -> None:
     if r.set(keys.rebuilding(installation_id), 1, nx=True, ex=600):
         log.warning("index of installation %d is not ready: rebuild queued", installation_id)
         app.send_task("crm.rebuild_index", kwargs={"installation_id": installation_id})
+
+
+def schedule_precompute(r, installation_id: int, user_id: int) -> None:
+    """Queue one build of a user's views that were too broad to fill during a query
+    (at most one per user per five minutes)."""
+    if r.set(keys.precompute_pending(installation_id, user_id), 1, nx=True, ex=300):
+        app.send_task("crm.precompute_user", kwargs={"installation_id": installation_id, "user_id": user_id})
 
 
 @app.task(name="crm.noop")

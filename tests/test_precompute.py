@@ -64,8 +64,12 @@ def test_writes_reach_every_affected_set_before_the_task_returns(user_with_meeti
         assert "new" not in page_sources(query(engine, r, installation_id=1, user_id=user, limit=200))
 
 
-def test_revocations_racing_precomputation_never_leak(user_with_meetings):
+@pytest.mark.parametrize("sliced", [False, True], ids=["in-one-call", "in-slices"])
+def test_revocations_racing_precomputation_never_leak(user_with_meetings, sliced, monkeypatch):
     engine, r = user_with_meetings
+    if sliced:  # every view is built a few clients at a time
+        monkeypatch.setattr("worker.query.FILL_INLINE", 1)
+        monkeypatch.setattr("worker.precompute.SLICE_CLIENTS", 3)
     clients = list(range(1, 41))
     ingest(engine, r, [record(source_id=f"r{c}", client_id=c) for c in clients])
     change(engine, r, 1, 5, clients, "set")
@@ -91,6 +95,33 @@ def test_revocations_racing_precomputation_never_leak(user_with_meetings):
             t.join()
     for view in VIEWS:
         assert r.zcard(keys.view_set(1, 5, view)) == 0
+
+
+def test_a_view_being_built_is_kept_fresh_but_not_served(user_with_meetings):
+    """Between the slices of a build, writes reach the growing set; queries do not use it
+    until it is complete; an access change cancels it."""
+    from worker.redis_index import script
+    engine, r = user_with_meetings
+    build = script(r, "build")
+    keys_ = [keys.user_clients(1, 1), keys.user_views(1, 1), keys.pairs(1), keys.view_set(1, 1, "d:*:*")]
+    base = [keys.prefix(1), 1, "d:*:*", "tok"]
+    assert build(keys=keys_, args=base + ["begin"]) == 3
+    assert build(keys=keys_, args=base + ["slice", 1, 1]) > 0  # client 1 merged
+    ingest(engine, r, [record(source_id="during-3", client_id=3, meeting_date="2030-01-01T00:00:00Z"),
+                       record(source_id="during-1", client_id=1, meeting_date="2030-01-02T00:00:00Z")])
+    delete(engine, r, 1, ["m1-0"])
+    page = query(engine, r, installation_id=1, user_id=1, limit=200)
+    assert page["source"] == "index"  # not served half built
+    assert build(keys=keys_, args=base + ["slice", 2, 2]) > 0
+    assert build(keys=keys_, args=base + ["end", 0, 0, 100]) == 36 + 1
+    page = query(engine, r, installation_id=1, user_id=1, limit=200)
+    assert page["source"] == "precomputed" and page_sources(page)[:2] == ["during-1", "during-3"]
+    assert "m1-0" not in page_sources(page)
+    # An access change in the middle cancels a build.
+    assert build(keys=keys_, args=base[:3] + ["tok2", "begin"]) == 3
+    change(engine, r, 1, 1, [3], "revoke")
+    assert build(keys=keys_, args=base[:3] + ["tok2", "slice", 1, 5]) == -1
+    assert not r.exists(keys.view_set(1, 1, "d:*:*"))
 
 
 def test_idle_users_lose_their_sets(user_with_meetings):

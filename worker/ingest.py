@@ -174,7 +174,7 @@ def validate_batch(records) -> tuple[list[tuple[int, Meeting]], list[dict]]:
     return valid, rejected
 
 
-def ingest(engine: sa.Engine, r, records, chunk_size: int = 250, now_us: int | None = None) -> dict:
+def ingest(engine: sa.Engine, r, records, chunk_size: int = 500, now_us: int | None = None) -> dict:
     """``crm.ingest_meetings``: validate, upsert, index.  Returns the contract's counts."""
     valid, rejected = validate_batch(records)
     now_us = int(time.time() * 1_000_000) if now_us is None else now_us

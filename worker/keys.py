@@ -72,8 +72,14 @@ def rebuilding(installation_id: int) -> str:
     return f"{prefix(installation_id)}rebuilding"
 
 
+def precompute_pending(installation_id: int, user_id: int) -> str:
+    """String with a TTL: a build of the user's views is queued."""
+    return f"{prefix(installation_id)}pp:{user_id}"
+
+
 def user_views(installation_id: int, user_id: int) -> str:
-    """Hash: view id -> last use (epoch seconds) of the user's precomputed sets."""
+    """Hash: view id -> last use (epoch seconds) of the user's precomputed sets, or
+    ``b:<token>`` while one is being built in slices (not served yet)."""
     return f"{prefix(installation_id)}pv:{user_id}"
 
 

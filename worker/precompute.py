@@ -8,6 +8,7 @@ here they are built, refreshed for active users, and evicted when idle or over b
 from __future__ import annotations
 
 import dataclasses
+import secrets
 
 import redis
 
@@ -28,15 +29,42 @@ def view_query(installation_id: int, user_id: int, view: str) -> Query:
 
 def precompute_user(r: redis.Redis, installation_id: int, user_id: int, views, now: int) -> dict:
     """Build the user's sets for ``views`` now, each replacing its previous version in one
-    atomic step.  Returns the number of views built and of entries they hold."""
+    atomic step (a broad view in slices, served once complete).  Returns the number of
+    views built and of entries they hold."""
     built = entries = 0
     for view in sorted(views):
         reply = call_script(r, view_query(installation_id, user_id, view), view, "2", 0, now)
         if reply[0] == b"notready":
             return {"user_id": user_id, "views": built, "entries": entries, "ready": False}
+        if reply[0] == b"building":
+            continue  # another build of this view is under way
+        count = build_in_slices(r, installation_id, user_id, view, now) if reply[0] == b"sliced" else int(reply[1])
+        if count is None:
+            continue  # cancelled by an access change or an eviction; the next run builds it
         built += 1
-        entries += int(reply[1])
+        entries += count
     return {"user_id": user_id, "views": built, "entries": entries, "ready": True}
+
+
+#: Clients merged per build.lua call: about a thousand sets of an average client.
+SLICE_CLIENTS = 128
+
+
+def build_in_slices(r: redis.Redis, installation_id: int, user_id: int, view: str, now: int) -> int | None:
+    """Build a broad view a slice of clients at a time (worker/scripts/build.lua); return
+    its entries, or None when an access change or an eviction cancelled the build."""
+    from worker.redis_index import script
+    build = script(r, "build")
+    token = secrets.token_hex(8)
+    keys_ = [keys.user_clients(installation_id, user_id), keys.user_views(installation_id, user_id),
+             keys.pairs(installation_id), keys.view_set(installation_id, user_id, view)]
+    base = [keys.prefix(installation_id), user_id, view, token]
+    clients = int(build(keys=keys_, args=base + ["begin"]))
+    for first in range(1, clients + 1, SLICE_CLIENTS):
+        if int(build(keys=keys_, args=base + ["slice", first, SLICE_CLIENTS])) < 0:
+            return None
+    count = int(build(keys=keys_, args=base + ["end", 0, 0, now]))
+    return None if count < 0 else count
 
 
 def drop_user(r: redis.Redis, installation_id: int, user_id: int, views=None) -> int:
@@ -70,7 +98,8 @@ def list_views(r: redis.Redis, installation_id: int) -> list[ViewInfo]:
     for key in r.scan_iter(match=match, count=1000):
         user_id = int(key.rsplit(b":", 1)[1])
         for view, used in r.hgetall(key).items():
-            found.append(ViewInfo(installation_id, user_id, view.decode(), float(used)))
+            if not used.startswith(b"b:"):  # being built: not served, not counted yet
+                found.append(ViewInfo(installation_id, user_id, view.decode(), float(used)))
     if found:
         pipe = r.pipeline(transaction=False)
         for info in found:

@@ -195,6 +195,13 @@ def lex_bounds(query: Query) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
     return cmin, cmax, pmin, pmax, dmin, dmax
 
 
+#: Most per-client sorted sets one answer from the index may merge (see query.lua).
+MAX_MERGE = 4000
+#: Most per-client sorted sets merged into a precomputed set within one script call; a
+#: broader view is built in slices by crm.precompute_user (worker/scripts/build.lua).
+FILL_INLINE = 256
+
+
 def call_script(r: redis.Redis, query: Query, view: str, fill: str, limit: int, now: int) -> list:
     """Run ``query.lua`` for ``query`` (see its header for ``view`` and ``fill``)."""
     cmin, cmax, pmin, pmax, dmin, dmax = lex_bounds(query)
@@ -205,7 +212,7 @@ def call_script(r: redis.Redis, query: Query, view: str, fill: str, limit: int, 
         args=[keys.prefix(i), u, view, fill, query.letter, "1" if query.desc else "0",
               cmin, cmax, pmin, pmax, query.offset, limit, now,
               ",".join(query.types or ()), ",".join(query.statuses or ()),
-              ",".join(map(str, query.client_ids or ())), dmin, dmax])
+              ",".join(map(str, query.client_ids or ())), dmin, dmax, MAX_MERGE, FILL_INLINE])
 
 
 def precomputable(query: Query, views: frozenset) -> str:
@@ -219,18 +226,22 @@ def precomputable(query: Query, views: frozenset) -> str:
 
 
 def from_index(r: redis.Redis, query: Query, views: frozenset, now: int):
-    """The answer from Redis, or None when the index is not ready for the installation."""
+    """The answer from Redis as (source, total, members, item texts); or ``"notready"``
+    when the index is not ready for the installation, ``"toobig"`` when the answer would
+    merge too many sets, ``"drift"`` when a payload is missing.  The source may be
+    ``index:fill``: the view this query could use should be precomputed."""
     view = precomputable(query, views)
     reply = call_script(r, query, view, "1" if view else "0", query.limit + 1, now)
     source = reply[0].decode()
-    if source == "notready":
-        return None
+    if source in ("notready", "toobig"):
+        return source
     members = reply[2::2]
     values = reply[3::2]
     if any(not v for v in values):
         # A member without its payload: the index has drifted; the database answers.
-        log.error("index drift: payload missing for installation %d; answering from the database", i)
-        return None
+        log.error("index drift: payload missing for installation %d; answering from the database",
+                  query.installation_id)
+        return "drift"
     items = [v[v.index(b"|") + 1:].decode() for v in values]
     return source, int(reply[1]), members, items
 
@@ -275,26 +286,33 @@ def from_database(conn, query: Query):
 
 
 def run(engine: sa.Engine, r: redis.Redis, query: Query, secret: bytes, views: frozenset,
-        now: int | None = None) -> tuple[dict, bool]:
-    """Answer ``query``; return (result, index_not_ready)."""
+        now: int | None = None) -> tuple[dict, set]:
+    """Answer ``query``; return (result, follow-ups): ``"rebuild"`` when the index was
+    not ready, ``"precompute"`` when the user's view should be built."""
     if query.empty():
-        return {"total": 0, "items": [], "next_cursor": None, "source": "index"}, False
+        return {"total": 0, "items": [], "next_cursor": None, "source": "index"}, set()
     now = int(time.time()) if now is None else now
     answer = None
-    not_ready = False
     try:
         answer = from_index(r, query, views, now)
-        not_ready = answer is None
     except redis.RedisError as exc:
         if not is_transient(exc):
             raise
         log.warning("index unreachable (%s); answering from the database", exc.__class__.__name__)
-    if answer is None:
+    follow_ups = {"rebuild"} if answer == "notready" else set()
+    if answer == "toobig" and precomputable(query, views):
+        follow_ups.add("precompute")  # built in slices, it answers the next time
+    if answer is None or isinstance(answer, str):
+        # Redis unreachable, index not ready or drifted, or a merge too broad for Redis:
+        # the same query as SQL.
         with engine.connect() as conn:
             total, members, items = from_database(conn, query)
         source = "database"
     else:
         source, total, members, items = answer
+        if source == "index:fill":
+            source = "index"
+            follow_ups.add("precompute")
     more = len(items) > query.limit
     items, members = items[:query.limit], members[:query.limit]
     result = {
@@ -303,4 +321,4 @@ def run(engine: sa.Engine, r: redis.Redis, query: Query, secret: bytes, views: f
         "next_cursor": encode_cursor(query, members[-1], secret) if more else None,
         "source": source,
     }
-    return result, not_ready
+    return result, follow_ups

@@ -17,8 +17,11 @@
 --          vu:<view> and views)
 -- ARGV[2]  user id
 -- ARGV[3]  view id when this query's shape may use a precomputed set, else ""
--- ARGV[4]  "0": only read a precomputed set; "1": fill it when missing; "2": rebuild it
---          (a rebuild is not a query: it leaves the user's last-query time alone)
+-- ARGV[4]  "0": only read a precomputed set; "1": fill it when missing, here when it merges
+--          at most ARGV[20] sets, else answer and ask the caller to have it built
+--          (source "index:fill"); "2": build it now (not a query: the user's last-query
+--          time stays), here when small enough, else reply {"sliced"} and the caller
+--          builds it in slices with build.lua
 -- ARGV[5]  sort letter, "d" or "u"
 -- ARGV[6]  "1" for descending order
 -- ARGV[7], ARGV[8]    lex bounds (min, max) of the whole result: the total counts these
@@ -31,8 +34,17 @@
 -- ARGV[17], ARGV[18]  lex bounds (min, max) on meeting_date members when the sort is
 --          updated_at and a date range is given, else "": matches are then collected from
 --          the date range and re-keyed by their updated_at
--- Reply:   {source, total, member1, payload1, member2, payload2, ...};
---          source is "notready" (and nothing else) when the index cannot answer.
+-- ARGV[19] most sorted sets one answer may merge; a query over more of them (the broad
+--          views of users with thousands of clients) would hold Redis for too long
+-- ARGV[20] most sets merged into a precomputed set within this one call
+-- Reply:   {source, total, member1, payload1, member2, payload2, ...}; source is
+--          "precomputed", "index" or "index:fill"; or, alone, "notready" (the index does
+--          not mirror the database), "toobig" (more than ARGV[19] sets to merge and no
+--          precomputed set), "sliced" or "building" (fill "2" only: a view of any size
+--          is built, in slices when broad).
+--
+-- A user's view being built in slices has the last-use value "b:<token>" in
+-- pv:<user>: writers already keep it fresh, but it is not served until complete.
 local prefix, user, view, fill, letter = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local desc = ARGV[6] == "1"
 local cmin, cmax, pmin, pmax = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
@@ -51,33 +63,129 @@ local function split(csv)
   return out
 end
 
-local function answer(source, key)
-  local total = redis.call("ZLEXCOUNT", key, cmin, cmax)
-  local reply = {source, total}
-  if limit > 0 and total > 0 then
-    local page
-    if desc then
-      page = redis.call("ZREVRANGEBYLEX", key, pmax, pmin, "LIMIT", offset, limit)
-    else
-      page = redis.call("ZRANGEBYLEX", key, pmin, pmax, "LIMIT", offset, limit)
-    end
-    if #page > 0 then
-      local ids = {}
-      for i, m in ipairs(page) do ids[i] = string.sub(m, 6) end
-      local values = redis.call("HMGET", KEYS[1], unpack(ids))
-      for i, m in ipairs(page) do
-        reply[#reply + 1] = m
-        reply[#reply + 1] = values[i] or ""
-      end
+-- The reply: source, total, then each member of the page with its payload.
+local function with_payloads(reply, page)
+  if #page > 0 then
+    local ids = {}
+    for i, m in ipairs(page) do ids[i] = string.sub(m, 6) end
+    local values = redis.call("HMGET", KEYS[1], unpack(ids))
+    for i, m in ipairs(page) do
+      reply[#reply + 1] = m
+      reply[#reply + 1] = values[i] or ""
     end
   end
   return reply
 end
 
-local viewkey
+-- The answer from one sorted set.
+local function answer(source, key)
+  local total = redis.call("ZLEXCOUNT", key, cmin, cmax)
+  local page = {}
+  if limit > 0 and total > 0 then
+    if desc then
+      page = redis.call("ZREVRANGEBYLEX", key, pmax, pmin, "LIMIT", offset, limit)
+    else
+      page = redis.call("ZRANGEBYLEX", key, pmin, pmax, "LIMIT", offset, limit)
+    end
+  end
+  return with_payloads({source, total}, page)
+end
+
+-- A member's order as numbers (Lua compares strings with the server's locale, not
+-- byte for byte): seconds, then the 7-byte id, exact below 2^53.
+local function order_of(m)
+  local b1, b2, b3, b4, b5, b6, b7 = string.byte(m, 6, 12)
+  return struct.unpack(">I4", m, 2), ((((((b1 * 256 + b2) * 256 + b3) * 256 + b4) * 256 + b5) * 256 + b6) * 256 + b7)
+end
+
+-- The answer from many sorted sets without merging them: the total is the sum of their
+-- counts, and the page comes from a k-way merge that reads one member of a set at a time,
+-- so it costs about (sets + offset + limit) reads, however large the sets are.
+local function merged(source, keys)
+  local total = 0
+  for _, key in ipairs(keys) do total = total + redis.call("ZLEXCOUNT", key, cmin, cmax) end
+  if limit == 0 or total == 0 then return {source, total} end
+  local heap, n = {}, 0
+  local function before(a, b)
+    if a[3] ~= b[3] then
+      if desc then return a[3] > b[3] else return a[3] < b[3] end
+    end
+    if desc then return a[4] > b[4] else return a[4] < b[4] end
+  end
+  local function push(m, k)
+    local s, id = order_of(m)
+    n = n + 1
+    heap[n] = {m, k, s, id}
+    local i = n
+    while i > 1 do
+      local parent = math.floor(i / 2)
+      if not before(heap[i], heap[parent]) then break end
+      heap[i], heap[parent] = heap[parent], heap[i]
+      i = parent
+    end
+  end
+  local function pop()
+    local top = heap[1]
+    heap[1] = heap[n]
+    heap[n] = nil
+    n = n - 1
+    local i = 1
+    while true do
+      local l, r, best = 2 * i, 2 * i + 1, i
+      if l <= n and before(heap[l], heap[best]) then best = l end
+      if r <= n and before(heap[r], heap[best]) then best = r end
+      if best == i then break end
+      heap[i], heap[best] = heap[best], heap[i]
+      i = best
+    end
+    return top
+  end
+  local function next_of(key, after)
+    local found
+    if desc then
+      found = redis.call("ZREVRANGEBYLEX", key, after and ("(" .. after) or pmax, pmin, "LIMIT", 0, 1)
+    else
+      found = redis.call("ZRANGEBYLEX", key, after and ("(" .. after) or pmin, pmax, "LIMIT", 0, 1)
+    end
+    return found[1]
+  end
+  for k, key in ipairs(keys) do
+    local m = next_of(key, nil)
+    if m then push(m, k) end
+  end
+  local page, taken = {}, 0
+  while taken < offset + limit and n > 0 do
+    local top = pop()
+    taken = taken + 1
+    if taken > offset then page[#page + 1] = top[1] end
+    local m = next_of(keys[top[2]], top[1])
+    if m then push(m, top[2]) end
+  end
+  return with_payloads({source, total}, page)
+end
+
+-- Merge `keys` into `dest` with ZUNIONSTORE, in slices (Lua's unpack() takes a few
+-- thousand values at most), keeping only members of this query's sort letter when `pure`.
+local SLICE = 1000
+local function union_into(dest, keys, pure)
+  redis.call("DEL", dest)
+  for first = 1, #keys, SLICE do
+    local args = {}
+    if first > 1 then args[1] = dest end
+    for i = first, math.min(first + SLICE - 1, #keys) do args[#args + 1] = keys[i] end
+    redis.call("ZUNIONSTORE", dest, #args, unpack(args))
+  end
+  if pure then
+    redis.call("ZREMRANGEBYLEX", dest, "-", "(" .. letter)
+    redis.call("ZREMRANGEBYLEX", dest, "[" .. string.char(string.byte(letter) + 1), "+")
+  end
+end
+
+local viewkey, used
 if view ~= "" then
   viewkey = prefix .. "p:" .. user .. ":" .. view
-  if fill ~= "2" and redis.call("HEXISTS", KEYS[4], view) == 1 then
+  used = redis.call("HGET", KEYS[4], view)
+  if fill ~= "2" and used and string.sub(used, 1, 2) ~= "b:" then
     redis.call("HSET", KEYS[4], view, now)
     redis.call("HINCRBY", KEYS[8], "hit", 1)
     return answer("precomputed", viewkey)
@@ -110,6 +218,11 @@ for _, pair in ipairs(redis.call("SMEMBERS", KEYS[6])) do
   end
 end
 
+local building = used and string.sub(used, 1, 2) == "b:"
+if #clients * #pairs_ > tonumber(ARGV[19]) then
+  if viewkey and fill == "2" and not building then return {"sliced"} end
+  return {"toobig"}
+end
 local keys = {}
 for _, c in ipairs(clients) do
   for _, pair in ipairs(pairs_) do
@@ -117,10 +230,9 @@ for _, c in ipairs(clients) do
   end
 end
 
--- Lua's unpack() takes a few thousand values at most: long argument lists go in slices.
-local SLICE = 1000
-
 if ARGV[17] ~= "" then
+  -- Sorted by updated_at, filtered on meeting_date: collect the matches from the date
+  -- range and re-key them by their updated_at.
   local tmp = KEYS[5]
   redis.call("DEL", tmp)
   for _, key in ipairs(keys) do
@@ -145,38 +257,30 @@ if ARGV[17] ~= "" then
   return reply
 end
 
-local dest = KEYS[5]
-local keep = false
-if viewkey and fill ~= "0" then
-  dest, keep = viewkey, true
+-- Fill the precomputed set when this query's shape has one and it is missing.
+if viewkey and fill ~= "0" and not building then
+  if #keys <= tonumber(ARGV[20]) then
+    union_into(viewkey, keys, true)
+    redis.call("HSET", KEYS[4], view, now)
+    -- Registered with the writers (apply.lua, delete.lua) in this same step: from now on
+    -- every write to the user's clients reaches this set.
+    redis.call("SADD", prefix .. "vu:" .. view, user)
+    redis.call("SADD", prefix .. "views", view)
+    if fill == "1" then redis.call("HINCRBY", KEYS[8], "fill", 1) end
+    return answer("index", viewkey)
+  end
+  if fill == "2" then return {"sliced"} end
 end
+if fill == "2" then return {"building"} end
+local source = (viewkey and fill == "1" and not building) and "index:fill" or "index"
 
-if #keys == 1 and not keep then
-  return answer("index", keys[1])
+if #keys == 1 then
+  return answer(source, keys[1])
 end
-
-redis.call("DEL", dest)
-for first = 1, #keys, SLICE do
-  local last = math.min(first + SLICE - 1, #keys)
-  local args = {}
-  if first > 1 then args[1] = dest end
-  for i = first, last do args[#args + 1] = keys[i] end
-  redis.call("ZUNIONSTORE", dest, #args, unpack(args))
+if #keys <= 8 or offset + limit > 2000 then
+  union_into(KEYS[5], keys, false)
+  local reply = answer(source, KEYS[5])
+  redis.call("DEL", KEYS[5])
+  return reply
 end
-if keep then
-  -- A view holds one sort letter: drop the other's members.
-  local next_letter = string.char(string.byte(letter) + 1)
-  redis.call("ZREMRANGEBYLEX", dest, "-", "(" .. letter)
-  redis.call("ZREMRANGEBYLEX", dest, "[" .. next_letter, "+")
-  -- Registered with the writers (apply.lua, delete.lua) in this same step: from now on
-  -- every write to the user's clients reaches this set.
-  redis.call("HSET", KEYS[4], view, now)
-  redis.call("SADD", prefix .. "vu:" .. view, user)
-  redis.call("SADD", prefix .. "views", view)
-  redis.call("HINCRBY", KEYS[8], "fill", 1)
-end
-local reply = answer("index", dest)
-if not keep then
-  redis.call("DEL", dest)
-end
-return reply
+return merged(source, keys)

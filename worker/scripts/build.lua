@@ -1,0 +1,67 @@
+-- build.lua: build one user's precomputed set in slices, so that no single call holds
+-- Redis for long, and without ever serving it half built or after an access change.
+--
+-- KEYS[1]  {i:N}:uc:<user>  set   client ids the user may see
+-- KEYS[2]  {i:N}:pv:<user>  hash  view -> last use; "b:<token>" while being built
+-- KEYS[3]  {i:N}:ts         set   "type:status" pairs present
+-- KEYS[4]  {i:N}:p:<user>:<view>  the set being built
+-- ARGV[1]  key prefix "{i:N}:" (derives z:<client>:<type>:<status>, vu:<view>, views)
+-- ARGV[2]  user id
+-- ARGV[3]  view id, "<letter>:<types>:<statuses>" (see worker/keys.py)
+-- ARGV[4]  build token
+-- ARGV[5]  step: "begin", "slice" or "end"
+-- ARGV[6], ARGV[7]  for "slice": first client (1-based, in sorted order) and how many
+-- ARGV[8]  for "end": now, epoch seconds
+-- Reply:   "begin": the number of the user's clients; "slice": the sets merged;
+--          "end": the entries in the finished set; -1 when the build was cancelled (an
+--          access change or an eviction dropped the view meanwhile).
+--
+-- From "begin" on the user is registered in vu:<view>, so every write to the user's
+-- clients reaches the set while it grows; a write to a client of a later slice is merged
+-- again by that slice (ZUNIONSTORE is idempotent), a delete removes the member from the
+-- set and from the client's set alike.  Any access change drops the view (access.lua),
+-- which cancels the build: the client list cannot change under it.
+local prefix, user, view, token, step = ARGV[1], ARGV[2], ARGV[3], "b:" .. ARGV[4], ARGV[5]
+local letter = string.sub(view, 1, 1)
+
+if step == "begin" then
+  redis.call("DEL", KEYS[4])
+  redis.call("HSET", KEYS[2], view, token)
+  redis.call("SADD", prefix .. "vu:" .. view, user)
+  redis.call("SADD", prefix .. "views", view)
+  return redis.call("SCARD", KEYS[1])
+end
+
+if redis.call("HGET", KEYS[2], view) ~= token then
+  return -1
+end
+
+if step == "end" then
+  redis.call("HSET", KEYS[2], view, ARGV[8])
+  return redis.call("ZCARD", KEYS[4])
+end
+
+local _, _, tlist, slist = string.find(view, "^(.-):(.-)$", 3)
+local function has(list, token_)
+  return list == "*" or string.find("," .. list .. ",", "," .. token_ .. ",", 1, true) ~= nil
+end
+local pairs_ = {}
+for _, pair in ipairs(redis.call("SMEMBERS", KEYS[3])) do
+  local t, s = string.match(pair, "^(.-):(.*)$")
+  if has(tlist, t) and has(slist, s) then pairs_[#pairs_ + 1] = pair end
+end
+local clients = redis.call("SMEMBERS", KEYS[1])
+table.sort(clients, function(a, b) return tonumber(a) < tonumber(b) end)
+local first, count = tonumber(ARGV[6]), tonumber(ARGV[7])
+local args = {KEYS[4]}
+for i = first, math.min(first + count - 1, #clients) do
+  for _, pair in ipairs(pairs_) do
+    args[#args + 1] = prefix .. "z:" .. clients[i] .. ":" .. pair
+  end
+end
+if #args > 1 then
+  redis.call("ZUNIONSTORE", KEYS[4], #args, unpack(args))
+  redis.call("ZREMRANGEBYLEX", KEYS[4], "-", "(" .. letter)
+  redis.call("ZREMRANGEBYLEX", KEYS[4], "[" .. string.char(string.byte(letter) + 1), "+")
+end
+return #args - 1
