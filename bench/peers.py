@@ -24,7 +24,7 @@ class SeedPOC:
         with open(os.path.join(HERE, "seed_poc.lua")) as f:
             self.script = r.register_script(f.read())
 
-    def load_sets(self, rows) -> None:
+    def load_sets(self, rows, progress=None) -> None:
         """rows: (id, client, type, status, meeting_s, details_json)"""
         pipe = self.r.pipeline(transaction=False)
         for n, (mid, _, typ, status, _, _) in enumerate(rows, 1):
@@ -32,15 +32,19 @@ class SeedPOC:
             pipe.sadd(f"meeting_status:{status}_ins_{self.i}", mid)
             if n % 2000 == 0:
                 pipe.execute()
+                progress and progress.add(2000)
         pipe.execute()
+        progress and progress.add(len(rows) % 2000)
 
-    def load_hashes(self, rows) -> None:
+    def load_hashes(self, rows, progress=None) -> None:
         pipe = self.r.pipeline(transaction=False)
         for n, (mid, client, _, _, meeting_s, details) in enumerate(rows, 1):
             pipe.hset(f"meeting:{mid}", mapping={"clientid": client, "meeting_date": meeting_s, "details": details})
             if n % 2000 == 0:
                 pipe.execute()
+                progress and progress.add(2000)
         pipe.execute()
+        progress and progress.add(len(rows) % 2000)
 
     def load_access(self, lists) -> None:
         pipe = self.r.pipeline(transaction=False)
@@ -114,14 +118,16 @@ class RediSearch:
                                "date", "NUMERIC", "SORTABLE")
         return self.r
 
-    def load(self, rows) -> None:
+    def load(self, rows, progress=None) -> None:
         pipe = self.r.pipeline(transaction=False)
         for n, (mid, client, typ, status, meeting_s, details) in enumerate(rows, 1):
             pipe.execute_command("FT.ADD", "idx", f"doc:{mid}", 1.0, "FIELDS", "type", typ, "status", status,
                                  "client", client, "date", meeting_s, "details", details)
             if n % 2000 == 0:
                 pipe.execute()
+                progress and progress.add(2000)
         pipe.execute()
+        progress and progress.add(len(rows) % 2000)
 
     def query(self, clients, offset: int, limit: int):
         q = "@type:{email} @status:{open} @client:{%s}" % "|".join(map(str, clients))

@@ -85,8 +85,8 @@ def test_revocations_racing_precomputation_never_leak(user_with_meetings, sliced
     try:
         for c in clients:
             change(engine, r, 1, 5, [c], "revoke")
-            for shape in ({}, {"types": ["email"], "statuses": ["open"]}):
-                page = query(engine, r, installation_id=1, user_id=5, limit=200, **shape)
+            for shape in ({"limit": 200}, {"limit": 10}, {"types": ["email"], "statuses": ["open"], "limit": 200}):
+                page = query(engine, r, installation_id=1, user_id=5, **shape)
                 leaked = {i["client_id"] for i in page["items"]} & set(range(1, c + 1))
                 assert not leaked, f"revoked clients {leaked} seen from {page['source']}"
     finally:
@@ -122,6 +122,26 @@ def test_a_view_being_built_is_kept_fresh_but_not_served(user_with_meetings):
     change(engine, r, 1, 1, [3], "revoke")
     assert build(keys=keys_, args=base[:3] + ["tok2", "slice", 1, 5]) == -1
     assert not r.exists(keys.view_set(1, 1, "d:*:*"))
+
+
+def test_the_cached_first_page_follows_every_write(user_with_meetings):
+    """The first page of a precomputed set is served from its cached head; any change to
+    a meeting on it, or to the user's access, is seen at once."""
+    engine, r = user_with_meetings
+    precompute_user(r, 1, 1, VIEWS, now=100)
+    first = query(engine, r, installation_id=1, user_id=1, limit=3)
+    assert first["source"] == "precomputed" and r.exists(keys.view_head(1, 1, "d:*:*"))
+    top = first["items"][0]
+    changed = record(source_id=top["source_id"], client_id=top["client_id"], type=top["type"],
+                     status=top["status"], meeting_date=top["meeting_date"], subject="renamed")
+    ingest(engine, r, [changed])
+    again = query(engine, r, installation_id=1, user_id=1, limit=3)
+    assert again["items"][0]["subject"] == "renamed" and again["total"] == first["total"]
+    ascending = query(engine, r, installation_id=1, user_id=1, limit=3, order="asc")
+    assert ascending["items"] != again["items"] and ascending["source"] == "precomputed"
+    change(engine, r, 1, 1, [top["client_id"]], "revoke")
+    after = query(engine, r, installation_id=1, user_id=1, limit=20)
+    assert top["client_id"] not in {i["client_id"] for i in after["items"]}
 
 
 def test_idle_users_lose_their_sets(user_with_meetings):

@@ -89,6 +89,12 @@ def view_set(installation_id: int, user_id: int, view: str) -> str:
     return f"{prefix(installation_id)}p:{user_id}:{view}"
 
 
+def view_head(installation_id: int, user_id: int, view: str) -> str:
+    """Hash: ``desc``/``asc`` -> the first members of :func:`view_set` with their payloads,
+    packed (see query.lua); deleted by every write that touches the view."""
+    return f"{prefix(installation_id)}ph:{user_id}:{view}"
+
+
 def view_users(installation_id: int, view: str) -> str:
     """Set: the users who hold a precomputed set for ``view``; the writers' fan-out visits
     ``cu:<client>`` ∩ this set.  Changed only together with :func:`user_views`."""

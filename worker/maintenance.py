@@ -176,11 +176,11 @@ def _reconcile_views(engine, r, installation_id, report) -> None:
     """A precomputed set must equal its view recomputed from the database; one that does
     not is dropped (the next query or precompute builds it afresh)."""
     from worker.precompute import drop_user, list_views, view_query
-    from worker.query import SORTS, _sql_filter
+    from worker.query import SORTS, sql_conditions
     for info in list_views(r, installation_id):
         report["views_checked"] += 1
         query = view_query(installation_id, info.user_id, info.view)
-        conds, col = _sql_filter(query, with_cursor=False)
+        conds, _ = sql_conditions(query, with_cursor=False)
         with engine.connect() as conn:
             expected = {keys.member(query.letter, s, i) for s, i in conn.execute(
                 sa.select(meetings.c[SORTS[query.sort]], meetings.c.id).where(*conds))}

@@ -4,7 +4,7 @@
 -- KEYS[2]  {i:N}:av         hash  user -> access version now in Redis
 -- KEYS[3]  {i:N}:pv:<user>  hash  view -> last use of the user's precomputed sets
 -- ARGV[1]  the installation's key prefix "{i:N}:" (derives cu:<client>, p:<user>:<view>,
---          vu:<view>)
+--          ph:<user>:<view>, vu:<view>)
 -- ARGV[2]  user id
 -- ARGV[3]  mode: "remove" takes the listed clients away now (before the database commits,
 --          so a revocation is never late); "set" makes the listed clients the whole list,
@@ -17,7 +17,7 @@ local prefix, user, mode = ARGV[1], ARGV[2], ARGV[3]
 local function drop_views()
   local views = redis.call("HKEYS", KEYS[3])
   for _, view in ipairs(views) do
-    redis.call("DEL", prefix .. "p:" .. user .. ":" .. view)
+    redis.call("DEL", prefix .. "p:" .. user .. ":" .. view, prefix .. "ph:" .. user .. ":" .. view)
     redis.call("SREM", prefix .. "vu:" .. view, user)
   end
   redis.call("DEL", KEYS[3])

@@ -3,7 +3,8 @@
 -- KEYS[1]  {i:N}:m    hash  7-byte id -> "client type status meeting_s updated_s updated_us|json"
 -- KEYS[2]  {i:N}:ts   set   "type:status" pairs present
 -- ARGV[1]  the installation's key prefix "{i:N}:"; the script derives from it the keys
---          z:<client>:<type>:<status>, cu:<client>, views, vu:<view>, p:<user>:<view>
+--          z:<client>:<type>:<status>, cu:<client>, views, vu:<view>, p:<user>:<view>,
+--          ph:<user>:<view>
 --          (worker/keys.py)
 -- ARGV[2], ARGV[3], ARGV[4], then the same for each further meeting:
 --          7-byte id, head "client type status meeting_s updated_s updated_us", item JSON

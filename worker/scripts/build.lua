@@ -5,7 +5,8 @@
 -- KEYS[2]  {i:N}:pv:<user>  hash  view -> last use; "b:<token>" while being built
 -- KEYS[3]  {i:N}:ts         set   "type:status" pairs present
 -- KEYS[4]  {i:N}:p:<user>:<view>  the set being built
--- ARGV[1]  key prefix "{i:N}:" (derives z:<client>:<type>:<status>, vu:<view>, views)
+-- ARGV[1]  key prefix "{i:N}:" (derives z:<client>:<type>:<status>, vu:<view>, views,
+--          ph:<user>:<view>)
 -- ARGV[2]  user id
 -- ARGV[3]  view id, "<letter>:<types>:<statuses>" (see worker/keys.py)
 -- ARGV[4]  build token
@@ -25,7 +26,7 @@ local prefix, user, view, token, step = ARGV[1], ARGV[2], ARGV[3], "b:" .. ARGV[
 local letter = string.sub(view, 1, 1)
 
 if step == "begin" then
-  redis.call("DEL", KEYS[4])
+  redis.call("DEL", KEYS[4], prefix .. "ph:" .. user .. ":" .. view)
   redis.call("HSET", KEYS[2], view, token)
   redis.call("SADD", prefix .. "vu:" .. view, user)
   redis.call("SADD", prefix .. "views", view)
@@ -53,15 +54,26 @@ end
 local clients = redis.call("SMEMBERS", KEYS[1])
 table.sort(clients, function(a, b) return tonumber(a) < tonumber(b) end)
 local first, count = tonumber(ARGV[6]), tonumber(ARGV[7])
-local args = {KEYS[4]}
-for i = first, math.min(first + count - 1, #clients) do
-  for _, pair in ipairs(pairs_) do
-    args[#args + 1] = prefix .. "z:" .. clients[i] .. ":" .. pair
+-- Copy this slice's members of the view's letter straight into the set, a few hundred
+-- per ZADD (a ZUNIONSTORE with the set itself as an input would copy it whole each time).
+local lo, hi = "[" .. letter, "(" .. string.char(string.byte(letter) + 1)
+local batch, merged = {}, 0
+local function flush()
+  if #batch > 0 then
+    redis.call("ZADD", KEYS[4], unpack(batch))
+    batch = {}
   end
 end
-if #args > 1 then
-  redis.call("ZUNIONSTORE", KEYS[4], #args, unpack(args))
-  redis.call("ZREMRANGEBYLEX", KEYS[4], "-", "(" .. letter)
-  redis.call("ZREMRANGEBYLEX", KEYS[4], "[" .. string.char(string.byte(letter) + 1), "+")
+for i = first, math.min(first + count - 1, #clients) do
+  for _, pair in ipairs(pairs_) do
+    local members = redis.call("ZRANGEBYLEX", prefix .. "z:" .. clients[i] .. ":" .. pair, lo, hi)
+    for _, m in ipairs(members) do
+      batch[#batch + 1] = 0
+      batch[#batch + 1] = m
+      if #batch >= 1000 then flush() end
+    end
+    merged = merged + 1
+  end
 end
-return #args - 1
+flush()
+return merged

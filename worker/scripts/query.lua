@@ -37,6 +37,9 @@
 -- ARGV[19] most sorted sets one answer may merge; a query over more of them (the broad
 --          views of users with thousands of clients) would hold Redis for too long
 -- ARGV[20] most sets merged into a precomputed set within this one call
+-- ARGV[21] "1" when the count bounds are the whole letter (no date range)
+-- ARGV[22] "1" when the page is the first (offset 0, no cursor): a precomputed set's
+--          head may answer it
 -- Reply:   {source, total, member1, payload1, member2, payload2, ...}; source is
 --          "precomputed", "index" or "index:fill"; or, alone, "notready" (the index does
 --          not mirror the database), "toobig" (more than ARGV[19] sets to merge and no
@@ -52,9 +55,6 @@ local offset, limit, now = tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[13]
 
 if redis.call("EXISTS", KEYS[3]) == 0 then
   return {"notready"}
-end
-if fill ~= "2" then
-  redis.call("ZADD", KEYS[7], now, user)
 end
 
 local function split(csv)
@@ -77,18 +77,49 @@ local function with_payloads(reply, page)
   return reply
 end
 
--- The answer from one sorted set.
-local function answer(source, key)
-  local total = redis.call("ZLEXCOUNT", key, cmin, cmax)
+-- The answer from one sorted set; `whole`: the set holds only members of this query's
+-- letter and the query has no date range, so the total is the set's size.  `size`: how
+-- many members to return (default: the query's limit).
+local function answer(source, key, whole, size)
+  size = size or limit
+  local total
+  if whole then
+    total = redis.call("ZCARD", key)
+  else
+    total = redis.call("ZLEXCOUNT", key, cmin, cmax)
+  end
   local page = {}
-  if limit > 0 and total > 0 then
+  if size > 0 and total > 0 then
     if desc then
-      page = redis.call("ZREVRANGEBYLEX", key, pmax, pmin, "LIMIT", offset, limit)
+      page = redis.call("ZREVRANGEBYLEX", key, pmax, pmin, "LIMIT", offset, size)
     else
-      page = redis.call("ZRANGEBYLEX", key, pmin, pmax, "LIMIT", offset, limit)
+      page = redis.call("ZRANGEBYLEX", key, pmin, pmax, "LIMIT", offset, size)
     end
   end
   return with_payloads({source, total}, page)
+end
+
+-- The head of a precomputed set: its first HEAD members with their payloads, in one
+-- string per order in ph:<user>:<view>, so that the most common query (the first page)
+-- reads one value instead of a range and a payload per item.  Every write that touches
+-- the set deletes its head (views.lua, access.lua, build.lua, precompute.py).
+local HEAD = 21
+local function pack_head(reply)
+  local parts = {struct.pack(">I4", reply[2])}
+  for i = 3, #reply do parts[#parts + 1] = struct.pack(">I4", #reply[i]) .. reply[i] end
+  return table.concat(parts)
+end
+local function unpack_head(blob, source, size)
+  local total = struct.unpack(">I4", blob, 1)
+  local reply = {source, total}
+  local pos, n = 5, 0
+  while pos <= #blob and n < 2 * size do
+    local len = struct.unpack(">I4", blob, pos)
+    reply[#reply + 1] = string.sub(blob, pos + 4, pos + 3 + len)
+    pos = pos + 4 + len
+    n = n + 1
+  end
+  return reply
 end
 
 -- A member's order as numbers (Lua compares strings with the server's locale, not
@@ -169,6 +200,7 @@ end
 local SLICE = 1000
 local function union_into(dest, keys, pure)
   redis.call("DEL", dest)
+  if pure then redis.call("DEL", prefix .. "ph:" .. user .. ":" .. view) end
   for first = 1, #keys, SLICE do
     local args = {}
     if first > 1 then args[1] = dest end
@@ -186,13 +218,31 @@ if view ~= "" then
   viewkey = prefix .. "p:" .. user .. ":" .. view
   used = redis.call("HGET", KEYS[4], view)
   if fill ~= "2" and used and string.sub(used, 1, 2) ~= "b:" then
-    redis.call("HSET", KEYS[4], view, now)
+    -- Last use and activity are kept to the minute: most hits write nothing else.
+    if tonumber(now) - tonumber(used) >= 60 then
+      redis.call("HSET", KEYS[4], view, now)
+      redis.call("ZADD", KEYS[7], now, user)
+    end
     redis.call("HINCRBY", KEYS[8], "hit", 1)
-    return answer("precomputed", viewkey)
+    if ARGV[22] == "1" and ARGV[21] == "1" and limit <= HEAD then
+      local headkey, side = prefix .. "ph:" .. user .. ":" .. view, desc and "desc" or "asc"
+      local blob = redis.call("HGET", headkey, side)
+      if blob then
+        return unpack_head(blob, "precomputed", limit)
+      end
+      local reply = answer("precomputed", viewkey, true, HEAD)
+      redis.call("HSET", headkey, side, pack_head(reply))
+      return unpack_head(pack_head(reply), "precomputed", limit)
+    end
+    return answer("precomputed", viewkey, ARGV[21] == "1")
   end
   if fill ~= "2" then
     redis.call("HINCRBY", KEYS[8], "miss", 1)
   end
+end
+
+if fill ~= "2" then
+  redis.call("ZADD", KEYS[7], now, user)
 end
 
 -- The user's clients, narrowed by the caller's filter.

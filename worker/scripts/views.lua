@@ -42,6 +42,7 @@ local function fan_out(prefix, client, typ, status, members, op)
     for _, user in ipairs(users) do
       local key = prefix .. "p:" .. user .. ":" .. view
       if op == "add" then redis.call("ZADD", key, 0, m) else redis.call("ZREM", key, m) end
+      redis.call("DEL", prefix .. "ph:" .. user .. ":" .. view)  -- its cached head
       touched = touched + 1
     end
   end
