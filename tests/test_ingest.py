@@ -47,6 +47,14 @@ def test_out_of_order_updates_keep_the_newest(clean):
     assert_index_matches(engine, r)
 
 
+def test_new_rows_beside_stored_ones(clean):
+    engine, r = clean
+    ingest(engine, r, [record(source_id="m")])
+    mixed = [record(source_id="a"), record(source_id="m"), record(source_id="z")]
+    assert ingest(engine, r, mixed) == {"accepted": 3, "updated": 0, "unchanged": 1, "rejected": []}
+    assert_index_matches(engine, r)
+
+
 def test_versions_within_one_batch(clean):
     engine, r = clean
     batch = [record(subject="b", updated_at="2024-01-02T00:00:00Z"),

@@ -16,6 +16,10 @@ def test_ingest_query_and_fallback_on_sqlite(sqlite_engine, redis_client):
     assert ingest(engine, r, batch)["accepted"] == 60
     assert ingest(engine, r, batch)["unchanged"] == 60
     ingest(engine, r, [record(source_id="m0", client_id=1, status="closed", updated_at="2030-01-01T00:00:00Z")])
+    # New rows before and after stored ones: the new ones are written, none twice.
+    mixed = [record(source_id="a-new", client_id=3), batch[2], record(source_id="z-new", client_id=3)]
+    assert ingest(engine, r, mixed) == {"accepted": 3, "updated": 0, "unchanged": 1, "rejected": []}
+    assert delete(engine, r, 1, ["a-new", "z-new"]) == {"deleted": 2}
     change(engine, r, 1, 1, [1, 2], "set")
     assert delete(engine, r, 1, ["m1"]) == {"deleted": 1}
     assert_index_matches(engine, r)

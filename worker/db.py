@@ -107,6 +107,13 @@ def make_engine(url: str, lock_wait_timeout: int = 10) -> sa.Engine:
             # WAL lets queries read while a worker writes.
             dbapi_conn.execute("PRAGMA journal_mode=WAL")
             dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+            # The driver's own transaction handling breaks SAVEPOINT; SQLAlchemy's
+            # documented remedy: the driver stays out, and "begin" below emits BEGIN.
+            dbapi_conn.isolation_level = None
+
+        @sa.event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            conn.exec_driver_sql("BEGIN")
         return engine
 
     engine = sa.create_engine(
@@ -141,9 +148,3 @@ def dispose_engines() -> None:
             engine.dispose()
         _engines.clear()
 
-
-def is_tidb(conn) -> bool:
-    """True when the connection is to TiDB (its VERSION() says so)."""
-    if conn.dialect.name != "mysql":
-        return False
-    return "tidb" in conn.exec_driver_sql("SELECT VERSION()").scalar().lower()

@@ -59,11 +59,12 @@ def _write_chunk(conn, installation_id: int, chunk: list[Meeting], given: set[in
     for m in chunk:
         m.id = meeting_id(installation_id, m.source_id)
     try:
-        conn.execute(meetings.insert(), [_row(m)._asdict() for m in chunk])
+        # In a savepoint: a driver may send the rows as several statements, and a
+        # failure must leave none of them.
+        with conn.begin_nested():
+            conn.execute(meetings.insert(), [_row(m)._asdict() for m in chunk])
         return [_row(m) for m in chunk], 0, 0
     except sa.exc.IntegrityError:
-        # MySQL, MariaDB, TiDB and SQLite undo the failed statement alone: the
-        # transaction goes on, with none of the chunk written.
         pass
     by_source = {m.source_id: m for m in chunk}
     existing = {

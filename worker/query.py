@@ -228,7 +228,7 @@ def precomputable(query: Query, views: frozenset) -> str:
 
 
 def from_index(r: redis.Redis, query: Query, views: frozenset, now: int):
-    """The answer from Redis as (source, total, members, item texts); or ``"notready"``
+    """The answer from Redis as (source, total, members, item JSON bytes); or ``"notready"``
     when the index is not ready for the installation, ``"toobig"`` when the answer would
     merge too many sets, ``"drift"`` when a payload is missing.  The source may be
     ``index:fill``: the view this query could use should be precomputed."""
