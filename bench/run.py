@@ -155,7 +155,7 @@ class Bench:
                 conn.exec_driver_sql("DROP INDEX ix_bench_type_status_date ON meetings")
         for url in self.urls.values():
             from worker.redis_index import connect
-            connect(url).flushdb()
+            connect(url).flushdb(asynchronous=True)  # a large keyspace frees in the background
         self.lists = list(access_lists(self.shape, 1))
         bar = Progress("access", len(self.lists))
         for user, clients in self.lists:
@@ -313,10 +313,14 @@ class Bench:
         cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", queues, "-P", pool, "-c",
                str(concurrency), "-l", "warning", "--without-gossip", "--without-mingle", "--without-heartbeat",
                "-n", f"bench-{queues.replace(',', '-')}@%h"]
-        return subprocess.Popen(cmd, env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.makedirs(self.args.out, exist_ok=True)
+        log = open(os.path.join(self.args.out, f"worker-{queues.replace(',', '-')}.log"), "w")
+        return subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
 
     def client(self):
         from celery import Celery
+        # Celery prefers these variables to the URLs given to the app: make them agree.
+        os.environ.update(CELERY_BROKER_URL=self.urls["broker"], CELERY_RESULT_BACKEND=self.urls["backend"])
         app = Celery("bench-client", broker=self.urls["broker"], backend=self.urls["backend"])
         app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
                         result_accept_content=["json"])
@@ -439,7 +443,7 @@ class Bench:
         self.saved_pool = None
         if self.engine.dialect.name != "mysql":
             return
-        want = max(1 << 30, self.shape.meetings * 3000)
+        want = self.shape.meetings * 3000  # about what 500k meetings take with indices, x1.5
         try:
             with self.engine.connect() as conn:
                 self.saved_pool = conn.exec_driver_sql("SELECT @@innodb_buffer_pool_size").scalar()

@@ -35,6 +35,15 @@ def test_every_task_has_a_route_to_a_declared_queue():
     assert app.conf.broker_transport_options["visibility_timeout"] == 30  # CRM_VISIBILITY_TIMEOUT in tests
 
 
+def test_queues_have_the_exchange_and_key_a_client_publishes_to(webapp):
+    """A client with no project code sends to queue "ingest" through exchange "ingest" with
+    routing key "ingest"; a worker started with -Q must bind exactly that."""
+    from worker.app import QUEUES, app
+    for name in QUEUES:
+        ours, theirs = app.amqp.queues[name], webapp.amqp.queues[name]
+        assert (ours.exchange.name, ours.routing_key) == (theirs.exchange.name, theirs.routing_key) == (name, name)
+
+
 def test_web_app_round_trip(worker_env):
     engine, r, webapp = worker_env
     result = call(webapp, "crm.ingest_meetings", records=[

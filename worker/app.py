@@ -6,7 +6,7 @@ import random
 
 from celery import Celery, Task
 from celery.signals import worker_process_init
-from kombu import Queue
+from kombu import Exchange, Queue
 
 import beat_schedule
 from worker.errors import is_transient
@@ -63,7 +63,11 @@ def configure(app: Celery, settings) -> None:
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
-        task_queues=[Queue(name) for name in QUEUES],
+        # Each queue its own direct exchange and routing key, named after it: that is what a
+        # client holding no project code publishes to with send_task(..., queue=name).
+        # (A bare Queue(name) would take the default exchange and key, "query", and a
+        # worker started with -Q would bind every queue to that one key.)
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue="query",
         task_routes={name: {"queue": queue} for name, queue in ROUTES.items()},
         result_expires=3600,

@@ -1,0 +1,28 @@
+"""The benchmark keeps working: `crm bench` on a tiny data set, every peer included.
+Figures are not checked (benchmarks never make timing assertions); the run and the shape
+of its report are."""
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import DATABASE_URL, REDIS_URL
+
+
+def test_quick_bench_on_a_tiny_data_set(tmp_path):
+    base, db = REDIS_URL.rsplit("/", 1)
+    redis_url = f"{base}/{int(db) - 9}"  # four databases of its own, below the tests' ones
+    database_url = DATABASE_URL.rsplit("/", 1)[0] + "/crm_bench_smoke"
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "bench", "--quick", "--meetings", "1500", "--clients", "60",
+         "--users", "30", "--samples", "8", "--seconds", "0.5", "--ingest-rows", "600",
+         "--database-url", database_url, "--redis-url", redis_url, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for path in ("redis_ping", "crm_warm_page1", "crm_index_page1", "crm_database_page1", "sql_join_page1",
+                 "seed_poc_page1", "celery_noop_round_trip", "celery_query_round_trip"):
+        assert result["latency_ms"][path]["n"] > 0, path
+    assert result["ingest"]["crm_ingest_rows_per_s"] > 0 and result["memory"]["index_bytes_per_meeting"] > 0
+    assert set(result["targets"]) and set(result["ratios"])
+    assert (tmp_path / "bench.json").exists() and (tmp_path / "latency.png").stat().st_size > 1000
