@@ -50,7 +50,14 @@ def percentiles(samples_ns) -> dict:
 
 
 def timed(fn, calls, seconds: float, label: str) -> list[int]:
-    """Time fn(*args) for each args in calls, until done or the time box is over."""
+    """Time fn(*args) for each args in calls, until done or the time box is over, after
+    one untimed pass over the distinct calls (at most a quarter of the time box): every
+    path, peers included, is measured warm."""
+    start = time.monotonic()
+    for args in dict.fromkeys(calls):
+        fn(*args)
+        if time.monotonic() - start > seconds / 4:
+            break
     out = []
     start = time.monotonic()
     for n, args in enumerate(calls):

@@ -187,7 +187,7 @@ def test_beat_schedule_names_registered_tasks_and_expires():
 
 
 def test_tick_windows():
-    from worker.ticks import claim, tick_key
+    from worker.ticks import tick_key
     assert tick_key("x", 300, 299) != tick_key("x", 300, 300) and tick_key("x", 300, 0) == tick_key("x", 300, 299)
 
 
