@@ -219,6 +219,10 @@ class Bench:
             return parse({"installation_id": 1, "user_id": user, "types": ["email"], "statuses": ["open"],
                           "offset": offset, "limit": 20}, secret)
 
+        def database(user, off):
+            with self.engine.connect() as conn:
+                from_database(conn, q(user, off))
+
         for u in self.sample + self.big:
             precompute_user(self.r, 1, u, views, int(time.time()))
         for page, offset in pages.items():
@@ -234,9 +238,6 @@ class Bench:
                 lambda user, off: run(self.engine, self.r, q(user, off), secret, frozenset()),
                 self.calls(offset), self.args.seconds, f"crm-insight index (cold), {page}"))
 
-            def database(user, off):
-                with self.engine.connect() as conn:
-                    from_database(conn, q(user, off))
             lat[f"crm_database_{page}"] = percentiles(timed(database, self.calls(offset), self.args.seconds,
                                                             f"crm-insight database fallback, {page}"))
         lat["crm_index_2000_clients_page1"] = percentiles(timed(
@@ -268,9 +269,6 @@ class Bench:
                     conn.execute(SQL_PEER, {"user": user, "inst": 1, "limit": 20, "offset": off}).all()
             lat[f"sql_join_{page}"] = percentiles(timed(sql, self.calls(offset), self.args.seconds,
                                                         f"SQL join + composite index, {page}"))
-            def database(user, off):
-                with self.engine.connect() as conn:
-                    from_database(conn, q(user, off))
             lat[f"crm_database_peer_index_{page}"] = percentiles(timed(
                 database, self.calls(offset), self.args.seconds, f"crm-insight database, peer's index, {page}"))
 

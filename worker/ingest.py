@@ -58,14 +58,8 @@ def _write_chunk(conn, installation_id: int, chunk: list[Meeting], given: set[in
     the longer way of a locking read and per-row decisions."""
     for m in chunk:
         m.id = meeting_id(installation_id, m.source_id)
-    try:
-        # In a savepoint: a driver may send the rows as several statements, and a
-        # failure must leave none of them.
-        with conn.begin_nested():
-            conn.execute(meetings.insert(), [_row(m)._asdict() for m in chunk])
+    if _insert_all(conn, chunk):
         return [_row(m) for m in chunk], 0, 0
-    except sa.exc.IntegrityError:
-        pass
     by_source = {m.source_id: m for m in chunk}
     existing = {
         row.source_id: row for row in conn.execute(
@@ -104,6 +98,18 @@ def _write_chunk(conn, installation_id: int, chunk: list[Meeting], given: set[in
               "meeting_s": m.meeting_s, "updated_s": m.updated_s, "updated_us": m.updated_us,
               "subject": m.subject, "details": m.details} for m in updates])
     return stored, updated, unchanged
+
+
+def _insert_all(conn, chunk: list[Meeting]) -> bool:
+    """Insert the whole chunk as new rows; False, with nothing written, when one of them
+    exists already (or an id collides).  In a savepoint: a driver may send the rows as
+    several statements (SQLite does, row by row)."""
+    try:
+        with conn.begin_nested():
+            conn.execute(meetings.insert(), [_row(m)._asdict() for m in chunk])
+    except sa.exc.IntegrityError:
+        return False
+    return True
 
 
 def _assign_ids(conn, new: list[Meeting]) -> None:
