@@ -51,3 +51,20 @@ def test_reconcile_rebuilds_an_index_that_is_not_ready(clean):
     r.flushdb()
     assert reconcile(engine, r)["rebuilt"] == [1]
     assert_index_matches(engine, r)
+
+
+def test_an_index_of_another_database_does_not_answer(clean, sqlite_engine):
+    """The same Redis, pointed at by a new database: its index was written from another,
+    so it must not answer until rebuilt from this one."""
+    from worker.maintenance import claim_index
+    engine, r = clean
+    claim_index(engine, r)
+    seed(engine, r)
+    assert claim_index(engine, r) == []                       # same database: nothing to do
+    assert query(engine, r, installation_id=1, user_id=1)["source"] != "database"
+    assert claim_index(sqlite_engine, r) == [1]               # another database takes the Redis
+    assert not r.exists(keys.ready(1))
+    assert query(sqlite_engine, r, installation_id=1, user_id=1)["total"] == 0  # its own (empty) data
+    assert claim_index(engine, r) == [1]                      # and back: rebuilt before answering
+    rebuild(engine, r, 1)
+    assert_index_matches(engine, r)

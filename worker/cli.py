@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import redis
 import sqlalchemy as sa
 
 from worker.settings import get_settings, redact
@@ -30,6 +31,18 @@ def cmd_init(args) -> int:
             time.sleep(2)
     revision = upgrade()
     print(f"schema at revision {revision} on {redact(url)}")
+    from worker.db import get_engine
+    from worker.maintenance import claim_index
+    from worker.redis_index import get_redis
+    try:
+        stale = claim_index(get_engine(), get_redis())
+    except redis.RedisError as exc:
+        print(f"index Redis at {redact(get_settings().redis_url)} not reached ({exc}); "
+              "run `crm init` again once it answers", file=sys.stderr)
+        return 1
+    if stale:
+        print(f"the index Redis mirrored another database: installations {stale} answer from the "
+              "database until rebuilt (queued by their next query, or `crm.rebuild_index`)")
     return 0
 
 

@@ -20,6 +20,8 @@ SORT_LETTER = {"meeting_date": DATE, "updated_at": UPDATED}
 
 #: Set (global, no hash tag) of installation ids that have an index.
 INSTALLATIONS = "crm:installations"
+#: String (global): the ``database_id`` of the database this Redis mirrors.
+DATABASE = "crm:database"
 
 
 def prefix(installation_id: int) -> str:

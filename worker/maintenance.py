@@ -72,6 +72,23 @@ def _delete_matching(r: redis.Redis, pattern: str, keep: set[bytes] = frozenset(
     return n
 
 
+def claim_index(engine: sa.Engine, r: redis.Redis) -> list[int]:
+    """Make sure the index Redis mirrors this database.  An index written from another
+    database (a new SQLite file, another environment pointed at the same Redis) must not
+    answer: its installations lose their ready flag, so queries go to the database and
+    queue a rebuild.  Returns the installations so marked."""
+    from worker.schema import database_id
+    ours = database_id(engine)
+    theirs = r.get(keys.DATABASE)
+    stale = []
+    if theirs is None or theirs.decode() != ours:
+        stale = sorted(int(i) for i in r.smembers(keys.INSTALLATIONS))
+        for installation_id in stale:
+            r.delete(keys.ready(installation_id))
+        r.set(keys.DATABASE, ours)
+    return stale
+
+
 def rebuild(engine: sa.Engine, r: redis.Redis, only: int | None = None) -> dict:
     """Rebuild the index of one installation (or all) from the database.  Queries answer
     from the database meanwhile."""

@@ -36,7 +36,14 @@ def upgrade(engine: sa.Engine | None = None) -> str:
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
     with engine.begin() as conn:
-        # The secret that signs cursors lives with the data, so every worker shares it.
-        if conn.execute(sa.select(crm_meta.c.value).where(crm_meta.c.name == "cursor_secret")).first() is None:
-            conn.execute(crm_meta.insert().values(name="cursor_secret", value=secrets.token_hex(32)))
+        # Values kept with the data: the secret that signs cursors, so every worker shares
+        # it, and the database's identity, so an index can tell which database it mirrors.
+        for name in ("cursor_secret", "database_id"):
+            if conn.execute(sa.select(crm_meta.c.value).where(crm_meta.c.name == name)).first() is None:
+                conn.execute(crm_meta.insert().values(name=name, value=secrets.token_hex(32 if name == "cursor_secret" else 16)))
         return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+
+
+def database_id(engine: sa.Engine) -> str:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(crm_meta.c.value).where(crm_meta.c.name == "database_id")).scalar()
