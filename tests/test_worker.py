@@ -133,3 +133,41 @@ def test_maintenance_tasks(worker_env):
     report = call(webapp, "crm.reconcile_index")
     assert report["meetings_repaired"] == 1
     assert_index_matches(engine, r)
+
+
+def test_a_transient_fault_outlasting_the_in_place_retries_is_retried_by_the_task(worker_env):
+    """A row lock held longer than the chunk's own four tries (2 s lock waits in tests):
+    the task is retried by Celery with backoff, and the update lands once the lock goes."""
+    import threading
+    import time
+
+    import sqlalchemy as sa
+
+    from worker.db import meetings
+    engine, r, webapp = worker_env
+    call(webapp, "crm.ingest_meetings", records=[record(subject="v1", updated_at="2024-01-01T00:00:00Z")])
+    locked, release = threading.Event(), threading.Event()
+
+    def hold():
+        with engine.begin() as conn:
+            conn.execute(sa.select(meetings.c.id).where(meetings.c.installation_id == 1,
+                                                        meetings.c.source_id == "m1").with_for_update())
+            locked.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    locked.wait(5)
+    try:
+        pending = webapp.send_task("crm.ingest_meetings", queue="ingest", kwargs={"records": [
+            record(subject="v2", updated_at="2024-01-02T00:00:00Z")]})
+        time.sleep(10)  # past the in-place tries: the task has gone back to the broker
+        assert not pending.ready()
+    finally:
+        release.set()
+        holder.join()
+    assert pending.get(timeout=60)["updated"] == 1
+    assert_index_matches(engine, r)
+    assert webapp.backend.get_task_meta(pending.id)["retries"] >= 1
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(meetings.c.subject).where(meetings.c.source_id == "m1")).scalar() == "v2"
