@@ -1,4 +1,5 @@
 """The query task (queue ``query``): what web apps call all day."""
+import functools
 import logging
 
 from worker import keys
@@ -11,7 +12,10 @@ from worker.settings import get_settings
 log = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=8)
 def configured_views(settings) -> frozenset:
+    """The view ids of ``settings.precompute_views`` (once per settings object: every
+    query asks)."""
     return frozenset(keys.view_id(sort, [t] if t else None, [s] if s else None)
                      for sort, t, s in settings.precompute_views)
 

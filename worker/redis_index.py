@@ -47,10 +47,10 @@ def reset_clients() -> None:
 
 @functools.lru_cache(maxsize=None)
 def script_source(name: str) -> str:
-    """The text of ``scripts/<name>.lua``; apply and delete share ``views.lua``."""
+    """The text of ``scripts/<name>.lua``; apply, delete and build share ``views.lua``."""
     with open(os.path.join(SCRIPTS, f"{name}.lua")) as f:
         text = f.read()
-    if name in ("apply", "delete"):
+    if name in ("apply", "delete", "build"):
         with open(os.path.join(SCRIPTS, "views.lua")) as f:
             text = f.read() + "\n" + text
     return text

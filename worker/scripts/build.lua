@@ -1,4 +1,4 @@
--- build.lua: build one user's precomputed set in slices, so that no single call holds
+-- build.lua (views.lua is prepended): build one user's precomputed set in slices, so that no single call holds
 -- Redis for long, and without ever serving it half built or after an access change.
 --
 -- KEYS[1]  {i:N}:uc:<user>  set   client ids the user may see
@@ -42,14 +42,10 @@ if step == "end" then
   return redis.call("ZCARD", KEYS[4])
 end
 
-local _, _, tlist, slist = string.find(view, "^(.-):(.-)$", 3)
-local function has(list, token_)
-  return list == "*" or string.find("," .. list .. ",", "," .. token_ .. ",", 1, true) ~= nil
-end
 local pairs_ = {}
 for _, pair in ipairs(redis.call("SMEMBERS", KEYS[3])) do
   local t, s = string.match(pair, "^(.-):(.*)$")
-  if has(tlist, t) and has(slist, s) then pairs_[#pairs_ + 1] = pair end
+  if view_matches(view, t, s) then pairs_[#pairs_ + 1] = pair end
 end
 local clients = redis.call("SMEMBERS", KEYS[1])
 table.sort(clients, function(a, b) return tonumber(a) < tonumber(b) end)

@@ -1,4 +1,4 @@
--- Shared by apply.lua and delete.lua (prepended when loaded): the precomputed views
+-- Shared by apply.lua, delete.lua and build.lua (prepended when loaded): the precomputed views
 -- of every user who may see a client, kept in step with the client's meetings.
 local function view_matches(view, typ, status)
   local _, _, tlist, slist = string.find(view, "^(.-):(.-)$", 3)
