@@ -82,6 +82,11 @@ def machine() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
+def token_of(engine, r, installation_id: int) -> str:
+    from worker.mirror import get_mirror
+    return get_mirror(engine, r).token(installation_id)
+
+
 def redis_url_db(url: str, db: int) -> str:
     base, _ = url.rsplit("/", 1)
     return f"{base}/{db}"
@@ -223,8 +228,9 @@ class Bench:
             with self.engine.connect() as conn:
                 from_database(conn, q(user, off))
 
+        token = token_of(self.engine, self.r, 1)
         for u in self.sample + self.big:
-            precompute_user(self.r, 1, u, views, int(time.time()))
+            precompute_user(self.r, 1, u, views, int(time.time()), token=token_of(self.engine, self.r, 1))
         for page, offset in pages.items():
             def warm(user, off):
                 result = run(self.engine, self.r, q(user, off), secret, views)[0]
@@ -232,7 +238,7 @@ class Bench:
             lat[f"crm_warm_{page}"] = percentiles(timed(warm, self.calls(offset), self.args.seconds,
                                                         f"crm-insight warm, {page}"))
             lat[f"crm_warm_script_{page}"] = percentiles(timed(
-                lambda user, off: call_script(self.r, q(user, off), "d:email:open", "0", 21, 0),
+                lambda user, off: call_script(self.r, q(user, off), "d:email:open", "0", 21, 0, token),
                 self.calls(offset), self.args.seconds, f"crm-insight warm script only, {page}"))
             lat[f"crm_index_{page}"] = percentiles(timed(
                 lambda user, off: run(self.engine, self.r, q(user, off), secret, frozenset()),
@@ -429,12 +435,13 @@ class Bench:
         times = []
         for u in self.big[:5]:
             t = time.perf_counter_ns()
-            precompute_user(self.r, 1, u, views, int(time.time()))
+            precompute_user(self.r, 1, u, views, int(time.time()), token=token_of(self.engine, self.r, 1))
             times.append(time.perf_counter_ns() - t)
         now = int(time.time())
         self.r.zadd(keys.active_users(1), {str(u): now for u, _ in self.lists})
         start = time.perf_counter()
-        report = precompute_active(self.r, [1], views, idle=86400, budget=1 << 40, now=now)
+        report = precompute_active(self.r, {1: token_of(self.engine, self.r, 1)}, views, idle=86400, budget=1 << 40,
+                                   now=now)
         took = time.perf_counter() - start
         self.result["precompute"] = {"user_2000_clients_ms": percentiles(times),
                                      "active_all_users_s": round(took, 2),

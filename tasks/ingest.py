@@ -6,13 +6,14 @@ from worker.redis_index import get_redis
 from worker.settings import get_settings
 
 
-@app.task(name="crm.ingest_meetings")
-def ingest_meetings(records):
+@app.task(name="crm.ingest_meetings", bind=True)
+def ingest_meetings(self, records):
     """Up to 1,000 meeting records of any installations; see the README."""
-    return ingest(get_engine(), get_redis(), records, chunk_size=get_settings().ingest_chunk)
+    return ingest(get_engine(), get_redis(), records, chunk_size=get_settings().ingest_chunk, task_id=self.request.id)
 
 
-@app.task(name="crm.delete_meetings")
-def delete_meetings(installation_id, source_ids):
+@app.task(name="crm.delete_meetings", bind=True)
+def delete_meetings(self, installation_id, source_ids):
     """Delete meetings by source id; they leave every query at once."""
-    return delete(get_engine(), get_redis(), installation_id, source_ids)
+    return delete(get_engine(), get_redis(), installation_id, source_ids, chunk_size=get_settings().ingest_chunk,
+                  task_id=self.request.id)

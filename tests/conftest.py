@@ -26,7 +26,7 @@ os.environ.update({
 })
 os.environ.pop("CRM_CURSOR_SECRET", None)
 
-from worker.db import get_engine, installations, meetings, user_clients, users  # noqa: E402
+from worker.db import applied_writes, get_engine, installations, meetings, user_clients, users  # noqa: E402
 from worker.redis_index import connect  # noqa: E402
 from worker.schema import create_database, upgrade  # noqa: E402
 
@@ -45,10 +45,10 @@ def redis_client():
 
 
 def wipe(engine, r) -> None:
-    from worker.ingest import forget_installations
-    forget_installations()
+    from worker.mirror import reset_mirrors
+    reset_mirrors()
     with engine.begin() as conn:
-        for table in (meetings, user_clients, users, installations):
+        for table in (meetings, user_clients, users, installations, applied_writes):
             conn.execute(table.delete())
     r.flushdb()
 

@@ -18,6 +18,12 @@ SECRET = b"test-secret"
 VIEWS = frozenset({"d:*:*", "d:email:open"})
 
 
+def token_of(engine, r, installation_id):
+    """The installation's token for this database (worker/mirror.py)."""
+    from worker.mirror import get_mirror
+    return get_mirror(engine, r).token(installation_id)
+
+
 def query(engine, r, views=VIEWS, now=None, **args):
     """Run crm.query_meetings' plain function; returns the result dict."""
     return run(engine, r, parse(args, SECRET), SECRET, views, now=now)[0]
@@ -113,7 +119,7 @@ def dumps(obj):
     return json.dumps(obj, sort_keys=True)
 
 
-__all__ = ["record", "query", "Oracle", "ids_of", "page_sources", "member", "SECRET", "VIEWS"]
+__all__ = ["record", "query", "Oracle", "ids_of", "page_sources", "member", "SECRET", "VIEWS", "token_of"]
 
 
 def index_snapshot(r, installation_id):

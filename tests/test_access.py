@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from tests.helpers import assert_index_matches, query, record
+from tests.helpers import assert_index_matches, query, record, token_of
 from worker.access import change
 from worker.errors import InvalidArgument
 from worker.ingest import ingest
@@ -50,7 +50,7 @@ def test_an_older_access_version_never_overwrites_a_newer_one(clean):
     engine, r = clean
     change(engine, r, 1, 7, [1, 2], "set")      # version 1
     change(engine, r, 1, 7, [2], "revoke")      # version 2
-    assert not set_access(r, 1, 7, 1, [1, 2])   # a late copy of version 1
+    assert not set_access(r, 1, 7, 1, [1, 2], token_of(engine, r, 1))   # a late copy of version 1
     assert {int(c) for c in r.smembers("{i:1}:uc:7")} == {1}
 
 

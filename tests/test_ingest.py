@@ -6,7 +6,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from tests.helpers import assert_index_matches, record
+from tests.helpers import assert_index_matches, record, token_of
 from worker.db import meetings
 from worker.errors import InvalidArgument
 from worker.ingest import delete, ingest
@@ -101,7 +101,7 @@ def test_many_installations_and_small_transactions(clean):
     assert ingest(engine, r, batch, chunk_size=97)["accepted"] == 1000
     for i in (1, 2, 3):
         assert_index_matches(engine, r, i)
-        assert r.get(f"{{i:{i}}}:ready") == b"1"
+        assert r.get(f"{{i:{i}}}:ready") == token_of(engine, r, i).encode()
     # The same source_id in two installations is two meetings.
     assert stored(engine, "s0", 1) is not None and stored(engine, "s1", 2) is not None
 

@@ -11,8 +11,9 @@ def test_scripts_write_the_keys_python_names(clean):
     ingest(engine, r, [record(installation_id=7, client_id=11, type="sms", status="closed")])
     r.zadd(keys.active_users(7), {"3": 1})
     expected = {keys.client_set(7, 11, "sms", "closed"), keys.payloads(7), keys.pairs(7), keys.user_clients(7, 3),
-                keys.client_users(7, 11), keys.access_versions(7), keys.ready(7), keys.active_users(7)}
-    assert {k.decode() for k in r.keys("*") if k != keys.INSTALLATIONS.encode()} == expected
+                keys.client_users(7, 11), keys.access_versions(7), keys.ready(7), keys.active_users(7),
+                keys.generation(7), keys.writes(7)}
+    assert {k.decode() for k in r.keys("*")} - {keys.INSTALLATIONS, keys.DATABASE} == expected
     from tests.helpers import query
     query(engine, r, installation_id=7, user_id=3)  # fills the d:*:* view
     assert r.exists(keys.view_set(7, 3, "d:*:*")) and r.hexists(keys.user_views(7, 3), "d:*:*")
@@ -21,7 +22,8 @@ def test_scripts_write_the_keys_python_names(clean):
 
 def test_every_key_of_an_installation_shares_its_hash_tag():
     for key in (keys.client_set(5, 1, "a", "b"), keys.payloads(5), keys.user_clients(5, 2), keys.view_set(5, 2, "d:*:*"),
-                keys.ready(5), keys.scratch(5), keys.stats(5), keys.active_users(5), keys.access_versions(5)):
+                keys.ready(5), keys.scratch(5), keys.stats(5), keys.active_users(5), keys.access_versions(5),
+                keys.generation(5), keys.writes(5)):
         assert key.startswith("{i:5}:")
 
 

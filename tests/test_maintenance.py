@@ -1,5 +1,5 @@
 """Rebuild and reconcile: the index comes back from the database, drift is found and mended."""
-from tests.helpers import VIEWS, assert_index_matches, query, record
+from tests.helpers import VIEWS, assert_index_matches, query, record, token_of
 from worker import keys
 from worker.access import change
 from worker.ingest import ingest
@@ -28,7 +28,7 @@ def test_rebuild_after_a_flush(clean):
 def test_reconcile_finds_and_repairs_drift(clean):
     engine, r = clean
     seed(engine, r)
-    precompute_user(r, 1, 1, VIEWS, now=1)
+    precompute_user(r, 1, 1, VIEWS, now=1, token=token_of(engine, r, 1))
     clean_report = reconcile(engine, r)
     assert clean_report["meetings_repaired"] == clean_report["access_repaired"] == clean_report["views_dropped"] == 0
     assert clean_report["meetings_checked"] == 40 and clean_report["views_checked"] == 2
@@ -65,6 +65,9 @@ def test_an_index_of_another_database_does_not_answer(clean, sqlite_engine):
     assert claim_index(sqlite_engine, r) == [1]               # another database takes the Redis
     assert not r.exists(keys.ready(1))
     assert query(sqlite_engine, r, installation_id=1, user_id=1)["total"] == 0  # its own (empty) data
-    assert claim_index(engine, r) == [1]                      # and back: rebuilt before answering
+    assert query(engine, r, installation_id=1, user_id=1)["source"] == "database"  # no longer its index
+    assert claim_index(engine, r) == []                       # and back: rebuilt before answering
+    assert query(engine, r, installation_id=1, user_id=1)["source"] == "database"
     rebuild(engine, r, 1)
     assert_index_matches(engine, r)
+    assert query(engine, r, installation_id=1, user_id=1)["source"] != "database"

@@ -9,7 +9,7 @@ import time
 import pytest
 from freezegun import freeze_time
 
-from tests.helpers import VIEWS, page_sources, query, record
+from tests.helpers import VIEWS, page_sources, query, record, token_of
 from worker import keys
 from worker.access import change
 from worker.ingest import delete, ingest
@@ -28,7 +28,7 @@ def user_with_meetings(clean):
 
 def test_precompute_then_answers_come_from_the_sets(user_with_meetings):
     engine, r = user_with_meetings
-    built = precompute_user(r, 1, 1, VIEWS, now=100)
+    built = precompute_user(r, 1, 1, VIEWS, now=100, token=token_of(engine, r, 1))
     assert built == {"user_id": 1, "views": 2, "entries": 36 + 12, "ready": True}
     page = query(engine, r, installation_id=1, user_id=1, types=["email"], statuses=["open"], limit=3)
     assert page["source"] == "precomputed" and page["total"] == 12
@@ -49,7 +49,7 @@ def test_writes_reach_every_affected_set_before_the_task_returns(user_with_meeti
     engine, r = user_with_meetings
     change(engine, r, 1, 2, [1], "set")
     for user in (1, 2):
-        precompute_user(r, 1, user, VIEWS, now=100)
+        precompute_user(r, 1, user, VIEWS, now=100, token=token_of(engine, r, 1))
     ingest(engine, r, [record(source_id="new", client_id=1, meeting_date="2025-01-01T00:00:00Z")])
     for user in (1, 2):
         page = query(engine, r, installation_id=1, user_id=user, types=["email"], statuses=["open"], limit=1)
@@ -77,7 +77,7 @@ def test_revocations_racing_precomputation_never_leak(user_with_meetings, sliced
 
     def precompute_forever():
         while not stop.is_set():
-            precompute_user(r, 1, 5, VIEWS, now=int(time.time()))
+            precompute_user(r, 1, 5, VIEWS, now=int(time.time()), token=token_of(engine, r, 1))
 
     threads = [threading.Thread(target=precompute_forever) for _ in range(2)]
     for t in threads:
@@ -103,24 +103,26 @@ def test_a_view_being_built_is_kept_fresh_but_not_served(user_with_meetings):
     from worker.redis_index import script
     engine, r = user_with_meetings
     build = script(r, "build")
-    keys_ = [keys.user_clients(1, 1), keys.user_views(1, 1), keys.pairs(1), keys.view_set(1, 1, "d:*:*")]
+    keys_ = [keys.user_clients(1, 1), keys.user_views(1, 1), keys.pairs(1), keys.view_set(1, 1, "d:*:*"),
+             keys.ready(1)]
     base = [keys.prefix(1), 1, "d:*:*", "tok"]
-    assert build(keys=keys_, args=base + ["begin"]) == 3
-    assert build(keys=keys_, args=base + ["slice", 1, 1]) > 0  # client 1 merged
+    token = token_of(engine, r, 1)
+    assert build(keys=keys_, args=base + ["begin", 0, 0, 0, token]) == 3
+    assert build(keys=keys_, args=base + ["slice", 1, 1, 0, token]) > 0  # client 1 merged
     ingest(engine, r, [record(source_id="during-3", client_id=3, meeting_date="2030-01-01T00:00:00Z"),
                        record(source_id="during-1", client_id=1, meeting_date="2030-01-02T00:00:00Z")])
     delete(engine, r, 1, ["m1-0"])
     page = query(engine, r, installation_id=1, user_id=1, limit=200)
     assert page["source"] == "index"  # not served half built
-    assert build(keys=keys_, args=base + ["slice", 2, 2]) > 0
-    assert build(keys=keys_, args=base + ["end", 0, 0, 100]) == 36 + 1
+    assert build(keys=keys_, args=base + ["slice", 2, 2, 0, token]) > 0
+    assert build(keys=keys_, args=base + ["end", 0, 0, 100, token]) == 36 + 1
     page = query(engine, r, installation_id=1, user_id=1, limit=200)
     assert page["source"] == "precomputed" and page_sources(page)[:2] == ["during-1", "during-3"]
     assert "m1-0" not in page_sources(page)
     # An access change in the middle cancels a build.
-    assert build(keys=keys_, args=base[:3] + ["tok2", "begin"]) == 3
+    assert build(keys=keys_, args=base[:3] + ["tok2", "begin", 0, 0, 0, token]) == 3
     change(engine, r, 1, 1, [3], "revoke")
-    assert build(keys=keys_, args=base[:3] + ["tok2", "slice", 1, 5]) == -1
+    assert build(keys=keys_, args=base[:3] + ["tok2", "slice", 1, 5, 0, token]) == -1
     assert not r.exists(keys.view_set(1, 1, "d:*:*"))
 
 
@@ -128,7 +130,7 @@ def test_the_cached_first_page_follows_every_write(user_with_meetings):
     """The first page of a precomputed set is served from its cached head; any change to
     a meeting on it, or to the user's access, is seen at once."""
     engine, r = user_with_meetings
-    precompute_user(r, 1, 1, VIEWS, now=100)
+    precompute_user(r, 1, 1, VIEWS, now=100, token=token_of(engine, r, 1))
     first = query(engine, r, installation_id=1, user_id=1, limit=3)
     assert first["source"] == "precomputed" and r.exists(keys.view_head(1, 1, "d:*:*"))
     top = first["items"][0]
@@ -153,7 +155,7 @@ def test_idle_users_lose_their_sets(user_with_meetings):
         query(engine, r, installation_id=1, user_id=2)
     day = 86400
     now = int(time.mktime(time.strptime("2024-06-02 06:00:00", "%Y-%m-%d %H:%M:%S"))) - time.timezone
-    report = precompute_active(r, [1], VIEWS, idle=day, budget=10**9, now=now)
+    report = precompute_active(r, {1: token_of(engine, r, 1)}, VIEWS, idle=day, budget=10**9, now=now)
     assert report["dropped_idle_views"] == 1 and report["refreshed_users"] == 1
     assert {(v.user_id, v.view) for v in list_views(r, 1)} == {(2, "d:*:*"), (2, "d:email:open")}
 
@@ -166,7 +168,8 @@ def test_budget_evicts_least_recently_used(user_with_meetings):
         query(engine, r, now=1000 + n, installation_id=1, user_id=user)  # fills d:*:*
     sizes = {v.user_id: v.size for v in list_views(r, 1)}
     budget = sizes[2] + sizes[3]
-    report = precompute_active(r, [1], frozenset({"d:*:*"}), idle=10**6, budget=budget, now=2000)
+    report = precompute_active(r, {1: token_of(engine, r, 1)}, frozenset({"d:*:*"}), idle=10**6, budget=budget,
+                               now=2000)
     left = {v.user_id for v in list_views(r, 1)}
     assert report["evicted_views"] >= 1 and 1 not in left and 3 in left
     assert sum(v.size for v in list_views(r, 1)) <= budget

@@ -8,11 +8,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import wipe
-from tests.helpers import SECRET, VIEWS, Oracle, ids_of, page_sources, query, record
+from tests.helpers import SECRET, VIEWS, Oracle, ids_of, page_sources, query, record, token_of
 from worker import keys
 from worker.access import change
 from worker.errors import InvalidArgument
-from worker.ingest import delete, ingest, mark_new_installation
+from worker.ingest import delete, ingest
+from worker.mirror import get_mirror
 from worker.precompute import precompute_user
 from worker.query import from_database, parse, run
 
@@ -106,7 +107,7 @@ def test_index_database_and_oracle_agree(engine, redis_client, small, operations
 def _replay(engine, r, operations):
     wipe(engine, r)
     for installation_id in (1, 2):  # both tenants exist, so the index answers for them
-        mark_new_installation(engine, r, installation_id)
+        get_mirror(engine, r).writer_token(installation_id)
     oracle = Oracle()
     now = 1_800_000_000_000_000
     for op in operations:
@@ -121,7 +122,7 @@ def _replay(engine, r, operations):
             change(engine, r, *op[1:])
             oracle.set_access(*op[1:])
         elif op[0] == "precompute":
-            precompute_user(r, op[1], op[2], VIEWS, now=1)
+            precompute_user(r, op[1], op[2], VIEWS, now=1, token=token_of(engine, r, op[1]))
         else:
             check(engine, r, oracle, op[1])
     # Finally every user's common views, which may come from precomputed sets.
@@ -281,7 +282,7 @@ def test_a_merge_too_broad_for_redis_is_answered_by_sql(two_users, monkeypatch):
                              VIEWS)
     assert before["source"] == "index" and result["source"] == "database" and follow_ups == {"precompute"}
     assert page_sources(before) == page_sources(result) and before["total"] == result["total"]
-    assert precompute_user(r, 1, 1, VIEWS, now=1)["views"] == 2
+    assert precompute_user(r, 1, 1, VIEWS, now=1, token=token_of(engine, r, 1))["views"] == 2
     again = query(engine, r, installation_id=1, user_id=1, limit=4)
     assert again["source"] == "precomputed" and page_sources(again) == page_sources(before)
     # One set is not too many: a single client's answer still comes from the index.

@@ -1,21 +1,28 @@
 """Client security: which clients each user may see.
 
-The lists live in the database and are mirrored in Redis.  A change takes clients away in
-Redis first (a revocation is never late), then commits the new list with a new version,
-then writes the whole list to Redis with that version; Redis keeps the newest version it
-has seen, so neither a concurrent change nor a rebuild can bring revoked access back.
+The lists live in the database and are mirrored in Redis.  A change locks the user's row,
+takes the clients it removes away in Redis at once (a revocation is never late), commits
+the new list with a new version, then writes the whole list to Redis with that version;
+Redis keeps the newest version it has seen, and every other writer of a user's list (a
+rebuild, a repair) holds the same row lock, so none of them can bring revoked access
+back.  Each change is recorded as a write of its task: a redelivered change is applied
+once, never after a later one.
 """
 from __future__ import annotations
+
+import json
 
 import sqlalchemy as sa
 
 from worker import redis_index
-from worker.db import user_clients, users
+from worker.db import locking, run_transaction, user_clients, users
 from worker.errors import InvalidArgument
-from worker.ingest import mark_new_installation, run_transaction
+from worker.mirror import get_mirror, new_write_id, record_write, recorded_result
 from worker.records import positive_int
 
 MAX_CLIENTS = 100_000
+#: Users whose lists one locking transaction of a rebuild reads and writes.
+USERS_PER_BATCH = 200
 
 
 def _client_ids(value) -> list[int]:
@@ -26,57 +33,93 @@ def _client_ids(value) -> list[int]:
     return sorted({positive_int("client_ids[]", c) for c in value})
 
 
-def change(engine: sa.Engine, r, installation_id, user_id, client_ids, mode: str) -> dict:
+def _clients_of(conn, installation_id: int, user_id: int) -> set[int]:
+    return set(conn.execute(sa.select(user_clients.c.client_id).where(
+        user_clients.c.installation_id == installation_id, user_clients.c.user_id == user_id)).scalars())
+
+
+def change(engine: sa.Engine, r, installation_id, user_id, client_ids, mode: str, task_id: str | None = None) -> dict:
     """``mode`` is ``set`` (replace), ``grant`` (add) or ``revoke`` (remove).  Returns
-    ``{"user_id", "clients"}`` with the size of the list afterwards."""
+    ``{"user_id", "clients"}`` with the size of the list afterwards.  ``task_id`` names the
+    write, so that a redelivery of the task returns the same and changes nothing."""
     installation_id = positive_int("installation_id", installation_id)
     user_id = positive_int("user_id", user_id)
-    wanted = _client_ids(client_ids)
-    mark_new_installation(engine, r, installation_id)
-
-    def current(conn) -> set[int]:
-        return set(conn.execute(sa.select(user_clients.c.client_id).where(
-            user_clients.c.installation_id == installation_id, user_clients.c.user_id == user_id)).scalars())
-
-    def lock_user(conn) -> int:
-        """Lock the user's row (created on first use); return its next access version."""
-        where = (users.c.installation_id == installation_id) & (users.c.user_id == user_id)
-        row = conn.execute(sa.select(users.c.access_version).where(where).with_for_update()).first()
-        if row is None:
-            conn.execute(users.insert().values(installation_id=installation_id, user_id=user_id, access_version=1))
-            return 1
-        conn.execute(users.update().where(where).values(access_version=row[0] + 1))
-        return row[0] + 1
-
-    # Revocations reach Redis before the database: at no instant does Redis allow more
-    # than the database will.
-    if mode == "revoke":
-        redis_index.remove_access(r, installation_id, user_id, wanted)
-    elif mode == "set":
-        with engine.connect() as conn:
-            dropped = current(conn) - set(wanted)
-        if dropped:
-            redis_index.remove_access(r, installation_id, user_id, dropped)
+    wanted = set(_client_ids(client_ids))
+    mirror = get_mirror(engine, r)
+    token = mirror.writer_token(installation_id)
+    write_id = new_write_id(task_id)
+    where = (users.c.installation_id == installation_id) & (users.c.user_id == user_id)
 
     def work(conn):
-        version = lock_user(conn)
-        before = current(conn)
-        if mode == "set":
-            after = set(wanted)
-        elif mode == "grant":
-            after = before | set(wanted)
-        else:
-            after = before - set(wanted)
+        row = conn.execute(sa.select(users.c.access_version).where(where).with_for_update()).first()
+        done = recorded_result(conn, write_id)
+        if done is not None:
+            return json.loads(done), None
+        before = _clients_of(conn, installation_id, user_id)
+        after = {"set": wanted, "grant": before | wanted, "revoke": before - wanted}[mode]
         gone, new = before - after, after - before
         if gone:
+            # Under the user's row lock and before the commit: at no instant does Redis
+            # allow more than the database will.
+            mirror.write(installation_id, lambda t: redis_index.remove_access(r, installation_id, user_id, gone, t),
+                         token)
             conn.execute(user_clients.delete().where(
                 user_clients.c.installation_id == installation_id, user_clients.c.user_id == user_id,
                 user_clients.c.client_id.in_(sorted(gone))))
         if new:
             conn.execute(user_clients.insert(), [
                 {"installation_id": installation_id, "user_id": user_id, "client_id": c} for c in sorted(new)])
-        return version, after
+        if row is None:
+            version = 1
+            conn.execute(users.insert().values(installation_id=installation_id, user_id=user_id, access_version=1))
+        else:
+            version = row.access_version + 1
+            conn.execute(users.update().where(where).values(access_version=version))
+        result = {"user_id": user_id, "clients": len(after)}
+        record_write(conn, write_id, installation_id, json.dumps(result))
+        return result, (version, after)
 
-    version, after = run_transaction(engine, work)
-    redis_index.set_access(r, installation_id, user_id, version, after)
-    return {"user_id": user_id, "clients": len(after)}
+    result, applied = run_transaction(locking(engine), work, retry_duplicates=True)
+    if applied is None:
+        # A redelivery: the change is stored; make sure Redis holds the list as it is now.
+        load_access_locked(engine, r, installation_id, token, [user_id])
+    else:
+        version, after = applied
+        mirror.write(installation_id,
+                     lambda t: redis_index.set_access(r, installation_id, user_id, version, after, t, write_id), token)
+    return result
+
+
+def load_access_locked(engine: sa.Engine, r, installation_id: int, token: str, user_ids=None) -> int:
+    """Write the access lists of ``user_ids`` (or of every user of the installation) into
+    Redis as the database holds them, each under the user's row lock; a user the
+    database does not know loses every client.  Returns the users written."""
+    mirror = get_mirror(engine, r)
+    written = 0
+    if user_ids is None:
+        last = 0
+        while True:
+            def page(conn):
+                return list(conn.execute(
+                    sa.select(users.c.user_id).where(users.c.installation_id == installation_id, users.c.user_id > last)
+                    .order_by(users.c.user_id).limit(USERS_PER_BATCH)).scalars())
+            batch = run_transaction(engine, page)
+            if not batch:
+                return written
+            written += load_access_locked(engine, r, installation_id, token, batch)
+            last = batch[-1]
+
+    def work(conn):
+        versions = dict(conn.execute(
+            sa.select(users.c.user_id, users.c.access_version)
+            .where(users.c.installation_id == installation_id, users.c.user_id.in_(list(user_ids)))
+            .order_by(users.c.user_id).with_for_update()).all())
+        lists = {u: set() for u in user_ids}
+        for u, c in conn.execute(sa.select(user_clients.c.user_id, user_clients.c.client_id).where(
+                user_clients.c.installation_id == installation_id, user_clients.c.user_id.in_(list(user_ids)))):
+            lists[u].add(c)
+        for u in user_ids:
+            mirror.write(installation_id, lambda t: redis_index.set_access(
+                r, installation_id, u, versions.get(u, 0), lists[u], t, force=True), token)
+        return len(user_ids)
+    return run_transaction(locking(engine), work)

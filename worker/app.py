@@ -90,6 +90,8 @@ log.debug("broker %s, result backend %s", redact(app.conf.broker_url), redact(ap
 def _fresh_connections(**_):
     """A forked pool process must not share its parent's sockets."""
     from worker.db import dispose_engines
+    from worker.mirror import reset_mirrors
     from worker.redis_index import reset_clients
     dispose_engines()
     reset_clients()
+    reset_mirrors()

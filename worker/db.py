@@ -5,11 +5,19 @@ The schema itself is created and upgraded by the Alembic migrations in
 """
 from __future__ import annotations
 
+import collections
+import logging
 import os
 import threading
+import time
+from typing import Callable
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
+
+from worker.errors import is_transient
+
+log = logging.getLogger(__name__)
 
 metadata = sa.MetaData()
 
@@ -59,6 +67,11 @@ meetings = sa.Table(
     sa.Index("ix_meetings_client_updated", "installation_id", "client_id", "type", "status", "updated_s", "id"),
 )
 
+StoredRow = collections.namedtuple(
+    "StoredRow", "id installation_id source_id client_id type status meeting_s updated_s updated_us subject details")
+#: The columns of :data:`meetings` in :class:`StoredRow` order.
+COLUMNS = [meetings.c[name] for name in StoredRow._fields]
+
 #: Which clients each user may see.
 user_clients = sa.Table(
     "user_clients", metadata,
@@ -77,10 +90,26 @@ users = sa.Table(
     sa.Column("access_version", BigInt, nullable=False),
 )
 
-#: Installations seen by ingestion or access changes.
+#: Installations seen by ingestion or access changes.  ``generation`` is the token the
+#: Redis index must carry to answer for the installation; every rebuild replaces it
+#: (worker/mirror.py).
 installations = sa.Table(
     "installations", metadata,
     sa.Column("id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("generation", sa.String(32)),
+)
+
+#: One row per write (a task's chunk, an access change), in the transaction of its effect:
+#: a redelivered task finds its writes here and applies none twice (``result`` is what the
+#: write returned); and the index's recent write ids must all be here, or the database went
+#: back in time (a restore) and the index no longer mirrors it.
+applied_writes = sa.Table(
+    "applied_writes", metadata,
+    sa.Column("write_id", sa.String(100), primary_key=True),
+    sa.Column("installation_id", BigInt, nullable=False),
+    sa.Column("at_us", BigInt, nullable=False),
+    sa.Column("result", sa.Text),
+    sa.Index("ix_applied_writes_installation", "installation_id", "at_us"),
 )
 
 #: Service-wide values kept with the data, e.g. the cursor signing secret.
@@ -113,12 +142,16 @@ def make_engine(url: str, lock_wait_timeout: int = 10) -> sa.Engine:
 
         @sa.event.listens_for(engine, "begin")
         def _sqlite_begin(conn):
-            conn.exec_driver_sql("BEGIN")
+            # A locking transaction (see locking()) takes the write lock at once: SQLite
+            # has no row locks, so it excludes every other writer instead.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("crm_locking") else "BEGIN")
         return engine
 
     engine = sa.create_engine(
         url, pool_pre_ping=True, pool_recycle=1800, pool_size=5, max_overflow=10,
         connect_args={"charset": "utf8mb4"},
+        # Error messages must not carry record content into logs.
+        hide_parameters=True,
     )
 
     @sa.event.listens_for(engine, "connect")
@@ -127,6 +160,33 @@ def make_engine(url: str, lock_wait_timeout: int = 10) -> sa.Engine:
             cur.execute("SET SESSION time_zone = '+00:00'")
             cur.execute(f"SET SESSION innodb_lock_wait_timeout = {int(lock_wait_timeout)}")
     return engine
+
+
+def locking(engine: sa.Engine) -> sa.Engine:
+    """``engine`` for transactions that write the index from rows they lock: read committed
+    on MySQL/TiDB (``SELECT … FOR UPDATE`` locks the rows read, no gaps), the write lock at
+    BEGIN on SQLite."""
+    if engine.dialect.name == "mysql":
+        return engine.execution_options(isolation_level="READ COMMITTED")
+    return engine.execution_options(crm_locking=True)
+
+
+def run_transaction(engine: sa.Engine, work: Callable, attempts: int = 4, pause: float = 0.05,
+                    retry_duplicates: bool = False):
+    """Run ``work(conn)`` in a transaction; retry transient faults (deadlock, lock wait
+    timeout, lost connection, TiDB write conflict) with exponential backoff, then give up
+    by raising the last one.  ``retry_duplicates``: a duplicate key is a lost race with a
+    concurrent insert of the same row, and the next try sees that row."""
+    for attempt in range(attempts):
+        try:
+            with engine.begin() as conn:
+                return work(conn)
+        except Exception as exc:
+            duplicate = retry_duplicates and isinstance(exc, sa.exc.IntegrityError)
+            if not (duplicate or is_transient(exc)) or attempt == attempts - 1:
+                raise
+            log.warning("transient database fault, retry %d: %s", attempt + 1, exc.__class__.__name__)
+            time.sleep(pause * (2 ** attempt))
 
 
 def get_engine(url: str | None = None) -> sa.Engine:

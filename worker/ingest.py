@@ -1,48 +1,27 @@
 """Ingestion: validated records into the database in small transactions, then into the
-Redis index from the same batch.
+Redis index under the rows' locks (worker/mirror.py).
 
 A record is the newest version of its ``(installation_id, source_id)``; an older or
-identical version changes nothing, so redelivery and out-of-order delivery are harmless.
+identical version changes nothing, so out-of-order delivery is harmless.  Each chunk is
+recorded as a write of its task (``applied_writes``), so a redelivered task applies no
+chunk twice: not even after a later task deleted or changed what it wrote.
 """
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import time
-from typing import Callable
 
 import sqlalchemy as sa
 
-from worker import keys, redis_index
-from worker.db import installations, meetings
-from worker.errors import InvalidArgument, is_transient
-from worker.records import MAX_BATCH, Meeting, item_json, meeting_id, validate
+from worker import redis_index
+from worker.db import COLUMNS, StoredRow, locking, meetings, run_transaction
+from worker.errors import InvalidArgument
+from worker.mirror import get_mirror, new_write_id, record_write, recorded_result, sync_sources, sync_written
+from worker.records import MAX_BATCH, Meeting, meeting_id, positive_int, validate
 
 log = logging.getLogger(__name__)
-
-StoredRow = collections.namedtuple(
-    "StoredRow", "id installation_id source_id client_id type status meeting_s updated_s updated_us subject details")
-
-COLUMNS = [meetings.c[name] for name in StoredRow._fields]
-
-
-def run_transaction(engine: sa.Engine, work: Callable, attempts: int = 4, pause: float = 0.05,
-                    retry_duplicates: bool = False):
-    """Run ``work(conn)`` in a transaction; retry transient faults (deadlock, lock wait
-    timeout, lost connection, TiDB write conflict) with exponential backoff, then give up
-    by raising the last one.  ``retry_duplicates``: a duplicate key is a lost race with a
-    concurrent insert of the same row, and the next try sees that row."""
-    for attempt in range(attempts):
-        try:
-            with engine.begin() as conn:
-                return work(conn)
-        except Exception as exc:
-            duplicate = retry_duplicates and isinstance(exc, sa.exc.IntegrityError)
-            if not (duplicate or is_transient(exc)) or attempt == attempts - 1:
-                raise
-            log.warning("transient database fault, retry %d: %s", attempt + 1, exc.__class__.__name__)
-            time.sleep(pause * (2 ** attempt))
-
 
 def _row(m: Meeting) -> StoredRow:
     return StoredRow(m.id, m.installation_id, m.source_id, m.client_id, m.type, m.status,
@@ -131,40 +110,6 @@ def _assign_ids(conn, new: list[Meeting]) -> None:
         pending, salt = again, salt + 1
 
 
-def _register_installation(engine: sa.Engine, installation_id: int) -> bool:
-    """Record the installation; True when it is new (so its empty index is complete)."""
-    def work(conn):
-        if conn.execute(sa.select(installations.c.id).where(installations.c.id == installation_id)).first():
-            return False
-        try:
-            with conn.begin_nested():
-                conn.execute(installations.insert().values(id=installation_id))
-        except sa.exc.IntegrityError:
-            return False
-        return True
-    return run_transaction(engine, work)
-
-
-#: (database url, installation id) known to be recorded, so that each process asks once.
-_known_installations: set[tuple[str, int]] = set()
-
-
-def forget_installations() -> None:
-    """Forget which installations are known (for tests that empty the tables)."""
-    _known_installations.clear()
-
-
-def mark_new_installation(engine, r, installation_id: int) -> None:
-    """Once per installation: record it; a brand-new one has a complete (empty) index."""
-    known = (str(engine.url), installation_id)
-    if known in _known_installations:
-        return
-    if _register_installation(engine, installation_id):
-        r.set(keys.ready(installation_id), 1)
-    redis_index.register_installation(r, installation_id)
-    _known_installations.add(known)
-
-
 def validate_batch(records) -> tuple[list[tuple[int, Meeting]], list[dict]]:
     if not isinstance(records, list):
         raise InvalidArgument("records", f"must be a list of meeting objects, got {type(records).__name__}")
@@ -181,8 +126,10 @@ def validate_batch(records) -> tuple[list[tuple[int, Meeting]], list[dict]]:
     return valid, rejected
 
 
-def ingest(engine: sa.Engine, r, records, chunk_size: int = 500, now_us: int | None = None) -> dict:
-    """``crm.ingest_meetings``: validate, upsert, index.  Returns the contract's counts."""
+def ingest(engine: sa.Engine, r, records, chunk_size: int = 500, now_us: int | None = None,
+           task_id: str | None = None) -> dict:
+    """``crm.ingest_meetings``: validate, upsert, index.  Returns the contract's counts.
+    ``task_id`` names the task's writes, so that its redelivery applies none twice."""
     valid, rejected = validate_batch(records)
     now_us = int(time.time() * 1_000_000) if now_us is None else now_us
     given = set()
@@ -203,46 +150,73 @@ def ingest(engine: sa.Engine, r, records, chunk_size: int = 500, now_us: int | N
     # Read committed takes no gap locks: concurrent batches insert side by side instead of
     # queueing behind each other's locking reads of keys that do not exist yet.
     writer = engine.execution_options(isolation_level="READ COMMITTED") if engine.dialect.name == "mysql" else engine
+    mirror = get_mirror(engine, r)
+    base = new_write_id(task_id)
     by_installation: dict[int, list[Meeting]] = collections.defaultdict(list)
     for m in newest.values():
         by_installation[m.installation_id].append(m)
     for installation_id, group in sorted(by_installation.items()):
-        mark_new_installation(engine, r, installation_id)
+        token = mirror.writer_token(installation_id)
         group.sort(key=lambda m: m.source_id)  # one lock order for every writer
-        for start in range(0, len(group), chunk_size):
+        for n, start in enumerate(range(0, len(group), chunk_size)):
             chunk = group[start:start + chunk_size]
-            stored, n_updated, n_unchanged = run_transaction(
-                writer, lambda conn: _write_chunk(conn, installation_id, chunk, given), retry_duplicates=True)
+            write_id = f"{base}:{installation_id}:{n}"
+
+            def work(conn):
+                done = recorded_result(conn, write_id)
+                if done is not None:
+                    return None, json.loads(done)
+                stored, n_updated, n_unchanged = _write_chunk(conn, installation_id, chunk, given)
+                record_write(conn, write_id, installation_id, json.dumps([n_updated, n_unchanged]))
+                return stored, (n_updated, n_unchanged)
+            stored, (n_updated, n_unchanged) = run_transaction(writer, work, retry_duplicates=True)
             updated += n_updated
             unchanged += n_unchanged
-            # After the commit, from the same batch: the index holds what the database holds.
-            redis_index.apply_meetings(r, installation_id, stored, item_json)
+            if stored is None:
+                # A redelivery: the chunk is stored; its index write may not have happened.
+                sources = [m.source_id for m in chunk]
+                mirror.write(installation_id, lambda t: sync_sources(engine, r, installation_id, t, sources, write_id),
+                             token)
+            else:
+                mirror.write(installation_id, lambda t: sync_written(engine, r, installation_id, t, stored, write_id),
+                             token)
     return {"accepted": len(valid), "updated": updated, "unchanged": unchanged, "rejected": rejected}
 
 
-def delete(engine: sa.Engine, r, installation_id, source_ids) -> dict:
-    """``crm.delete_meetings``: gone from the index first, then from the database."""
-    from worker.records import positive_int
+def delete(engine: sa.Engine, r, installation_id, source_ids, chunk_size: int = 500,
+           task_id: str | None = None) -> dict:
+    """``crm.delete_meetings``: under the rows' locks, gone from the index first, then from
+    the database; each chunk recorded as a write of the task."""
     installation_id = positive_int("installation_id", installation_id)
     if not isinstance(source_ids, list) or not all(isinstance(s, str) for s in source_ids):
         raise InvalidArgument("source_ids", "must be a list of strings")
     if len(source_ids) > MAX_BATCH:
         raise InvalidArgument("source_ids", f"holds {len(source_ids)} ids; at most {MAX_BATCH} per task")
+    mirror = get_mirror(engine, r)
+    if mirror.token(installation_id) is None:
+        return {"deleted": 0}  # the database knows no meeting of this installation
     deleted = 0
     wanted = sorted(set(source_ids))
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start:start + 500]
+    base = new_write_id(task_id)
+    for n, start in enumerate(range(0, len(wanted), chunk_size)):
+        chunk = wanted[start:start + chunk_size]
+        write_id = f"{base}:{n}"
 
         def work(conn):
+            done = recorded_result(conn, write_id)
+            if done is not None:
+                return int(done)
             ids = list(conn.execute(
                 sa.select(meetings.c.id)
                 .where(meetings.c.installation_id == installation_id, meetings.c.source_id.in_(chunk))
                 .with_for_update()).scalars())
-            if not ids:
-                return 0
-            # Out of every query at once, before the rows go: a crash in between leaves
-            # the rows in the database, and the redelivered task deletes them again.
-            redis_index.delete_meetings(r, installation_id, ids)
-            return conn.execute(meetings.delete().where(meetings.c.id.in_(ids))).rowcount
-        deleted += run_transaction(engine, work)
+            count = 0
+            if ids:
+                # Out of every query at once, before the rows go: a crash in between leaves
+                # the rows in the database, and the redelivered task deletes them again.
+                mirror.write(installation_id, lambda t: redis_index.delete_meetings(r, installation_id, ids, t))
+                count = conn.execute(meetings.delete().where(meetings.c.id.in_(ids))).rowcount
+            record_write(conn, write_id, installation_id, str(count))
+            return count
+        deleted += run_transaction(locking(engine), work, retry_duplicates=True)
     return {"deleted": deleted}

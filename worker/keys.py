@@ -29,6 +29,11 @@ def prefix(installation_id: int) -> str:
     return "{i:%d}:" % installation_id
 
 
+def pattern(installation_id: int) -> str:
+    """SCAN pattern of every key of one installation."""
+    return prefix(installation_id) + "*"
+
+
 def client_set(installation_id: int, client_id: int, type_: str, status: str) -> str:
     """Sorted set, lifetime of the data: one (client, type, status)'s meetings, both sort
     fields' members (``d…`` and ``u…``) in one key to halve the per-key overhead."""
@@ -63,10 +68,29 @@ def access_versions(installation_id: int) -> str:
     return f"{prefix(installation_id)}av"
 
 
+def generation(installation_id: int) -> str:
+    """String ``<database_id>:<generation>``: the database and the generation of the
+    installation that the index is written for (:mod:`worker.mirror`).  Every writing
+    script compares it with the caller's token and writes nothing when they differ."""
+    return f"{prefix(installation_id)}gen"
+
+
 def ready(installation_id: int) -> str:
-    """String ``1`` while the index mirrors the database; absent after a flush or during a
-    rebuild, when queries fall back to SQL."""
+    """String ``<database_id>:<generation>``, set once a rebuild of that generation is
+    complete; the reading scripts answer only when it equals the caller's token.  Absent
+    after a flush or during a rebuild, when queries fall back to SQL."""
     return f"{prefix(installation_id)}ready"
+
+
+def writes(installation_id: int) -> str:
+    """List, newest first, capped at :data:`RECENT_WRITES`: the ids of the last database
+    writes applied to the index.  Each must exist in the database's ``applied_writes``;
+    one that does not means the database went back in time (a restore)."""
+    return f"{prefix(installation_id)}w"
+
+
+#: How many applied write ids :func:`writes` keeps.
+RECENT_WRITES = 16
 
 
 def rebuilding(installation_id: int) -> str:

@@ -1,22 +1,24 @@
-"""Rebuild the Redis index from the database, and reconcile the two.
+"""Rebuild the Redis index from the database, reconcile the two, and claim an index Redis.
 
-Both read the database only after clearing what they replace in Redis, so anything a
-concurrent writer put in Redis earlier is also in what they read; versions in Redis keep
-a concurrent writer's newer state from being overwritten.
+Every repair writes what the database holds under the rows' locks (worker/mirror.py), so a
+repair racing a delete, an ingest or an access change cannot undo it.
 """
 from __future__ import annotations
 
 import collections
+import time
 
 import redis
 import sqlalchemy as sa
 
 from worker import keys, redis_index
-from worker.db import installations, meetings, user_clients, users
-from worker.ingest import COLUMNS, StoredRow
-from worker.records import item_json
+from worker.access import load_access_locked
+from worker.db import COLUMNS, StoredRow, applied_writes, installations, meetings, user_clients, users
+from worker.mirror import get_mirror, our_database_id, rebuild_installation, repair_ids
 
 BATCH = 1000
+#: Recorded writes are kept this long: far beyond any redelivery of their task.
+WRITES_KEPT_S = 7 * 86400
 
 
 def installation_ids(engine: sa.Engine, only: int | None = None) -> list[int]:
@@ -40,52 +42,32 @@ def _stream_meetings(engine: sa.Engine, installation_id: int):
         last = rows[-1].id
 
 
-def _access_lists(engine: sa.Engine, installation_id: int, user_ids=None) -> dict[int, tuple[int, set[int]]]:
-    """user -> (access version, client ids), from the database."""
+def _access_lists(engine: sa.Engine, installation_id: int) -> dict[int, set[int]]:
+    """user -> client ids, from the database."""
     with engine.connect() as conn:
-        q = sa.select(users.c.user_id, users.c.access_version).where(users.c.installation_id == installation_id)
-        if user_ids is not None:
-            q = q.where(users.c.user_id.in_(list(user_ids)))
-        lists = {u: (v, set()) for u, v in conn.execute(q)}
-        q = sa.select(user_clients.c.user_id, user_clients.c.client_id).where(
-            user_clients.c.installation_id == installation_id)
-        if user_ids is not None:
-            q = q.where(user_clients.c.user_id.in_(list(user_ids)))
-        for u, c in conn.execute(q):
-            if u in lists:
-                lists[u][1].add(c)
+        lists = {u: set() for u in conn.execute(
+            sa.select(users.c.user_id).where(users.c.installation_id == installation_id)).scalars()}
+        for u, c in conn.execute(sa.select(user_clients.c.user_id, user_clients.c.client_id).where(
+                user_clients.c.installation_id == installation_id)):
+            lists.setdefault(u, set()).add(c)
     return lists
 
 
-def _delete_matching(r: redis.Redis, pattern: str, keep: set[bytes] = frozenset()) -> int:
-    n = 0
-    batch = []
-    for key in r.scan_iter(match=pattern, count=1000):
-        if key in keep:
-            continue
-        batch.append(key)
-        if len(batch) >= 500:
-            n += r.unlink(*batch)
-            batch = []
-    if batch:
-        n += r.unlink(*batch)
-    return n
-
-
 def claim_index(engine: sa.Engine, r: redis.Redis) -> list[int]:
-    """Make sure the index Redis mirrors this database.  An index written from another
-    database (a new SQLite file, another environment pointed at the same Redis) must not
-    answer: its installations lose their ready flag, so queries go to the database and
-    queue a rebuild.  Returns the installations so marked."""
-    from worker.schema import database_id
-    ours = database_id(engine)
+    """Make the index Redis this database's.  Installations it held for another database
+    answer nothing for this one (their tokens differ) and are rebuilt before they answer.
+    Returns the installations the index held for another database."""
+    ours = our_database_id(engine)
     theirs = r.get(keys.DATABASE)
     stale = []
     if theirs is None or theirs.decode() != ours:
-        stale = sorted(int(i) for i in r.smembers(keys.INSTALLATIONS))
-        for installation_id in stale:
-            r.delete(keys.ready(installation_id))
+        for installation_id in sorted(int(i) for i in r.smembers(keys.INSTALLATIONS)):
+            gen = r.get(keys.generation(installation_id))
+            if gen is not None and not gen.decode().startswith(ours + ":"):
+                stale.append(installation_id)
+                r.delete(keys.ready(installation_id), keys.generation(installation_id))
         r.set(keys.DATABASE, ours)
+    get_mirror(engine, r).forget()
     return stale
 
 
@@ -94,71 +76,77 @@ def rebuild(engine: sa.Engine, r: redis.Redis, only: int | None = None) -> dict:
     from the database meanwhile."""
     done = {}
     for installation_id in installation_ids(engine, only):
-        r.delete(keys.ready(installation_id))
-        r.set(keys.rebuilding(installation_id), 1, ex=3600)
-        _delete_matching(r, keys.prefix(installation_id) + "*", keep={keys.rebuilding(installation_id).encode()})
-        lists = _access_lists(engine, installation_id)
-        for user_id, (version, clients) in lists.items():
-            redis_index.set_access(r, installation_id, user_id, version, clients)
-        count = 0
-        for rows in _stream_meetings(engine, installation_id):
-            redis_index.apply_meetings(r, installation_id, rows, item_json)
-            count += len(rows)
-        redis_index.register_installation(r, installation_id)
-        r.set(keys.ready(installation_id), 1)
-        r.delete(keys.rebuilding(installation_id))
-        done[str(installation_id)] = {"meetings": count, "users": len(lists)}
+        report = rebuild_installation(engine, r, installation_id)
+        get_mirror(engine, r).forget(installation_id)
+        done[str(installation_id)] = {"meetings": report["meetings"], "users": report["users"]}
     return {"rebuilt": done}
 
 
 def _redis_access(r: redis.Redis, installation_id: int) -> dict[int, set[int]]:
     found = {}
-    pattern = keys.user_clients(installation_id, 0)[:-1] + "*"
-    for key in r.scan_iter(match=pattern, count=1000):
+    for key in r.scan_iter(match=keys.user_clients(installation_id, "*"), count=1000):
         found[int(key.rsplit(b":", 1)[1])] = {int(c) for c in r.smembers(key)}
     return found
 
 
-def reconcile(engine: sa.Engine, r: redis.Redis, only: int | None = None) -> dict:
+def reconcile(engine: sa.Engine, r: redis.Redis, only: int | None = None, now: float | None = None) -> dict:
     """Compare the index with the database and repair what differs; return what was
-    found.  An installation whose index is not ready is rebuilt instead."""
+    found.  An installation whose index is not ready for this database is rebuilt."""
     report = collections.Counter()
     rebuilt = []
+    mirror = get_mirror(engine, r)
     for installation_id in installation_ids(engine, only):
-        if not r.exists(keys.ready(installation_id)):
-            rebuild(engine, r, installation_id)
+        token = mirror.refresh(installation_id)
+        if token is None:
+            continue
+        ready = r.get(keys.ready(installation_id))
+        if ready is None or ready.decode() != token:
+            rebuild_installation(engine, r, installation_id)
+            mirror.forget(installation_id)
             rebuilt.append(installation_id)
             continue
         report["installations"] += 1
-        _reconcile_access(engine, r, installation_id, report)
-        _reconcile_meetings(engine, r, installation_id, report)
+        _reconcile_access(engine, r, installation_id, token, report)
+        _reconcile_meetings(engine, r, installation_id, token, report)
         _reconcile_views(engine, r, installation_id, report)
+    report["writes_pruned"] = prune_writes(engine, time.time() if now is None else now)
     return {"rebuilt": rebuilt, **{k: report[k] for k in (
         "installations", "users_checked", "access_repaired", "meetings_checked", "meetings_repaired",
-        "meetings_removed", "orphan_entries_removed", "views_checked", "views_dropped")}}
+        "meetings_removed", "orphan_entries_removed", "views_checked", "views_dropped", "writes_pruned")}}
 
 
-def _reconcile_access(engine, r, installation_id, report) -> None:
+def prune_writes(engine: sa.Engine, now: float) -> int:
+    """Forget recorded writes older than a week, except each installation's newest
+    (the index remembers its last few; those must stay provable)."""
+    cutoff = int((now - WRITES_KEPT_S) * 1_000_000)
+    removed = 0
+    with engine.begin() as conn:
+        for installation_id in conn.execute(sa.select(applied_writes.c.installation_id).distinct()).scalars():
+            keep = conn.execute(
+                sa.select(applied_writes.c.at_us).where(applied_writes.c.installation_id == installation_id)
+                .order_by(applied_writes.c.at_us.desc()).offset(4 * keys.RECENT_WRITES).limit(1)).scalar()
+            if keep is None:
+                continue
+            removed += conn.execute(applied_writes.delete().where(
+                applied_writes.c.installation_id == installation_id,
+                applied_writes.c.at_us < min(cutoff, keep))).rowcount
+    return removed
+
+
+def _reconcile_access(engine, r, installation_id, token, report) -> None:
     in_db = _access_lists(engine, installation_id)
     in_redis = _redis_access(r, installation_id)
-    report["users_checked"] += len(set(in_db) | set(in_redis))
-    for user_id in sorted(set(in_db) | set(in_redis)):
-        db_clients = in_db.get(user_id, (0, set()))[1]
-        if in_redis.get(user_id, set()) == db_clients:
-            continue
-        # Forget Redis's version first, then read the database: a concurrent change that
-        # commits after this read writes a newer version, which wins.
-        r.hdel(keys.access_versions(installation_id), user_id)
-        version, clients = _access_lists(engine, installation_id, [user_id]).get(user_id, (0, set()))
-        if clients:
-            redis_index.set_access(r, installation_id, user_id, version, clients)
-        else:
-            redis_index.remove_access(r, installation_id, user_id, in_redis.get(user_id, set()))
-            r.hset(keys.access_versions(installation_id), user_id, version)
-        report["access_repaired"] += 1
+    users_ = set(in_db) | set(in_redis)
+    report["users_checked"] += len(users_)
+    differ = sorted(u for u in users_ if in_redis.get(u, set()) != in_db.get(u, set()))
+    if differ:
+        # Under each user's row lock: the database's list at this instant, whatever version
+        # Redis holds (a concurrent change waits for the lock, then writes a newer one).
+        load_access_locked(engine, r, installation_id, token, differ)
+        report["access_repaired"] += len(differ)
 
 
-def _reconcile_meetings(engine, r, installation_id, report) -> None:
+def _reconcile_meetings(engine, r, installation_id, token, report) -> None:
     heads = {}
     for field, value in r.hscan_iter(keys.payloads(installation_id), count=1000):
         heads[int.from_bytes(field, "big")] = value[:value.index(b"|")].decode()
@@ -171,18 +159,16 @@ def _reconcile_meetings(engine, r, installation_id, report) -> None:
             expected_members[key].add(keys.member(keys.DATE, row.meeting_s, row.id))
             expected_members[key].add(keys.member(keys.UPDATED, row.updated_s, row.id))
             if heads.pop(row.id, None) != redis_index.head(row):
-                stale.append(row)
+                stale.append(row.id)
     # What is left in `heads` is in Redis but no longer in the database.
     if heads:
-        redis_index.delete_meetings(r, installation_id, list(heads))
+        repair_ids(engine, r, installation_id, token, sorted(heads))
         report["meetings_removed"] += len(heads)
     if stale:
-        redis_index.delete_meetings(r, installation_id, [row.id for row in stale])
-        for start in range(0, len(stale), BATCH):
-            redis_index.apply_meetings(r, installation_id, stale[start:start + BATCH], item_json)
+        repair_ids(engine, r, installation_id, token, stale)
         report["meetings_repaired"] += len(stale)
     # Entries without a meeting behind them (or in the wrong set).
-    for key in r.scan_iter(match=keys.prefix(installation_id) + "z:*", count=1000):
+    for key in r.scan_iter(match=keys.client_set(installation_id, "*", "*", "*"), count=1000):
         extra = set(r.zrange(key, 0, -1)) - expected_members.get(key, set())
         if extra:
             r.zrem(key, *extra)

@@ -27,18 +27,21 @@ def view_query(installation_id: int, user_id: int, view: str) -> Query:
                  order="desc", offset=0, limit=1)
 
 
-def precompute_user(r: redis.Redis, installation_id: int, user_id: int, views, now: int) -> dict:
+def precompute_user(r: redis.Redis, installation_id: int, user_id: int, views, now: int, token: str | None) -> dict:
     """Build the user's sets for ``views`` now, each replacing its previous version in one
-    atomic step (a broad view in slices, served once complete).  Returns the number of
-    views built and of entries they hold."""
+    atomic step (a broad view in slices, served once complete), from an index ready for
+    ``token`` only.  Returns the number of views built and of entries they hold."""
     built = entries = 0
+    if token is None:
+        return {"user_id": user_id, "views": 0, "entries": 0, "ready": False}
     for view in sorted(views):
-        reply = call_script(r, view_query(installation_id, user_id, view), view, "2", 0, now)
+        reply = call_script(r, view_query(installation_id, user_id, view), view, "2", 0, now, token)
         if reply[0] == b"notready":
             return {"user_id": user_id, "views": built, "entries": entries, "ready": False}
         if reply[0] == b"building":
             continue  # another build of this view is under way
-        count = build_in_slices(r, installation_id, user_id, view, now) if reply[0] == b"sliced" else int(reply[1])
+        count = build_in_slices(r, installation_id, user_id, view, now, token) if reply[0] == b"sliced" \
+            else int(reply[1])
         if count is None:
             continue  # cancelled by an access change or an eviction; the next run builds it
         built += 1
@@ -50,20 +53,23 @@ def precompute_user(r: redis.Redis, installation_id: int, user_id: int, views, n
 SLICE_CLIENTS = 64
 
 
-def build_in_slices(r: redis.Redis, installation_id: int, user_id: int, view: str, now: int) -> int | None:
+def build_in_slices(r: redis.Redis, installation_id: int, user_id: int, view: str, now: int,
+                    token: str) -> int | None:
     """Build a broad view a slice of clients at a time (worker/scripts/build.lua); return
-    its entries, or None when an access change or an eviction cancelled the build."""
+    its entries, or None when an access change, an eviction or a rebuild cancelled it."""
     from worker.redis_index import script
     build = script(r, "build")
-    token = secrets.token_hex(8)
+    build_token = secrets.token_hex(8)
     keys_ = [keys.user_clients(installation_id, user_id), keys.user_views(installation_id, user_id),
-             keys.pairs(installation_id), keys.view_set(installation_id, user_id, view)]
-    base = [keys.prefix(installation_id), user_id, view, token]
-    clients = int(build(keys=keys_, args=base + ["begin"]))
+             keys.pairs(installation_id), keys.view_set(installation_id, user_id, view), keys.ready(installation_id)]
+    base = [keys.prefix(installation_id), user_id, view, build_token]
+    clients = int(build(keys=keys_, args=base + ["begin", 0, 0, 0, token]))
+    if clients < 0:
+        return None
     for first in range(1, clients + 1, SLICE_CLIENTS):
-        if int(build(keys=keys_, args=base + ["slice", first, SLICE_CLIENTS])) < 0:
+        if int(build(keys=keys_, args=base + ["slice", first, SLICE_CLIENTS, 0, token])) < 0:
             return None
-    count = int(build(keys=keys_, args=base + ["end", 0, 0, now]))
+    count = int(build(keys=keys_, args=base + ["end", 0, 0, now, token]))
     return None if count < 0 else count
 
 
@@ -117,11 +123,13 @@ def list_views(r: redis.Redis, installation_id: int) -> list[ViewInfo]:
     return found
 
 
-def precompute_active(r: redis.Redis, installation_ids, views, idle: int, budget: int, now: int) -> dict:
+def precompute_active(r: redis.Redis, tokens: dict, views, idle: int, budget: int, now: int) -> dict:
     """Drop the sets of users idle longer than ``idle`` seconds, build the missing sets of
     recently active users (most recent first) while the budget lasts, then evict the least
-    recently used sets until all of them fit in ``budget`` bytes."""
+    recently used sets until all of them fit in ``budget`` bytes.  ``tokens``: installation
+    id -> its token (worker/mirror.py)."""
     dropped_idle = refreshed = evicted = 0
+    installation_ids = sorted(tokens)
     for installation_id in installation_ids:
         active = keys.active_users(installation_id)
         for user in r.zrangebyscore(active, "-inf", now - idle):
@@ -139,7 +147,7 @@ def precompute_active(r: redis.Redis, installation_ids, views, idle: int, budget
             missing = [v for v in views if not _complete(present.get(v.encode()))]
             if not missing:
                 continue
-            result = precompute_user(r, installation_id, user, missing, now)
+            result = precompute_user(r, installation_id, user, missing, now, tokens[installation_id])
             if not result["ready"]:
                 break
             refreshed += 1

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from worker import keys, redis_index
 from worker.db import crm_meta, meetings, user_clients
 from worker.errors import InvalidArgument, is_transient
+from worker.mirror import get_mirror, owns_index
 from worker.records import item_json, parse_time, positive_int, to_seconds, token
 
 log = logging.getLogger(__name__)
@@ -148,23 +149,25 @@ def decode_cursor(cursor, query: Query, secret: bytes) -> bytes:
     return member
 
 
-_secret_cache: dict[str, bytes] = {}
+_secret_cache: dict[tuple, bytes] = {}
 _secret_lock = threading.Lock()
 
 
 def cursor_secret(engine: sa.Engine, configured: str | None) -> bytes:
-    """The configured secret, else the one ``crm init`` stored in the database."""
-    if configured:
-        return configured.encode()
+    """The key that signs cursors: the configured secret, else the one ``crm init`` stored
+    in the database, bound to the database's identity (a cursor of another database
+    fails, whatever secret the two share)."""
     url = str(engine.url)
     with _secret_lock:
-        if url not in _secret_cache:
+        if (url, configured) not in _secret_cache:
             with engine.connect() as conn:
-                value = conn.execute(sa.select(crm_meta.c.value).where(crm_meta.c.name == "cursor_secret")).scalar()
-            if value is None:
-                raise RuntimeError("the database has no cursor secret: run `crm init`")
-            _secret_cache[url] = value.encode()
-        return _secret_cache[url]
+                values = dict(conn.execute(sa.select(crm_meta.c.name, crm_meta.c.value).where(
+                    crm_meta.c.name.in_(["cursor_secret", "database_id"]))).all())
+            if "database_id" not in values or not (configured or values.get("cursor_secret")):
+                raise RuntimeError("the database has no identity or cursor secret: run `crm init`")
+            secret = configured or values["cursor_secret"]
+            _secret_cache[(url, configured)] = f"{secret}\x00{values['database_id']}".encode()
+        return _secret_cache[(url, configured)]
 
 
 # -- the two paths ---------------------------------------------------------------------
@@ -202,8 +205,9 @@ MAX_MERGE = 4000
 FILL_INLINE = 256
 
 
-def call_script(r: redis.Redis, query: Query, view: str, fill: str, limit: int, now: int) -> list:
-    """Run ``query.lua`` for ``query`` (see its header for ``view`` and ``fill``)."""
+def call_script(r: redis.Redis, query: Query, view: str, fill: str, limit: int, now: int, token: str) -> list:
+    """Run ``query.lua`` for ``query`` (see its header for ``view`` and ``fill``); it
+    answers only when the index is ready for ``token`` (worker/mirror.py)."""
     cmin, cmax, pmin, pmax, dmin, dmax = lex_bounds(query)
     i, u = query.installation_id, query.user_id
     return redis_index.script(r, "query")(
@@ -214,7 +218,7 @@ def call_script(r: redis.Redis, query: Query, view: str, fill: str, limit: int, 
               ",".join(query.types or ()), ",".join(query.statuses or ()),
               ",".join(map(str, query.client_ids or ())), dmin, dmax, MAX_MERGE, FILL_INLINE,
               "1" if query.date_from is None and query.date_to is None else "0",
-              "1" if query.offset == 0 and query.after is None else "0"])
+              "1" if query.offset == 0 and query.after is None else "0", token])
 
 
 def precomputable(query: Query, views: frozenset) -> str:
@@ -227,13 +231,13 @@ def precomputable(query: Query, views: frozenset) -> str:
     return view if view in views else ""
 
 
-def from_index(r: redis.Redis, query: Query, views: frozenset, now: int):
+def from_index(r: redis.Redis, query: Query, views: frozenset, now: int, token: str):
     """The answer from Redis as (source, total, members, item JSON bytes); or ``"notready"``
-    when the index is not ready for the installation, ``"toobig"`` when the answer would
-    merge too many sets, ``"drift"`` when a payload is missing.  The source may be
-    ``index:fill``: the view this query could use should be precomputed."""
+    when the index is not ready for ``token``, ``"toobig"`` when the answer would merge too
+    many sets, ``"drift"`` when a payload is missing.  The source may be ``index:fill``:
+    the view this query could use should be precomputed."""
     view = precomputable(query, views)
-    reply = call_script(r, query, view, "1" if view else "0", query.limit + 1, now)
+    reply = call_script(r, query, view, "1" if view else "0", query.limit + 1, now, token)
     source = reply[0].decode()
     if source in ("notready", "toobig"):
         return source
@@ -295,13 +299,23 @@ def run(engine: sa.Engine, r: redis.Redis, query: Query, secret: bytes, views: f
         return {"total": 0, "items": [], "next_cursor": None, "source": "index"}, set()
     now = int(time.time()) if now is None else now
     answer = None
+    follow_ups = set()
+    mirror = get_mirror(engine, r)
+    token = mirror.token(query.installation_id)
     try:
-        answer = from_index(r, query, views, now)
+        if token is not None:
+            answer = from_index(r, query, views, now, token)
+        if answer == "notready":
+            # This process may hold the token of a generation a rebuild has replaced.
+            fresh = mirror.refresh(query.installation_id)
+            if fresh is not None and fresh != token:
+                answer = from_index(r, query, views, now, fresh)
+        if answer == "notready" and owns_index(engine, r):
+            follow_ups.add("rebuild")
     except redis.RedisError as exc:
         if not is_transient(exc):
             raise
         log.warning("index unreachable (%s); answering from the database", exc.__class__.__name__)
-    follow_ups = {"rebuild"} if answer == "notready" else set()
     if answer == "toobig" and precomputable(query, views):
         follow_ups.add("precompute")  # built in slices, it answers the next time
     if answer is None or isinstance(answer, str):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import threading
 from typing import Iterable
 
@@ -45,15 +46,19 @@ def reset_clients() -> None:
         _clients.clear()
 
 
+def _read(name: str) -> str:
+    with open(os.path.join(SCRIPTS, f"{name}.lua")) as f:
+        return f.read()
+
+
 @functools.lru_cache(maxsize=None)
 def script_source(name: str) -> str:
-    """The text of ``scripts/<name>.lua``; apply, delete and build share ``views.lua``."""
-    with open(os.path.join(SCRIPTS, f"{name}.lua")) as f:
-        text = f.read()
-    if name in ("apply", "delete", "build"):
-        with open(os.path.join(SCRIPTS, "views.lua")) as f:
-            text = f.read() + "\n" + text
-    return text
+    """The text of ``scripts/<name>.lua`` as sent to Redis: ``common.lua``, then the shared
+    files the script declares in its ``-- requires: a, b`` header line, then the script."""
+    text = _read(name)
+    found = re.search(r"^-- requires: ([\w, ]+)$", text, re.M)
+    shared = ["common"] + ([part.strip() for part in found.group(1).split(",")] if found else [])
+    return "\n".join([_read(part) for part in shared] + [text])
 
 
 def script(r: redis.Redis, name: str):
@@ -70,44 +75,64 @@ def head(row) -> str:
                                   row.updated_s, row.updated_us)
 
 
-def apply_meetings(r: redis.Redis, installation_id: int, rows: Iterable, item_json) -> tuple[int, int]:
+class NotMirrored(Exception):
+    """The index is not written for the caller's token (another database's, another
+    generation's, or none): nothing was written.  See :mod:`worker.mirror`."""
+
+
+def apply_meetings(r: redis.Redis, installation_id: int, rows: Iterable, item_json, token: str,
+                   write_id: str = "") -> tuple[int, int]:
     """Write ``rows`` (database rows of one installation) into the index in one atomic
-    step; a stored newer or identical version is kept.  Returns (written, fanned_out)."""
-    args: list = [keys.prefix(installation_id)]
+    step; a stored newer or identical version is kept.  Returns (written, fanned_out);
+    raises :class:`NotMirrored` when the index is not written for ``token``."""
+    args: list = [keys.prefix(installation_id), token, write_id]
     for row in rows:
         args += [keys.id_field(row.id), head(row), item_json(row)]
-    if len(args) == 1:
+    if len(args) == 3 and not write_id:
         return 0, 0
     written, fanned = script(r, "apply")(
-        keys=[keys.payloads(installation_id), keys.pairs(installation_id)], args=args)
+        keys=[keys.payloads(installation_id), keys.pairs(installation_id), keys.generation(installation_id),
+              keys.writes(installation_id)], args=args)
+    if int(written) < 0:
+        raise NotMirrored(installation_id)
     return int(written), int(fanned)
 
 
-def delete_meetings(r: redis.Redis, installation_id: int, ids: Iterable[int]) -> tuple[int, int]:
+def delete_meetings(r: redis.Redis, installation_id: int, ids: Iterable[int], token: str) -> tuple[int, int]:
     """Remove meetings from the index and every precomputed set in one atomic step."""
-    args: list = [keys.prefix(installation_id)] + [keys.id_field(i) for i in ids]
-    if len(args) == 1:
+    args: list = [keys.prefix(installation_id), token] + [keys.id_field(i) for i in ids]
+    if len(args) == 2:
         return 0, 0
-    removed, fanned = script(r, "delete")(keys=[keys.payloads(installation_id)], args=args)
+    removed, fanned = script(r, "delete")(
+        keys=[keys.payloads(installation_id), keys.generation(installation_id)], args=args)
+    if int(removed) < 0:
+        raise NotMirrored(installation_id)
     return int(removed), int(fanned)
 
 
-def _access(r, installation_id, user_id, mode, version, client_ids) -> int:
-    return int(script(r, "access")(
+def _access(r, installation_id, user_id, token, mode, version, write_id, client_ids) -> int:
+    written = int(script(r, "access")(
         keys=[keys.user_clients(installation_id, user_id), keys.access_versions(installation_id),
-              keys.user_views(installation_id, user_id)],
-        args=[keys.prefix(installation_id), user_id, mode, version, *sorted(client_ids)]))
+              keys.user_views(installation_id, user_id), keys.generation(installation_id),
+              keys.writes(installation_id)],
+        args=[keys.prefix(installation_id), token, user_id, mode, version, write_id, *sorted(client_ids)]))
+    if written < 0:
+        raise NotMirrored(installation_id)
+    return written
 
 
-def remove_access(r: redis.Redis, installation_id: int, user_id: int, client_ids) -> None:
+def remove_access(r: redis.Redis, installation_id: int, user_id: int, client_ids, token: str) -> None:
     """Take clients away from a user now, with the user's precomputed sets."""
-    _access(r, installation_id, user_id, "remove", 0, client_ids)
+    _access(r, installation_id, user_id, token, "remove", 0, "", client_ids)
 
 
-def set_access(r: redis.Redis, installation_id: int, user_id: int, version: int, client_ids) -> bool:
+def set_access(r: redis.Redis, installation_id: int, user_id: int, version: int, client_ids, token: str,
+               write_id: str = "", force: bool = False) -> bool:
     """Make ``client_ids`` the user's whole access list at ``version``; an older version
-    than the one stored is ignored.  True when written."""
-    return bool(_access(r, installation_id, user_id, "set", version, client_ids))
+    than the one stored is ignored unless ``force`` (a repair made under the user's row
+    lock).  True when written."""
+    return bool(_access(r, installation_id, user_id, token, "force" if force else "set", version, write_id,
+                        client_ids))
 
 
 def register_installation(r: redis.Redis, installation_id: int) -> None:

@@ -92,6 +92,10 @@ class Settings:
     precompute_interval: int = 300
     #: Seconds between runs of ``crm.reconcile_index`` on the beat schedule.
     reconcile_interval: int = 3600
+    #: Milliseconds a process trusts its last proof that an installation's index mirrors
+    #: this database (same identity and generation, no write the database lacks); the
+    #: longest a restore from an older backup may go unnoticed (worker/mirror.py).
+    mirror_check_ms: int = 1000
 
     @classmethod
     def from_env(cls, env=None) -> "Settings":
@@ -120,6 +124,7 @@ class Settings:
             precompute_budget=_int(env, "CRM_PRECOMPUTE_BUDGET", 256 * 1024 * 1024, 0, 1 << 40),
             precompute_interval=_int(env, "CRM_PRECOMPUTE_INTERVAL", 300, 5, 86400),
             reconcile_interval=_int(env, "CRM_RECONCILE_INTERVAL", 3600, 10, 7 * 86400),
+            mirror_check_ms=_int(env, "CRM_MIRROR_CHECK_MS", 1000, 0, 3_600_000),
         )
 
 

@@ -3,16 +3,29 @@
 -- KEYS[1]  {i:N}:uc:<user>  set   client ids the user may see
 -- KEYS[2]  {i:N}:av         hash  user -> access version now in Redis
 -- KEYS[3]  {i:N}:pv:<user>  hash  view -> last use of the user's precomputed sets
+-- KEYS[4]  {i:N}:gen        string "<database_id>:<generation>" the index is written for
+-- KEYS[5]  {i:N}:w          list  ids of the last writes applied
 -- ARGV[1]  the installation's key prefix "{i:N}:" (derives cu:<client>, p:<user>:<view>,
 --          ph:<user>:<view>, vu:<view>)
--- ARGV[2]  user id
--- ARGV[3]  mode: "remove" takes the listed clients away now (before the database commits,
---          so a revocation is never late); "set" makes the listed clients the whole list,
---          unless Redis already holds this or a newer version
--- ARGV[4]  access version (for "set"; ignored by "remove")
--- ARGV[5..] client ids
--- Reply:   1 when the list was written, 0 when a newer version was already there.
-local prefix, user, mode = ARGV[1], ARGV[2], ARGV[3]
+-- ARGV[2]  token: the caller's "<database_id>:<generation>"; nothing is written unless
+--          KEYS[4] holds it
+-- ARGV[3]  user id
+-- ARGV[4]  mode: "remove" takes the listed clients away now (under the user's row lock,
+--          before the database commits, so a revocation is never late); "set" makes the
+--          listed clients the whole list unless Redis already holds this or a newer
+--          version; "force" makes them the whole list at this version whatever Redis
+--          holds (a repair made under the user's row lock)
+-- ARGV[5]  access version (for "set" and "force")
+-- ARGV[6]  write id to remember in KEYS[5], or ""
+-- ARGV[7..] client ids
+-- Reply:   1 when the list was written, 0 when a newer version was already there, -1 when
+--          the index is not written for the caller's token.
+local prefix, token, user, mode, version, write_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local FIRST_CLIENT = 7
+
+if redis.call("GET", KEYS[4]) ~= token then
+  return -1
+end
 
 local function drop_views()
   local views = redis.call("HKEYS", KEYS[3])
@@ -24,7 +37,7 @@ local function drop_views()
 end
 
 if mode == "remove" then
-  for i = 5, #ARGV do
+  for i = FIRST_CLIENT, #ARGV do
     redis.call("SREM", KEYS[1], ARGV[i])
     redis.call("SREM", prefix .. "cu:" .. ARGV[i], user)
   end
@@ -33,21 +46,22 @@ if mode == "remove" then
 end
 
 local stored = redis.call("HGET", KEYS[2], user)
-if stored and tonumber(stored) >= tonumber(ARGV[4]) then
+if mode == "set" and stored and tonumber(stored) >= tonumber(version) then
   return 0
 end
 local wanted = {}
-for i = 5, #ARGV do wanted[ARGV[i]] = true end
+for i = FIRST_CLIENT, #ARGV do wanted[ARGV[i]] = true end
 for _, client in ipairs(redis.call("SMEMBERS", KEYS[1])) do
   if not wanted[client] then
     redis.call("SREM", prefix .. "cu:" .. client, user)
   end
 end
 redis.call("DEL", KEYS[1])
-for i = 5, #ARGV do
+for i = FIRST_CLIENT, #ARGV do
   redis.call("SADD", KEYS[1], ARGV[i])
   redis.call("SADD", prefix .. "cu:" .. ARGV[i], user)
 end
-redis.call("HSET", KEYS[2], user, ARGV[4])
+redis.call("HSET", KEYS[2], user, version)
 drop_views()
+remember_write(KEYS[5], write_id)
 return 1

@@ -1,19 +1,29 @@
 -- apply.lua: write meetings of one installation into the index, all or nothing.
+-- requires: views
 --
 -- KEYS[1]  {i:N}:m    hash  7-byte id -> "client type status meeting_s updated_s updated_us|json"
 -- KEYS[2]  {i:N}:ts   set   "type:status" pairs present
+-- KEYS[3]  {i:N}:gen  string "<database_id>:<generation>" the index is written for
+-- KEYS[4]  {i:N}:w    list  ids of the last writes applied, newest first
 -- ARGV[1]  the installation's key prefix "{i:N}:"; the script derives from it the keys
 --          z:<client>:<type>:<status>, cu:<client>, views, vu:<view>, p:<user>:<view>,
 --          ph:<user>:<view>
 --          (worker/keys.py)
--- ARGV[2], ARGV[3], ARGV[4], then the same for each further meeting:
+-- ARGV[2]  token: the caller's "<database_id>:<generation>"; nothing is written unless
+--          KEYS[3] holds it
+-- ARGV[3]  write id to remember in KEYS[4], or ""
+-- ARGV[4], ARGV[5], ARGV[6], then the same for each further meeting:
 --          7-byte id, head "client type status meeting_s updated_s updated_us", item JSON
 -- Reply:   {written, fanned_out}: meetings written (a meeting whose stored version is newer
---          or identical is left alone) and precomputed-set entries touched.
-local prefix = ARGV[1]
+--          or identical is left alone) and precomputed-set entries touched; {-1, 0} when
+--          the index is not written for the caller's token.
+local prefix, token, write_id = ARGV[1], ARGV[2], ARGV[3]
+if redis.call("GET", KEYS[3]) ~= token then
+  return {-1, 0}
+end
 local written, fanned = 0, 0
 local pairs_added = {}
-for i = 2, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
   local id, head, json = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local value = head .. "|" .. json
   local old = redis.call("HGET", KEYS[1], id)
@@ -43,4 +53,5 @@ for i = 2, #ARGV, 3 do
     written = written + 1
   end
 end
+remember_write(KEYS[4], write_id)
 return {written, fanned}

@@ -1,10 +1,12 @@
--- build.lua (views.lua is prepended): build one user's precomputed set in slices, so that no single call holds
+-- build.lua: build one user's precomputed set in slices, so that no single call holds
 -- Redis for long, and without ever serving it half built or after an access change.
+-- requires: views
 --
 -- KEYS[1]  {i:N}:uc:<user>  set   client ids the user may see
 -- KEYS[2]  {i:N}:pv:<user>  hash  view -> last use; "b:<token>" while being built
 -- KEYS[3]  {i:N}:ts         set   "type:status" pairs present
 -- KEYS[4]  {i:N}:p:<user>:<view>  the set being built
+-- KEYS[5]  {i:N}:ready      string "<database_id>:<generation>" of a complete index
 -- ARGV[1]  key prefix "{i:N}:" (derives z:<client>:<type>:<status>, vu:<view>, views,
 --          ph:<user>:<view>)
 -- ARGV[2]  user id
@@ -13,9 +15,11 @@
 -- ARGV[5]  step: "begin", "slice" or "end"
 -- ARGV[6], ARGV[7]  for "slice": first client (1-based, in sorted order) and how many
 -- ARGV[8]  for "end": now, epoch seconds
+-- ARGV[9]  token: the caller's "<database_id>:<generation>"; every step checks KEYS[5]
 -- Reply:   "begin": the number of the user's clients; "slice": the sets merged;
 --          "end": the entries in the finished set; -1 when the build was cancelled (an
---          access change or an eviction dropped the view meanwhile).
+--          access change or an eviction dropped the view meanwhile, or the index stopped
+--          mirroring the caller's database).
 --
 -- From "begin" on the user is registered in vu:<view>, so every write to the user's
 -- clients reaches the set while it grows; a write to a client of a later slice is merged
@@ -24,6 +28,10 @@
 -- which cancels the build: the client list cannot change under it.
 local prefix, user, view, token, step = ARGV[1], ARGV[2], ARGV[3], "b:" .. ARGV[4], ARGV[5]
 local letter = string.sub(view, 1, 1)
+
+if redis.call("GET", KEYS[5]) ~= ARGV[9] then
+  return -1
+end
 
 if step == "begin" then
   redis.call("DEL", KEYS[4], prefix .. "ph:" .. user .. ":" .. view)

@@ -1,12 +1,20 @@
 -- delete.lua: remove meetings of one installation from the index, all or nothing.
+-- requires: views
 --
 -- KEYS[1]  {i:N}:m   hash  7-byte id -> "client type status meeting_s updated_s updated_us|json"
+-- KEYS[2]  {i:N}:gen string "<database_id>:<generation>" the index is written for
 -- ARGV[1]  the installation's key prefix "{i:N}:" (derived keys as in apply.lua)
--- ARGV[2..] 7-byte meeting ids
--- Reply:   {removed, fanned_out}: meetings removed, precomputed-set entries removed.
+-- ARGV[2]  token: the caller's "<database_id>:<generation>"; nothing is removed unless
+--          KEYS[2] holds it
+-- ARGV[3..] 7-byte meeting ids
+-- Reply:   {removed, fanned_out}: meetings removed, precomputed-set entries removed;
+--          {-1, 0} when the index is not written for the caller's token.
 local prefix = ARGV[1]
+if redis.call("GET", KEYS[2]) ~= ARGV[2] then
+  return {-1, 0}
+end
 local removed, fanned = 0, 0
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local id = ARGV[i]
   local old = redis.call("HGET", KEYS[1], id)
   if old then

@@ -7,7 +7,7 @@
 --
 -- KEYS[1]  {i:N}:m          hash  7-byte id -> "head|item JSON"
 -- KEYS[2]  {i:N}:uc:<user>  set   client ids the user may see
--- KEYS[3]  {i:N}:ready      string, present while the index mirrors the database
+-- KEYS[3]  {i:N}:ready      string "<database_id>:<generation>" of a complete index
 -- KEYS[4]  {i:N}:pv:<user>  hash  view -> last use
 -- KEYS[5]  {i:N}:tmp        scratch sorted set, deleted before the script returns
 -- KEYS[6]  {i:N}:ts         set   "type:status" pairs present
@@ -40,9 +40,11 @@
 -- ARGV[21] "1" when the count bounds are the whole letter (no date range)
 -- ARGV[22] "1" when the page is the first (offset 0, no cursor): a precomputed set's
 --          head may answer it
+-- ARGV[23] token: the caller's "<database_id>:<generation>"; the script answers only
+--          when KEYS[3] holds it
 -- Reply:   {source, total, member1, payload1, member2, payload2, ...}; source is
 --          "precomputed", "index" or "index:fill"; or, alone, "notready" (the index does
---          not mirror the database), "toobig" (more than ARGV[19] sets to merge and no
+--          not mirror the caller's database and generation), "toobig" (more than ARGV[19] sets to merge and no
 --          precomputed set), "sliced" or "building" (fill "2" only: a view of any size
 --          is built, in slices when broad).
 --
@@ -53,7 +55,7 @@ local desc = ARGV[6] == "1"
 local cmin, cmax, pmin, pmax = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local offset, limit, now = tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[13]
 
-if redis.call("EXISTS", KEYS[3]) == 0 then
+if redis.call("GET", KEYS[3]) ~= ARGV[23] then
   return {"notready"}
 end
 
