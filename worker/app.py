@@ -1,6 +1,8 @@
 """The Celery app: ``celery -A worker worker`` and ``celery -A worker beat``."""
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import random
 
@@ -9,7 +11,8 @@ from celery.signals import worker_process_init
 from kombu import Exchange, Queue
 
 import beat_schedule
-from worker.errors import is_transient
+from worker import logs
+from worker.errors import InvalidArgument, is_transient
 from worker.settings import get_settings, redact
 
 log = logging.getLogger(__name__)
@@ -30,22 +33,57 @@ ROUTES = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(fn) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
+def caller_mistake(exc: InvalidArgument) -> ValueError:
+    """The error a caller's ``result.get()`` raises for an invalid argument: a plain
+    ``ValueError`` with the field-first message, which any client rebuilds as such (the
+    result backend stores its type as ``builtins.ValueError``; a client without project
+    code could not rebuild ``worker.errors.InvalidArgument``)."""
+    err = ValueError(str(exc))
+    setattr(err, logs.CALLER_MISTAKE, True)
+    return err
+
+
 class CrmTask(Task):
     """Retries transient faults (database or Redis unreachable, deadlock, lock wait
-    timeout, write conflict) with exponential backoff and jitter; anything else, and
-    invalid arguments above all, fails at once and reaches the caller's ``result.get()``."""
+    timeout, write conflict) with exponential backoff and jitter; anything else fails at
+    once and reaches the caller's ``result.get()``: invalid arguments (unknown or missing
+    ones included) as a ``ValueError`` whose message starts with the field."""
     max_retries = 12
     retry_backoff_cap = 60
 
     def __call__(self, *args, **kwargs):
         try:
+            try:
+                _signature(self.run).bind(*args, **kwargs)
+            except TypeError as exc:
+                raise _argument_error(self.name, exc) from None
             return super().__call__(*args, **kwargs)
+        except InvalidArgument as exc:
+            if self.request.called_directly:
+                raise
+            raise caller_mistake(exc) from None
         except Exception as exc:
             if not is_transient(exc) or self.request.called_directly:
                 raise
             delay = min(self.retry_backoff_cap, 2 ** self.request.retries) * (0.5 + random.random() / 2)
             log.warning("%s: transient %s, retry in %.1fs", self.name, exc.__class__.__name__, delay)
             raise self.retry(exc=exc, countdown=delay)
+
+
+def _argument_error(task: str, exc: TypeError) -> InvalidArgument:
+    """``missing a required argument: 'user_id'`` -> ``user_id: is required``."""
+    text = str(exc)
+    name = text.split("'")[1] if text.count("'") >= 2 else "arguments"
+    if "missing" in text:
+        return InvalidArgument(name, "is required")
+    if "unexpected keyword" in text:
+        return InvalidArgument(name, f"is not an argument of {task}")
+    return InvalidArgument("arguments", f"do not fit {task}: pass them by name")
 
 
 def configure(app: Celery, settings) -> None:
@@ -63,6 +101,12 @@ def configure(app: Celery, settings) -> None:
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
+        # A finished task whose result cannot be stored (a lost connection) keeps trying
+        # instead of reporting a failure for work that was done.
+        result_backend_always_retry=True,
+        result_backend_max_retries=20,
+        result_backend_base_sleep_between_retries_ms=50,
+        result_backend_max_sleep_between_retries_ms=5000,
         # Each queue its own direct exchange and routing key, named after it: that is what a
         # client holding no project code publishes to with send_task(..., queue=name).
         # (A bare Queue(name) would take the default exchange and key, "query", and a
@@ -80,6 +124,7 @@ def configure(app: Celery, settings) -> None:
     )
 
 
+logs.install()
 app = Celery("crm", task_cls=CrmTask, include=[
     "tasks.ingest", "tasks.access", "tasks.query", "tasks.precompute", "tasks.maintenance"])
 configure(app, get_settings())

@@ -96,10 +96,10 @@ def parse(args: dict, secret: bytes) -> Query:
         if field not in args:
             raise InvalidArgument(field, "is required")
     sort = args.get("sort", "meeting_date")
-    if sort not in SORTS:
+    if not isinstance(sort, str) or sort not in SORTS:
         raise InvalidArgument("sort", f"must be one of {sorted(SORTS)}, got {sort!r:.40}")
     order = args.get("order", "desc")
-    if order not in ORDERS:
+    if not isinstance(order, str) or order not in ORDERS:
         raise InvalidArgument("order", f"must be 'asc' or 'desc', got {order!r:.40}")
     dates = {}
     for field in ("date_from", "date_to"):

@@ -80,9 +80,11 @@ def parse_time(field: str, value) -> dt.datetime:
         raise InvalidArgument(field, f"is not an ISO 8601 timestamp: {value!r:.60}") from None
     if when.tzinfo is None or "T" not in text.upper():
         raise InvalidArgument(field, f"needs a date, a time and a UTC offset, got {value!r:.60}")
-    when = when.astimezone(dt.timezone.utc)
-    seconds = (when - EPOCH) // dt.timedelta(seconds=1)
-    if not 0 <= seconds <= MAX_SECONDS:
+    try:
+        when = when.astimezone(dt.timezone.utc)
+    except OverflowError:  # 0001-01-01T00:00+01:00 and 9999-12-31T23:59-23:59 have no UTC time
+        when = None
+    if when is None or not 0 <= (when - EPOCH) // dt.timedelta(seconds=1) <= MAX_SECONDS:
         raise InvalidArgument(field, f"must lie between 1970-01-01 and 2106-02-07, got {value!r:.60}")
     return when
 
