@@ -31,6 +31,34 @@ from worker.redis_index import connect  # noqa: E402
 from worker.schema import create_database, upgrade  # noqa: E402
 
 
+def pytest_sessionstart(session):
+    """The services the tests run against must answer; else one clear message, not a
+    thousand lines of errors."""
+    import redis
+    import sqlalchemy as sa
+
+    from worker.settings import redact
+    problems = []
+    server = sa.engine.make_url(DATABASE_URL)
+    probe = sa.create_engine(server.set(database="") if server.get_backend_name() == "mysql" else server,
+                             connect_args={"connect_timeout": 3} if server.get_backend_name() == "mysql" else {})
+    try:
+        with probe.connect():
+            pass
+    except Exception as exc:
+        problems.append(f"the database at {redact(DATABASE_URL)} does not answer ({exc.__class__.__name__}): "
+                        "start MariaDB/MySQL there, or point CRM_TEST_DATABASE_URL at one")
+    finally:
+        probe.dispose()
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2).ping()
+    except redis.RedisError as exc:
+        problems.append(f"Redis at {redact(REDIS_URL)} does not answer ({exc.__class__.__name__}): "
+                        "start redis-server there, or point CRM_TEST_REDIS_URL at one")
+    if problems:
+        pytest.exit("cannot run the tests:\n  " + "\n  ".join(problems), returncode=3)
+
+
 @pytest.fixture(scope="session")
 def engine():
     create_database(DATABASE_URL)

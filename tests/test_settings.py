@@ -1,4 +1,6 @@
 """Settings come from the environment, validated; passwords never reach a log line."""
+import os
+
 import pytest
 
 from worker.settings import Settings, SettingsError, redact
@@ -35,3 +37,24 @@ def test_redact_hides_passwords():
 def test_unix_socket_redis_gives_celery_socket_urls():
     s = Settings.from_env({"CRM_REDIS_URL": "unix:///tmp/r.sock?db=0"})
     assert s.broker_url == "redis+socket:///tmp/r.sock?virtual_host=1"
+
+
+@pytest.mark.parametrize("name,value,says", [
+    ("CRM_INGEST_CHUNK", "abc", "CRM_INGEST_CHUNK must be a whole number"),
+    ("CRM_DATABASE_URL", "mysql://root@127.0.0.1/x", "mysql+pymysql://"),
+    ("CRM_DATABASE_URL", "mysql+pymysql://root@127.0.0.1:notaport/x", "CRM_DATABASE_URL is not a usable URL"),
+    ("CRM_DATABASE_URL", "sqlite:////nonexistent-crm/dir/x.db", "does not exist"),
+    ("CRM_REDIS_URL", "localhost", "CRM_REDIS_URL must be a URL"),
+])
+def test_a_bad_setting_is_one_clear_line_and_help_still_works(name, value, says):
+    import subprocess
+    import sys
+    env = dict(os.environ, **{name: value})
+    helped = subprocess.run([sys.executable, "-m", "worker.cli", "--help"], env=env, capture_output=True, text=True)
+    assert helped.returncode == 0 and "usage: crm" in helped.stdout
+    for cmd in ([sys.executable, "-m", "worker.cli", "status"],
+                [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", "nothing"]):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip().count("\n") == 0 and says in out.stderr and name in out.stderr
+    assert not os.path.exists("/nonexistent-crm")

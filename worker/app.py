@@ -5,6 +5,7 @@ import functools
 import inspect
 import logging
 import random
+import sys
 
 from celery import Celery, Task
 from celery.signals import worker_process_init
@@ -13,7 +14,7 @@ from kombu import Exchange, Queue
 import beat_schedule
 from worker import logs
 from worker.errors import InvalidArgument, is_transient
-from worker.settings import get_settings, redact
+from worker.settings import SettingsError, get_settings, redact
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,12 @@ def configure(app: Celery, settings) -> None:
 logs.install()
 app = Celery("crm", task_cls=CrmTask, include=[
     "tasks.ingest", "tasks.access", "tasks.query", "tasks.precompute", "tasks.maintenance"])
-configure(app, get_settings())
+try:
+    configure(app, get_settings())
+except SettingsError as exc:
+    # One line that names the variable, not a traceback from deep inside Celery's loader.
+    print(f"crm-insight: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 log.debug("broker %s, result backend %s", redact(app.conf.broker_url), redact(app.conf.result_backend))
 
 

@@ -13,7 +13,7 @@ import time
 import redis
 import sqlalchemy as sa
 
-from worker.settings import get_settings, redact
+from worker.settings import SettingsError, get_settings, redact
 
 
 def cmd_init(args) -> int:
@@ -209,7 +209,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except SettingsError as exc:
+        print(f"crm: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

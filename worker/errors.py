@@ -36,6 +36,7 @@ TRANSIENT_DB_CODES = {
     8028,  # TiDB: schema changed during the transaction
     9007,  # TiDB: write conflict
     9001, 9002, 9005,  # TiDB: PD / TiKV server timeout or busy
+    1305,  # savepoint gone: the server rolled the whole transaction back (a deadlock inside it)
 }
 
 

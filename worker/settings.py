@@ -6,6 +6,7 @@ passwords: use :func:`redact` before a URL reaches a log line.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from urllib.parse import urlsplit, urlunsplit
@@ -100,16 +101,14 @@ class Settings:
     @classmethod
     def from_env(cls, env=None) -> "Settings":
         env = os.environ if env is None else env
-        home = env.get("CRM_HOME", DEFAULT_HOME)
+        home = env.get("CRM_HOME") or DEFAULT_HOME
         database_url = env.get("CRM_DATABASE_URL") or f"sqlite:///{os.path.join(home, 'crm.sqlite3')}"
-        redis_url = env.get("CRM_REDIS_URL") or "redis://127.0.0.1:6379/0"
-        for name, url in (("CRM_DATABASE_URL", database_url), ("CRM_REDIS_URL", redis_url)):
-            if "://" not in url:
-                raise SettingsError(f"{name} must be a URL, got {redact(url)!r}")
-        if not database_url.startswith(("sqlite", "mysql")):
-            raise SettingsError(
-                f"CRM_DATABASE_URL must be sqlite:/// or mysql+pymysql://, got {redact(database_url)!r}"
-            )
+        _check_database_url(database_url, explicit=bool(env.get("CRM_DATABASE_URL")))
+        redis_url = env.get("CRM_REDIS_URL") or embedded_redis_url(home) or "redis://127.0.0.1:6379/0"
+        for name, url in (("CRM_REDIS_URL", redis_url), ("CELERY_BROKER_URL", env.get("CELERY_BROKER_URL")),
+                          ("CELERY_RESULT_BACKEND", env.get("CELERY_RESULT_BACKEND"))):
+            if url:
+                _check_url(name, url)
         return cls(
             database_url=database_url,
             redis_url=redis_url,
@@ -126,6 +125,48 @@ class Settings:
             reconcile_interval=_int(env, "CRM_RECONCILE_INTERVAL", 3600, 10, 7 * 86400),
             mirror_check_ms=_int(env, "CRM_MIRROR_CHECK_MS", 1000, 0, 3_600_000),
         )
+
+
+def _check_url(name: str, url: str) -> None:
+    """A URL with a scheme, and a whole-number port when it has one."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError as exc:
+        raise SettingsError(f"{name} is not a usable URL ({exc}): {redact(url)!r}") from None
+    if not parts.scheme or "://" not in url:
+        raise SettingsError(f"{name} must be a URL such as redis://127.0.0.1:6379/0, got {redact(url)!r}")
+
+
+def _check_database_url(url: str, explicit: bool) -> None:
+    _check_url("CRM_DATABASE_URL", url)
+    scheme = urlsplit(url).scheme
+    if scheme == "mysql":
+        raise SettingsError("CRM_DATABASE_URL must name its driver: mysql+pymysql://… (the one this "
+                            f"service installs), got {redact(url)!r}")
+    if scheme not in ("sqlite", "mysql+pymysql"):
+        raise SettingsError(f"CRM_DATABASE_URL must be sqlite:///PATH or mysql+pymysql://…, got {redact(url)!r}")
+    if scheme == "sqlite" and explicit:
+        path = url[len("sqlite:///"):]
+        folder = os.path.dirname(os.path.abspath(path)) if path and path != ":memory:" else None
+        if folder and not os.path.isdir(folder):
+            raise SettingsError(f"CRM_DATABASE_URL names an SQLite file in {folder}, which does not exist: "
+                                "create the folder, or fix the path")
+
+
+#: File in CRM_HOME naming the embedded redis-server of a running `crm run`: {"url", "pid"}.
+EMBEDDED_REDIS_FILE = "embedded-redis.json"
+
+
+def embedded_redis_url(home: str) -> str | None:
+    """The URL of the embedded redis-server that a running `crm run` started for ``home``."""
+    try:
+        with open(os.path.join(home, EMBEDDED_REDIS_FILE)) as f:
+            found = json.load(f)
+        os.kill(int(found["pid"]), 0)  # the `crm run` that started it is alive
+        return str(found["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _other_db(redis_url: str, db: int) -> str:
