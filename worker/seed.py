@@ -78,6 +78,32 @@ class Progress:
             self.stream.flush()
 
 
+#: The demo CRM that `crm run` seeds on a first start.
+DEMO = Shape(clients=300, users=60, meetings=20_000)
+
+
+def demo_state(engine) -> str:
+    """``"none"`` (nothing seeded, empty database), ``"started"`` (a demo seed did not
+    finish), ``"complete"``, or ``"foreign"`` (the database holds data of its own)."""
+    import sqlalchemy as sa
+
+    from worker.db import crm_meta, installations
+    with engine.connect() as conn:
+        state = conn.execute(sa.select(crm_meta.c.value).where(crm_meta.c.name == "demo_seed")).scalar()
+        if state is not None:
+            return state
+        return "foreign" if conn.execute(sa.select(installations.c.id).limit(1)).first() else "none"
+
+
+def mark_demo(engine, state: str) -> None:
+    import sqlalchemy as sa
+
+    from worker.db import crm_meta
+    with engine.begin() as conn:
+        conn.execute(crm_meta.delete().where(crm_meta.c.name == "demo_seed"))
+        conn.execute(crm_meta.insert().values(name="demo_seed", value=state))
+
+
 def seed(engine, r, shape: Shape, batch: int = 1000, quiet: bool = False) -> dict:
     """Ingest the synthetic CRM; returns counts."""
     from worker.access import change
