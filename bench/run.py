@@ -33,6 +33,9 @@ def add_arguments(p) -> None:
     p.add_argument("--redis-url", default=os.environ.get("CRM_BENCH_REDIS_URL", DEFAULT_REDIS),
                    help="the index; the seed's layout goes in the next database number, Celery in the two after")
     p.add_argument("--out", default=OUT, help="folder for bench.json and latency.png")
+    p.add_argument("--no-server-tuning", dest="tune", action="store_false",
+                   help="leave MariaDB's innodb_buffer_pool_size as it is (by default the run raises it to hold "
+                        "the data set, says so first, and restores it at the end)")
 
 
 def say(text: str) -> None:
@@ -453,13 +456,16 @@ class Bench:
         """Give MariaDB/MySQL a buffer pool that holds the data set, as a tuned server
         would, so that the SQL paths are measured from memory; restored at the end."""
         self.saved_pool = None
-        if self.engine.dialect.name != "mysql":
+        if self.engine.dialect.name != "mysql" or not self.args.tune:
             return
         want = self.shape.meetings * 3000  # about what 500k meetings take with indices, x1.5
         try:
             with self.engine.connect() as conn:
                 self.saved_pool = conn.exec_driver_sql("SELECT @@innodb_buffer_pool_size").scalar()
                 if self.saved_pool < want:
+                    say(f"raising the server's innodb_buffer_pool_size from {self.saved_pool >> 20} MiB to "
+                        f"{want >> 20} MiB for this run (a global setting of the server; restored at the end; "
+                        "--no-server-tuning leaves it)")
                     conn.exec_driver_sql(f"SET GLOBAL innodb_buffer_pool_size = {int(want)}")
                     self.result["notes"].append(f"innodb_buffer_pool_size raised from {self.saved_pool >> 20} MiB "
                                                 f"to {want >> 20} MiB for the run.")
@@ -471,6 +477,7 @@ class Bench:
 
     def restore_buffer_pool(self) -> None:
         if self.saved_pool:
+            say(f"restoring innodb_buffer_pool_size to {self.saved_pool >> 20} MiB")
             with self.engine.connect() as conn:
                 conn.exec_driver_sql(f"SET GLOBAL innodb_buffer_pool_size = {int(self.saved_pool)}")
 

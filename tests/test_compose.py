@@ -51,7 +51,9 @@ def test_commands_are_the_projects(compose):
     assert services["worker-query"]["command"][services["worker-query"]["command"].index("-Q") + 1] == "query"
     assert command(services["beat"]).startswith("celery -A worker beat")
     flower = command(services["flower"])
-    assert flower.startswith("celery -A worker flower") and "--basic-auth=${FLOWER_BASIC_AUTH:?" in flower
+    assert flower.startswith("celery -A worker --quiet flower") and "basic-auth" not in flower
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
+    assert services["flower"]["ports"] == ["127.0.0.1:5555:5555"]  # /metrics and /healthcheck stay local
 
 
 def test_environment_names_are_the_contracts(compose):
