@@ -82,8 +82,10 @@ def status_report(engine, r) -> dict:
     from worker import keys
     from worker.db import meetings, user_clients
     from worker.maintenance import installation_ids
+    from worker.mirror import get_mirror
     from worker.precompute import stats
     ids = installation_ids(engine)
+    mirror = get_mirror(engine, r)
     report = {"installations": {}}
     with engine.connect() as conn:
         for i in ids:
@@ -91,11 +93,13 @@ def status_report(engine, r) -> dict:
                                        .where(meetings.c.installation_id == i)).scalar()
             db_users = conn.execute(sa.select(sa.func.count(sa.distinct(user_clients.c.user_id)))
                                     .where(user_clients.c.installation_id == i)).scalar()
-            index_users = sum(1 for _ in r.scan_iter(match=keys.user_clients(i, 0)[:-1] + "*", count=1000))
+            index_users = sum(1 for _ in r.scan_iter(match=keys.user_clients(i, "*"), count=1000))
+            ready = r.get(keys.ready(i))
             report["installations"][str(i)] = {
                 "database": {"meetings": db_meetings, "users_with_access": db_users},
                 "index": {"meetings": r.hlen(keys.payloads(i)), "users_with_access": index_users,
-                          "ready": bool(r.exists(keys.ready(i)))},
+                          # Ready for this database and generation, not merely ready.
+                          "ready": ready is not None and ready.decode() == mirror.token(i)},
             }
     report["precomputed"] = stats(r, ids)
     report["redis_used_memory"] = r.info("memory")["used_memory"]

@@ -106,7 +106,7 @@ class ViewInfo:
 def list_views(r: redis.Redis, installation_id: int) -> list[ViewInfo]:
     """Every precomputed set of the installation, with its last use and size in bytes."""
     found = []
-    match = keys.user_views(installation_id, 0)[:-1] + "*"
+    match = keys.user_views(installation_id, "*")
     for key in r.scan_iter(match=match, count=1000):
         user_id = int(key.rsplit(b":", 1)[1])
         for view, used in r.hgetall(key).items():
