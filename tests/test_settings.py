@@ -58,3 +58,20 @@ def test_a_bad_setting_is_one_clear_line_and_help_still_works(name, value, says)
         assert out.returncode == 2, out.stderr
         assert out.stderr.strip().count("\n") == 0 and says in out.stderr and name in out.stderr
     assert not os.path.exists("/nonexistent-crm")
+
+
+def test_the_tests_say_which_service_is_down_in_one_message(tmp_path):
+    """`make test` with Redis (or the database) down: one message naming the URL and the
+    variable, not thousands of lines of errors."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, url in (("CRM_TEST_REDIS_URL", "redis://127.0.0.1:1/13"),
+                      ("CRM_TEST_DATABASE_URL", "mysql+pymysql://root@127.0.0.1:1/crm_test")):
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              os.path.join(root, "tests", "test_keys.py")],
+                             env=dict(os.environ, **{name: url}), cwd=root, capture_output=True, text=True,
+                             timeout=120)
+        text = out.stdout + out.stderr
+        assert out.returncode == 3 and url in text and name in text, text
+        assert len(text.splitlines()) < 10, text

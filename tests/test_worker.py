@@ -33,6 +33,8 @@ def test_every_task_has_a_route_to_a_declared_queue():
     assert app.conf.accept_content == ["json"] and app.conf.task_serializer == "json"
     assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
     assert app.conf.broker_transport_options["visibility_timeout"] == 30  # CRM_VISIBILITY_TIMEOUT in tests
+    # A finished task whose result store hits a dropped connection retries the store.
+    assert app.conf.result_backend_always_retry and app.conf.result_backend_max_retries >= 10
 
 
 def test_queues_have_the_exchange_and_key_a_client_publishes_to(webapp):
