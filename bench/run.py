@@ -5,6 +5,7 @@ databases 8 and 9 on the local server) and wipes them at the start.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -85,11 +86,6 @@ def machine() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def token_of(engine, r, installation_id: int) -> str:
-    from worker.mirror import get_mirror
-    return get_mirror(engine, r).token(installation_id)
-
-
 def redis_url_db(url: str, db: int) -> str:
     base, _ = url.rsplit("/", 1)
     return f"{base}/{db}"
@@ -142,9 +138,13 @@ class Bench:
         self.result = {"machine": machine(), "shape": vars(self.shape) | {"samples": args.samples},
                        "latency_ms": {}, "notes": []}
         self.rng = random.Random(7)
-        from tasks.query import configured_views
+        from worker.context import Context
         from worker.settings import Settings
-        self.views = configured_views(Settings.from_env(self.env()))
+        settings = Settings.from_env(self.env())
+        self.ctx = Context(settings, self.engine, self.r)
+        # The same service with no precomputed views: how the index answers cold.
+        self.cold = Context(dataclasses.replace(settings, precompute_views=()), self.engine, self.r)
+        self.views = self.ctx.views
         self.result["shape"]["precomputed_views"] = sorted(self.views)
 
     # -- set-up ------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class Bench:
         say(f"loading {self.shape.meetings:,} meetings, {self.shape.users:,} users, {self.shape.clients:,} clients")
         upgrade(self.engine)
         with self.engine.begin() as conn:
-            for table in ("meetings", "user_clients", "users", "installations"):
+            for table in ("meetings", "user_clients", "users", "installations", "applied_writes"):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
             conn.exec_driver_sql("DROP TABLE IF EXISTS bench_raw")
             names = {ix["name"] for ix in sa.inspect(conn).get_indexes("meetings")}
@@ -174,7 +174,7 @@ class Bench:
         self.lists = list(access_lists(self.shape, 1))
         bar = Progress("access", len(self.lists))
         for user, clients in self.lists:
-            change(self.engine, self.r, 1, user, clients, "set")
+            change(self.ctx, 1, user, clients, "set")
             bar.add(1)
         self.rows = []
         bar = Progress("meetings", self.shape.meetings)
@@ -182,7 +182,7 @@ class Bench:
         start = time.monotonic()
 
         def flush():
-            ingest(self.engine, self.r, batch, chunk_size=500)
+            ingest(self.ctx, batch, chunk_size=500)
             for rec in batch:
                 self.rows.append((meeting_id(1, rec["source_id"]), rec["client_id"], rec["type"], rec["status"],
                                   to_seconds(parse_time("d", rec["meeting_date"])),
@@ -216,8 +216,7 @@ class Bench:
         from worker.precompute import precompute_user
         from worker.query import call_script, from_database, parse, run
         lat = self.result["latency_ms"]
-        secret = b"bench"
-        views = self.views
+        secret = self.ctx.cursor_secret()
         pages = {"page1": 0, "page50": 980}
         say("query latency (email ∩ open, newest first, 20 per page)")
 
@@ -231,26 +230,26 @@ class Bench:
             with self.engine.connect() as conn:
                 from_database(conn, q(user, off))
 
-        token = token_of(self.engine, self.r, 1)
+        token = self.ctx.mirror.token(1)
         for u in self.sample + self.big:
-            precompute_user(self.r, 1, u, views, int(time.time()), token=token_of(self.engine, self.r, 1))
+            precompute_user(self.ctx, 1, u, int(time.time()), token)
         for page, offset in pages.items():
             def warm(user, off):
-                result = run(self.engine, self.r, q(user, off), secret, views)[0]
+                result = run(self.ctx, q(user, off))[0]
                 assert result["source"] == "precomputed", result["source"]
             lat[f"crm_warm_{page}"] = percentiles(timed(warm, self.calls(offset), self.args.seconds,
                                                         f"crm-insight warm, {page}"))
             lat[f"crm_warm_script_{page}"] = percentiles(timed(
-                lambda user, off: call_script(self.r, q(user, off), "d:email:open", "0", 21, 0, token),
+                lambda user, off: call_script(self.ctx, q(user, off), "d:email:open", "0", 21, 0, token),
                 self.calls(offset), self.args.seconds, f"crm-insight warm script only, {page}"))
             lat[f"crm_index_{page}"] = percentiles(timed(
-                lambda user, off: run(self.engine, self.r, q(user, off), secret, frozenset()),
+                lambda user, off: run(self.cold, q(user, off)),
                 self.calls(offset), self.args.seconds, f"crm-insight index (cold), {page}"))
 
             lat[f"crm_database_{page}"] = percentiles(timed(database, self.calls(offset), self.args.seconds,
                                                             f"crm-insight database fallback, {page}"))
         lat["crm_index_2000_clients_page1"] = percentiles(timed(
-            lambda user, off: run(self.engine, self.r, q(user, off), secret, frozenset()),
+            lambda user, off: run(self.cold, q(user, off)),
             self.calls(0, self.big), self.args.seconds, "crm-insight index, 2,000-client user"))
 
         from worker.seed import Progress
@@ -434,17 +433,15 @@ class Bench:
         from worker import keys
         from worker.precompute import precompute_active, precompute_user
         say("precomputation")
-        views = self.views
         times = []
         for u in self.big[:5]:
             t = time.perf_counter_ns()
-            precompute_user(self.r, 1, u, views, int(time.time()), token=token_of(self.engine, self.r, 1))
+            precompute_user(self.ctx, 1, u, int(time.time()), self.ctx.mirror.token(1))
             times.append(time.perf_counter_ns() - t)
         now = int(time.time())
         self.r.zadd(keys.active_users(1), {str(u): now for u, _ in self.lists})
         start = time.perf_counter()
-        report = precompute_active(self.r, {1: token_of(self.engine, self.r, 1)}, views, idle=86400, budget=1 << 40,
-                                   now=now)
+        report = precompute_active(self.ctx, {1: self.ctx.mirror.token(1)}, idle=86400, budget=1 << 40, now=now)
         took = time.perf_counter() - start
         self.result["precompute"] = {"user_2000_clients_ms": percentiles(times),
                                      "active_all_users_s": round(took, 2),

@@ -2,11 +2,9 @@
 import time
 
 from worker.app import app
-from worker.db import get_engine
+from worker.context import current
 from worker.maintenance import rebuild, reconcile
 from worker.records import positive_int
-from worker.redis_index import get_redis
-from worker.settings import get_settings
 from worker.ticks import claim, tick_number
 
 
@@ -17,7 +15,7 @@ def _installation(value):
 @app.task(name="crm.rebuild_index")
 def rebuild_index(installation_id=None):
     """Rebuild the Redis index (one installation, or all) from the database."""
-    return rebuild(get_engine(), get_redis(), _installation(installation_id))
+    return rebuild(current(), _installation(installation_id))
 
 
 @app.task(name="crm.reconcile_index")
@@ -25,8 +23,8 @@ def reconcile_index(installation_id=None, once_per_tick=False):
     """Compare the index with the database, repair drift, report what was found.
     The beat sends ``once_per_tick=True``: a second beat's copy of a tick does nothing."""
     installation_id = _installation(installation_id)
-    r = get_redis()
-    interval, now = get_settings().reconcile_interval, int(time.time())
-    if once_per_tick is True and not claim(r, "reconcile_index", interval, now):
+    ctx = current()
+    interval, now = ctx.settings.reconcile_interval, int(time.time())
+    if once_per_tick is True and not claim(ctx.redis, "reconcile_index", interval, now):
         return {"skipped": "this tick already ran", "tick": tick_number(interval, now)}
-    return reconcile(get_engine(), r, installation_id)
+    return reconcile(ctx, installation_id)

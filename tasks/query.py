@@ -1,40 +1,27 @@
 """The query task (queue ``query``): what web apps call all day."""
-import functools
 import logging
 
 from worker import keys
 from worker.app import app
-from worker.db import get_engine
-from worker.query import cursor_secret, parse, run
-from worker.redis_index import get_redis
-from worker.settings import get_settings
+from worker.context import current
+from worker.query import parse, run
 
 log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=8)
-def configured_views(settings) -> frozenset:
-    """The view ids of ``settings.precompute_views`` (once per settings object: every
-    query asks)."""
-    return frozenset(keys.view_id(sort, [t] if t else None, [s] if s else None)
-                     for sort, t, s in settings.precompute_views)
 
 
 @app.task(name="crm.query_meetings")
 def query_meetings(installation_id, user_id, types=None, statuses=None, client_ids=None, date_from=None,
                    date_to=None, sort="meeting_date", order="desc", offset=0, limit=20, cursor=None):
     """One secured page of the user's meetings; see the README for every argument."""
-    settings = get_settings()
-    engine, r = get_engine(), get_redis()
-    secret = cursor_secret(engine, settings.cursor_secret)
+    ctx = current()
     query = parse(dict(installation_id=installation_id, user_id=user_id, types=types, statuses=statuses,
                        client_ids=client_ids, date_from=date_from, date_to=date_to, sort=sort, order=order,
-                       offset=offset, limit=limit, cursor=cursor), secret)
-    result, follow_ups = run(engine, r, query, secret, configured_views(settings))
+                       offset=offset, limit=limit, cursor=cursor), ctx.cursor_secret())
+    result, follow_ups = run(ctx, query)
     if "rebuild" in follow_ups:
-        schedule_rebuild(r, query.installation_id)
+        schedule_rebuild(ctx.redis, query.installation_id)
     if "precompute" in follow_ups:
-        schedule_precompute(r, query.installation_id, query.user_id)
+        schedule_precompute(ctx.redis, query.installation_id, query.user_id)
     return result
 
 

@@ -5,6 +5,7 @@
 backend take the next two database numbers) choose them.  Each test starts from empty
 tables and an empty keyspace.
 """
+import dataclasses
 import os
 
 import pytest
@@ -26,9 +27,16 @@ os.environ.update({
 })
 os.environ.pop("CRM_CURSOR_SECRET", None)
 
-from worker.db import applied_writes, get_engine, installations, meetings, user_clients, users  # noqa: E402
+from worker.context import Context, Limits  # noqa: E402
+from worker.db import applied_writes, installations, make_engine, meetings, user_clients, users  # noqa: E402
 from worker.redis_index import connect  # noqa: E402
 from worker.schema import create_database, upgrade  # noqa: E402
+from worker.settings import Settings  # noqa: E402
+
+#: The settings of the tests' own contexts: the environment above, with the views the
+#: tests expect precomputed.
+SETTINGS = dataclasses.replace(Settings.from_env(), precompute_views=(
+    ("meeting_date", None, None), ("meeting_date", "email", "open")), mirror_check_ms=0)
 
 
 def pytest_sessionstart(session):
@@ -62,9 +70,10 @@ def pytest_sessionstart(session):
 @pytest.fixture(scope="session")
 def engine():
     create_database(DATABASE_URL)
-    engine = get_engine(DATABASE_URL)
+    engine = make_engine(DATABASE_URL, SETTINGS.db_lock_wait_timeout)
     upgrade(engine)
-    return engine
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -72,9 +81,12 @@ def redis_client():
     return connect(REDIS_URL)
 
 
+def make_context(engine, r, limits: Limits = Limits(), **settings) -> Context:
+    """A context of the tests' own (each test builds its own: nothing is shared by accident)."""
+    return Context(dataclasses.replace(SETTINGS, **settings), engine, r, limits)
+
+
 def wipe(engine, r) -> None:
-    from worker.mirror import reset_mirrors
-    reset_mirrors()
     with engine.begin() as conn:
         for table in (meetings, user_clients, users, installations, applied_writes):
             conn.execute(table.delete())
@@ -83,9 +95,9 @@ def wipe(engine, r) -> None:
 
 @pytest.fixture
 def clean(engine, redis_client):
-    """Empty tables and keyspace; yields (engine, redis)."""
+    """Empty tables and keyspace; yields a context of the test's own on them."""
     wipe(engine, redis_client)
-    yield engine, redis_client
+    yield make_context(engine, redis_client)
 
 
 @pytest.fixture
@@ -125,5 +137,4 @@ def webapp():
 @pytest.fixture
 def worker_env(celery_worker_session, clean, webapp):
     """A running worker, clean data, and the web app's client."""
-    engine, r = clean
-    return engine, r, webapp
+    return clean.engine, clean.redis, webapp

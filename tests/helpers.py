@@ -1,6 +1,7 @@
 """Shared test helpers: record builders and the brute-force oracle."""
 import json
 
+from tests.conftest import make_context
 from worker.keys import member
 from worker.query import parse, run
 from worker.records import parse_time, to_micros, to_seconds
@@ -14,19 +15,16 @@ def record(installation_id=1, source_id="m1", client_id=1, type="email", status=
     return out
 
 
-SECRET = b"test-secret"
+#: The views the tests' contexts keep precomputed (tests/conftest.py SETTINGS).
 VIEWS = frozenset({"d:*:*", "d:email:open"})
 
 
-def token_of(engine, r, installation_id):
-    """The installation's token for this database (worker/mirror.py)."""
-    from worker.mirror import get_mirror
-    return get_mirror(engine, r).token(installation_id)
-
-
-def query(engine, r, views=VIEWS, now=None, **args):
-    """Run crm.query_meetings' plain function; returns the result dict."""
-    return run(engine, r, parse(args, SECRET), SECRET, views, now=now)[0]
+def query(ctx, now=None, views=None, **args):
+    """Run crm.query_meetings' plain function; returns the result dict.  ``views=()``:
+    the same service keeping no precomputed views (the index answers cold)."""
+    if views is not None:
+        ctx = make_context(ctx.engine, ctx.redis, ctx.limits, precompute_views=views)
+    return run(ctx, parse(args, ctx.cursor_secret()), now=now)[0]
 
 
 class Oracle:
@@ -119,7 +117,7 @@ def dumps(obj):
     return json.dumps(obj, sort_keys=True)
 
 
-__all__ = ["record", "query", "Oracle", "ids_of", "page_sources", "member", "SECRET", "VIEWS", "token_of"]
+__all__ = ["record", "query", "Oracle", "ids_of", "page_sources", "member", "VIEWS"]
 
 
 def index_snapshot(r, installation_id):

@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from tests.helpers import assert_index_matches, query, record, token_of
+from tests.helpers import assert_index_matches, query, record
 from worker.access import change
 from worker.errors import InvalidArgument
 from worker.ingest import ingest
@@ -11,12 +11,13 @@ from worker.maintenance import rebuild
 
 
 def test_set_grant_revoke(clean):
-    engine, r = clean
-    assert change(engine, r, 1, 5, [3, 1, 2, 2], "set") == {"user_id": 5, "clients": 3}
-    assert change(engine, r, 1, 5, [4, 1], "grant") == {"user_id": 5, "clients": 4}
-    assert change(engine, r, 1, 5, [1, 9], "revoke") == {"user_id": 5, "clients": 3}
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
+    assert change(ctx, 1, 5, [3, 1, 2, 2], "set") == {"user_id": 5, "clients": 3}
+    assert change(ctx, 1, 5, [4, 1], "grant") == {"user_id": 5, "clients": 4}
+    assert change(ctx, 1, 5, [1, 9], "revoke") == {"user_id": 5, "clients": 3}
     assert {int(c) for c in r.smembers("{i:1}:uc:5")} == {2, 3, 4}
-    assert change(engine, r, 1, 5, [], "set") == {"user_id": 5, "clients": 0}
+    assert change(ctx, 1, 5, [], "set") == {"user_id": 5, "clients": 0}
     assert r.smembers("{i:1}:uc:5") == set()
     assert_index_matches(engine, r)
 
@@ -26,20 +27,22 @@ def test_set_grant_revoke(clean):
     ((1, 5, [1, -2]), "client_ids[]"), ((1, 5, [1, None]), "client_ids[]"), ((1, 5, [True]), "client_ids[]"),
 ])
 def test_bad_arguments(clean, args, field):
-    engine, r = clean
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
     with pytest.raises(InvalidArgument) as info:
-        change(engine, r, *args, "set")
+        change(ctx, *args, "set")
     assert info.value.field == field
 
 
 def test_revoked_client_disappears_at_once(clean):
-    engine, r = clean
-    ingest(engine, r, [record(source_id=f"m{c}", client_id=c) for c in (1, 2, 3)])
-    change(engine, r, 1, 7, [1, 2, 3], "set")
-    assert query(engine, r, installation_id=1, user_id=7)["total"] == 3
-    change(engine, r, 1, 7, [2], "revoke")
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
+    ingest(ctx, [record(source_id=f"m{c}", client_id=c) for c in (1, 2, 3)])
+    change(ctx, 1, 7, [1, 2, 3], "set")
+    assert query(ctx, installation_id=1, user_id=7)["total"] == 3
+    change(ctx, 1, 7, [2], "revoke")
     for args in ({}, {"types": ["email"], "statuses": ["open"]}, {"client_ids": [2]}, {"sort": "updated_at"}):
-        result = query(engine, r, installation_id=1, user_id=7, **args)
+        result = query(ctx, installation_id=1, user_id=7, **args)
         assert "m2" not in [i["source_id"] for i in result["items"]]
 
 
@@ -47,22 +50,24 @@ def test_an_older_access_version_never_overwrites_a_newer_one(clean):
     """A rebuild (or a slow writer) holding an old copy of the list cannot bring revoked
     access back: Redis keeps the newest version."""
     from worker.redis_index import set_access
-    engine, r = clean
-    change(engine, r, 1, 7, [1, 2], "set")      # version 1
-    change(engine, r, 1, 7, [2], "revoke")      # version 2
-    assert not set_access(r, 1, 7, 1, [1, 2], token_of(engine, r, 1))   # a late copy of version 1
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
+    change(ctx, 1, 7, [1, 2], "set")      # version 1
+    change(ctx, 1, 7, [2], "revoke")      # version 2
+    assert not set_access(ctx, 1, 7, 1, [1, 2], ctx.mirror.token(1))   # a late copy of version 1
     assert {int(c) for c in r.smembers("{i:1}:uc:7")} == {1}
 
 
 def test_concurrent_access_changes_end_as_the_database_says(clean):
-    engine, r = clean
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
     barrier = threading.Barrier(4)
 
     def worker(n):
         barrier.wait()
         for k in range(15):
-            change(engine, r, 1, 9, [(n + 1) * 100 + k], "grant" if k % 3 else "revoke")
-            change(engine, r, 1, 9, [(n + 2) * 100 + k], "revoke")
+            change(ctx, 1, 9, [(n + 1) * 100 + k], "grant" if k % 3 else "revoke")
+            change(ctx, 1, 9, [(n + 2) * 100 + k], "revoke")
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
     for t in threads:
@@ -73,26 +78,27 @@ def test_concurrent_access_changes_end_as_the_database_says(clean):
 
 
 def test_rebuild_racing_revocations_never_restores_access(clean):
-    engine, r = clean
-    ingest(engine, r, [record(source_id=f"m{c}", client_id=c) for c in range(1, 41)])
-    change(engine, r, 1, 3, list(range(1, 41)), "set")
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
+    ingest(ctx, [record(source_id=f"m{c}", client_id=c) for c in range(1, 41)])
+    change(ctx, 1, 3, list(range(1, 41)), "set")
     stop = threading.Event()
 
     def rebuilds():
         while not stop.is_set():
-            rebuild(engine, r, 1)
+            rebuild(ctx, 1)
 
     t = threading.Thread(target=rebuilds)
     t.start()
     try:
         for c in range(1, 41):
-            change(engine, r, 1, 3, [c], "revoke")
-            result = query(engine, r, installation_id=1, user_id=3, limit=200)
+            change(ctx, 1, 3, [c], "revoke")
+            result = query(ctx, installation_id=1, user_id=3, limit=200)
             seen = {i["client_id"] for i in result["items"]}
             assert not seen & set(range(1, c + 1)), f"revoked clients visible: {seen & set(range(1, c + 1))}"
     finally:
         stop.set()
         t.join()
-    rebuild(engine, r, 1)
+    rebuild(ctx, 1)
     assert_index_matches(engine, r)
     assert r.smembers("{i:1}:uc:3") == set()

@@ -77,7 +77,8 @@ def test_crm_run_guards_flower_and_says_what_runs_where(tmp_path):
 
 
 def test_the_demo_seed_resumes_after_an_interruption(clean, monkeypatch, capsys):
-    engine, r = clean
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
     from worker.db import crm_meta
     with engine.begin() as conn:
         conn.execute(crm_meta.delete().where(crm_meta.c.name == "demo_seed"))
@@ -88,7 +89,7 @@ def test_the_demo_seed_resumes_after_an_interruption(clean, monkeypatch, capsys)
     # Interrupted: the mark says started and a part is missing; the next run resumes.
     seed_module.mark_demo(engine, "started")
     from worker.ingest import delete
-    delete(engine, r, 1, [f"<m{n}.i1@crm.example>" for n in range(30, 60)])
+    delete(ctx, 1, [f"<m{n}.i1@crm.example>" for n in range(30, 60)])
     capsys.readouterr()
     assert main(["seed", "--demo"]) == 0
     said = capsys.readouterr().out

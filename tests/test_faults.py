@@ -24,34 +24,36 @@ def _sources(engine):
 
 @pytest.mark.parametrize("rounds", [3])
 def test_deletes_racing_a_rebuild_never_come_back(clean, rounds):
-    engine, r = clean
-    change(engine, r, 1, 1, list(range(1, 21)), "set")
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
+    change(ctx, 1, 1, list(range(1, 21)), "set")
     for round_ in range(rounds):
         batch = [record(source_id=f"r{round_}-{n}", client_id=n % 20 + 1) for n in range(2500)]
         for start in range(0, len(batch), 1000):
-            ingest(engine, r, batch[start:start + 1000])
+            ingest(ctx, batch[start:start + 1000])
         doomed = [f"r{round_}-{n}" for n in range(0, 2500, 3)]
         done = threading.Event()
 
         def deleter():
             for start in range(0, len(doomed), 25):
-                delete(engine, r, 1, doomed[start:start + 25])
+                delete(ctx, 1, doomed[start:start + 25])
             done.set()
         worker = threading.Thread(target=deleter)
         worker.start()
         while not done.is_set():
-            rebuild(engine, r, 1)
+            rebuild(ctx, 1)
         worker.join()
         assert not set(doomed) & _sources(engine)
         assert_index_matches(engine, r)
-        seen = {i["source_id"] for i in query(engine, r, installation_id=1, user_id=1, limit=200)["items"]}
+        seen = {i["source_id"] for i in query(ctx, installation_id=1, user_id=1, limit=200)["items"]}
         assert not seen & set(doomed)
 
 
 def test_ingest_racing_deletes_of_the_same_meetings(clean):
     """A delete that lands between an ingest's commit and its index write must win."""
-    engine, r = clean
-    change(engine, r, 1, 1, [1], "set")
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
+    change(ctx, 1, 1, [1], "set")
     stop = threading.Event()
 
     def deleter():
@@ -59,12 +61,12 @@ def test_ingest_racing_deletes_of_the_same_meetings(clean):
             with engine.connect() as conn:
                 present = list(conn.execute(sa.select(meetings.c.source_id).limit(50)).scalars())
             if present:
-                delete(engine, r, 1, present)
+                delete(ctx, 1, present)
     worker = threading.Thread(target=deleter)
     worker.start()
     try:
         for n in range(30):
-            ingest(engine, r, [record(source_id=f"x{n}-{k}") for k in range(40)])
+            ingest(ctx, [record(source_id=f"x{n}-{k}") for k in range(40)])
     finally:
         stop.set()
         worker.join()
@@ -116,13 +118,14 @@ def test_an_ingest_delivered_again_after_a_delete_does_not_bring_it_back(worker_
 
 @pytest.mark.parametrize("value", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-23:59"])
 def test_a_date_outside_the_calendar_rejects_its_record_only(clean, value):
-    engine, r = clean
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
     for field in ("meeting_date", "updated_at"):
-        result = ingest(engine, r, [record(source_id="ok"), record(source_id="bad", **{field: value})])
+        result = ingest(ctx, [record(source_id="ok"), record(source_id="bad", **{field: value})])
         assert result["accepted"] == 1 and result["rejected"][0]["error"].startswith(f"{field}:")
     for field in ("date_from", "date_to"):
         with pytest.raises(ValueError, match=f"^{field}:"):
-            query(engine, r, installation_id=1, user_id=1, **{field: value})
+            query(ctx, installation_id=1, user_id=1, **{field: value})
 
 
 HOSTILE = [
@@ -208,7 +211,8 @@ def test_every_task_ends_in_a_result_or_a_field_first_error(clean, name, data):
     a field; nothing is written by a call that fails."""
     from worker.app import app
     from worker.errors import InvalidArgument
-    engine, _ = clean
+    ctx = clean
+    engine = ctx.engine
     app.loader.import_default_modules()
     task = app.tasks[name]
     names = TASKS[name]

@@ -6,16 +6,17 @@ from worker.ingest import ingest
 
 
 def test_scripts_write_the_keys_python_names(clean):
-    engine, r = clean
-    change(engine, r, 7, 3, [11], "set")
-    ingest(engine, r, [record(installation_id=7, client_id=11, type="sms", status="closed")])
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
+    change(ctx, 7, 3, [11], "set")
+    ingest(ctx, [record(installation_id=7, client_id=11, type="sms", status="closed")])
     r.zadd(keys.active_users(7), {"3": 1})
     expected = {keys.client_set(7, 11, "sms", "closed"), keys.payloads(7), keys.pairs(7), keys.user_clients(7, 3),
                 keys.client_users(7, 11), keys.access_versions(7), keys.ready(7), keys.active_users(7),
                 keys.generation(7), keys.writes(7)}
     assert {k.decode() for k in r.keys("*")} - {keys.INSTALLATIONS, keys.DATABASE} == expected
     from tests.helpers import query
-    query(engine, r, installation_id=7, user_id=3)  # fills the d:*:* view
+    query(ctx, installation_id=7, user_id=3)  # fills the d:*:* view
     assert r.exists(keys.view_set(7, 3, "d:*:*")) and r.hexists(keys.user_views(7, 3), "d:*:*")
     assert r.sismember(keys.view_users(7, "d:*:*"), 3) and r.sismember(keys.views(7), "d:*:*")
 

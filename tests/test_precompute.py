@@ -9,7 +9,9 @@ import time
 import pytest
 from freezegun import freeze_time
 
-from tests.helpers import VIEWS, page_sources, query, record, token_of
+from tests.conftest import make_context
+from tests.helpers import VIEWS, page_sources, query, record
+from worker.context import Limits
 from worker import keys
 from worker.access import change
 from worker.ingest import delete, ingest
@@ -18,75 +20,79 @@ from worker.precompute import list_views, precompute_active, precompute_user, st
 
 @pytest.fixture
 def user_with_meetings(clean):
-    engine, r = clean
-    change(engine, r, 1, 1, [1, 2, 3], "set")
-    ingest(engine, r, [record(source_id=f"m{c}-{n}", client_id=c, type=("email", "sms")[n % 2],
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
+    change(ctx, 1, 1, [1, 2, 3], "set")
+    ingest(ctx, [record(source_id=f"m{c}-{n}", client_id=c, type=("email", "sms")[n % 2],
                               status=("open", "closed")[n % 3 == 0], meeting_date=f"2024-01-{n + 1:02d}T00:00:00Z")
                        for c in (1, 2, 3, 4) for n in range(12)])
-    return engine, r
+    return ctx
 
 
 def test_precompute_then_answers_come_from_the_sets(user_with_meetings):
-    engine, r = user_with_meetings
-    built = precompute_user(r, 1, 1, VIEWS, now=100, token=token_of(engine, r, 1))
+    ctx = user_with_meetings
+    engine, r = ctx.engine, ctx.redis
+    built = precompute_user(ctx, 1, 1, 100, ctx.mirror.token(1), VIEWS)
     assert built == {"user_id": 1, "views": 2, "entries": 36 + 12, "ready": True}
-    page = query(engine, r, installation_id=1, user_id=1, types=["email"], statuses=["open"], limit=3)
+    page = query(ctx, installation_id=1, user_id=1, types=["email"], statuses=["open"], limit=3)
     assert page["source"] == "precomputed" and page["total"] == 12
     # Shapes that are not views come from the index; the answer is the same either way.
-    other = query(engine, r, views=frozenset(), installation_id=1, user_id=1, types=["email"], statuses=["open"],
+    other = query(ctx, views=frozenset(), installation_id=1, user_id=1, types=["email"], statuses=["open"],
                   limit=3)
     assert other["source"] == "index" and page_sources(other) == page_sources(page)
 
 
 def test_a_query_fills_its_view_for_next_time(user_with_meetings):
-    engine, r = user_with_meetings
-    assert query(engine, r, installation_id=1, user_id=1)["source"] == "index"
-    assert query(engine, r, installation_id=1, user_id=1)["source"] == "precomputed"
+    ctx = user_with_meetings
+    engine, r = ctx.engine, ctx.redis
+    assert query(ctx, installation_id=1, user_id=1)["source"] == "index"
+    assert query(ctx, installation_id=1, user_id=1)["source"] == "precomputed"
     assert stats(r, [1])["hits"] == 1 and stats(r, [1])["misses"] == 1
 
 
 def test_writes_reach_every_affected_set_before_the_task_returns(user_with_meetings):
-    engine, r = user_with_meetings
-    change(engine, r, 1, 2, [1], "set")
+    ctx = user_with_meetings
+    engine, r = ctx.engine, ctx.redis
+    change(ctx, 1, 2, [1], "set")
     for user in (1, 2):
-        precompute_user(r, 1, user, VIEWS, now=100, token=token_of(engine, r, 1))
-    ingest(engine, r, [record(source_id="new", client_id=1, meeting_date="2025-01-01T00:00:00Z")])
+        precompute_user(ctx, 1, user, 100, ctx.mirror.token(1), VIEWS)
+    ingest(ctx, [record(source_id="new", client_id=1, meeting_date="2025-01-01T00:00:00Z")])
     for user in (1, 2):
-        page = query(engine, r, installation_id=1, user_id=user, types=["email"], statuses=["open"], limit=1)
+        page = query(ctx, installation_id=1, user_id=user, types=["email"], statuses=["open"], limit=1)
         assert page["source"] == "precomputed" and page_sources(page) == ["new"]
     # A status change moves it between views; a delete removes it everywhere.
-    ingest(engine, r, [record(source_id="new", client_id=1, status="closed", meeting_date="2025-01-01T00:00:00Z")])
-    page = query(engine, r, installation_id=1, user_id=2, types=["email"], statuses=["open"], limit=1)
+    ingest(ctx, [record(source_id="new", client_id=1, status="closed", meeting_date="2025-01-01T00:00:00Z")])
+    page = query(ctx, installation_id=1, user_id=2, types=["email"], statuses=["open"], limit=1)
     assert page_sources(page) != ["new"]
-    assert page_sources(query(engine, r, installation_id=1, user_id=2, limit=1)) == ["new"]
-    delete(engine, r, 1, ["new"])
+    assert page_sources(query(ctx, installation_id=1, user_id=2, limit=1)) == ["new"]
+    delete(ctx, 1, ["new"])
     for user in (1, 2):
-        assert "new" not in page_sources(query(engine, r, installation_id=1, user_id=user, limit=200))
+        assert "new" not in page_sources(query(ctx, installation_id=1, user_id=user, limit=200))
 
 
 @pytest.mark.parametrize("sliced", [False, True], ids=["in-one-call", "in-slices"])
-def test_revocations_racing_precomputation_never_leak(user_with_meetings, sliced, monkeypatch):
-    engine, r = user_with_meetings
+def test_revocations_racing_precomputation_never_leak(user_with_meetings, sliced):
+    ctx = user_with_meetings
+    r = ctx.redis
     if sliced:  # every view is built a few clients at a time
-        monkeypatch.setattr("worker.query.FILL_INLINE", 1)
-        monkeypatch.setattr("worker.precompute.SLICE_CLIENTS", 3)
+        ctx = make_context(ctx.engine, r, Limits(fill_inline=1, slice_clients=3))
     clients = list(range(1, 41))
-    ingest(engine, r, [record(source_id=f"r{c}", client_id=c) for c in clients])
-    change(engine, r, 1, 5, clients, "set")
+    ingest(ctx, [record(source_id=f"r{c}", client_id=c) for c in clients])
+    change(ctx, 1, 5, clients, "set")
     stop = threading.Event()
 
     def precompute_forever():
         while not stop.is_set():
-            precompute_user(r, 1, 5, VIEWS, now=int(time.time()), token=token_of(engine, r, 1))
+            precompute_user(ctx, 1, 5, int(time.time()), ctx.mirror.token(1), VIEWS)
 
     threads = [threading.Thread(target=precompute_forever) for _ in range(2)]
     for t in threads:
         t.start()
     try:
         for c in clients:
-            change(engine, r, 1, 5, [c], "revoke")
+            change(ctx, 1, 5, [c], "revoke")
             for shape in ({"limit": 200}, {"limit": 10}, {"types": ["email"], "statuses": ["open"], "limit": 200}):
-                page = query(engine, r, installation_id=1, user_id=5, **shape)
+                page = query(ctx, installation_id=1, user_id=5, **shape)
                 leaked = {i["client_id"] for i in page["items"]} & set(range(1, c + 1))
                 assert not leaked, f"revoked clients {leaked} seen from {page['source']}"
     finally:
@@ -100,28 +106,28 @@ def test_revocations_racing_precomputation_never_leak(user_with_meetings, sliced
 def test_a_view_being_built_is_kept_fresh_but_not_served(user_with_meetings):
     """Between the slices of a build, writes reach the growing set; queries do not use it
     until it is complete; an access change cancels it."""
-    from worker.redis_index import script
-    engine, r = user_with_meetings
-    build = script(r, "build")
+    ctx = user_with_meetings
+    engine, r = ctx.engine, ctx.redis
+    build = ctx.scripts["build"]
     keys_ = [keys.user_clients(1, 1), keys.user_views(1, 1), keys.pairs(1), keys.view_set(1, 1, "d:*:*"),
              keys.ready(1)]
     base = [keys.prefix(1), 1, "d:*:*", "tok"]
-    token = token_of(engine, r, 1)
+    token = ctx.mirror.token(1)
     assert build(keys=keys_, args=base + ["begin", 0, 0, 0, token]) == 3
     assert build(keys=keys_, args=base + ["slice", 1, 1, 0, token]) > 0  # client 1 merged
-    ingest(engine, r, [record(source_id="during-3", client_id=3, meeting_date="2030-01-01T00:00:00Z"),
+    ingest(ctx, [record(source_id="during-3", client_id=3, meeting_date="2030-01-01T00:00:00Z"),
                        record(source_id="during-1", client_id=1, meeting_date="2030-01-02T00:00:00Z")])
-    delete(engine, r, 1, ["m1-0"])
-    page = query(engine, r, installation_id=1, user_id=1, limit=200)
+    delete(ctx, 1, ["m1-0"])
+    page = query(ctx, installation_id=1, user_id=1, limit=200)
     assert page["source"] == "index"  # not served half built
     assert build(keys=keys_, args=base + ["slice", 2, 2, 0, token]) > 0
     assert build(keys=keys_, args=base + ["end", 0, 0, 100, token]) == 36 + 1
-    page = query(engine, r, installation_id=1, user_id=1, limit=200)
+    page = query(ctx, installation_id=1, user_id=1, limit=200)
     assert page["source"] == "precomputed" and page_sources(page)[:2] == ["during-1", "during-3"]
     assert "m1-0" not in page_sources(page)
     # An access change in the middle cancels a build.
     assert build(keys=keys_, args=base[:3] + ["tok2", "begin", 0, 0, 0, token]) == 3
-    change(engine, r, 1, 1, [3], "revoke")
+    change(ctx, 1, 1, [3], "revoke")
     assert build(keys=keys_, args=base[:3] + ["tok2", "slice", 1, 5, 0, token]) == -1
     assert not r.exists(keys.view_set(1, 1, "d:*:*"))
 
@@ -129,47 +135,50 @@ def test_a_view_being_built_is_kept_fresh_but_not_served(user_with_meetings):
 def test_the_cached_first_page_follows_every_write(user_with_meetings):
     """The first page of a precomputed set is served from its cached head; any change to
     a meeting on it, or to the user's access, is seen at once."""
-    engine, r = user_with_meetings
-    precompute_user(r, 1, 1, VIEWS, now=100, token=token_of(engine, r, 1))
-    first = query(engine, r, installation_id=1, user_id=1, limit=3)
+    ctx = user_with_meetings
+    engine, r = ctx.engine, ctx.redis
+    precompute_user(ctx, 1, 1, 100, ctx.mirror.token(1), VIEWS)
+    first = query(ctx, installation_id=1, user_id=1, limit=3)
     assert first["source"] == "precomputed" and r.exists(keys.view_head(1, 1, "d:*:*"))
     top = first["items"][0]
     changed = record(source_id=top["source_id"], client_id=top["client_id"], type=top["type"],
                      status=top["status"], meeting_date=top["meeting_date"], subject="renamed")
-    ingest(engine, r, [changed])
-    again = query(engine, r, installation_id=1, user_id=1, limit=3)
+    ingest(ctx, [changed])
+    again = query(ctx, installation_id=1, user_id=1, limit=3)
     assert again["items"][0]["subject"] == "renamed" and again["total"] == first["total"]
-    ascending = query(engine, r, installation_id=1, user_id=1, limit=3, order="asc")
+    ascending = query(ctx, installation_id=1, user_id=1, limit=3, order="asc")
     assert ascending["items"] != again["items"] and ascending["source"] == "precomputed"
-    change(engine, r, 1, 1, [top["client_id"]], "revoke")
-    after = query(engine, r, installation_id=1, user_id=1, limit=20)
+    change(ctx, 1, 1, [top["client_id"]], "revoke")
+    after = query(ctx, installation_id=1, user_id=1, limit=20)
     assert top["client_id"] not in {i["client_id"] for i in after["items"]}
 
 
 def test_idle_users_lose_their_sets(user_with_meetings):
-    engine, r = user_with_meetings
-    change(engine, r, 1, 2, [1], "set")
+    ctx = user_with_meetings
+    engine, r = ctx.engine, ctx.redis
+    change(ctx, 1, 2, [1], "set")
     with freeze_time("2024-06-01 00:00:00"):
-        query(engine, r, installation_id=1, user_id=1)
+        query(ctx, installation_id=1, user_id=1)
     with freeze_time("2024-06-01 20:00:00"):
-        query(engine, r, installation_id=1, user_id=2)
+        query(ctx, installation_id=1, user_id=2)
     day = 86400
     now = int(time.mktime(time.strptime("2024-06-02 06:00:00", "%Y-%m-%d %H:%M:%S"))) - time.timezone
-    report = precompute_active(r, {1: token_of(engine, r, 1)}, VIEWS, idle=day, budget=10**9, now=now)
+    report = precompute_active(ctx, {1: ctx.mirror.token(1)}, idle=day, budget=10**9, now=now)
     assert report["dropped_idle_views"] == 1 and report["refreshed_users"] == 1
     assert {(v.user_id, v.view) for v in list_views(r, 1)} == {(2, "d:*:*"), (2, "d:email:open")}
 
 
 def test_budget_evicts_least_recently_used(user_with_meetings):
-    engine, r = user_with_meetings
+    ctx = user_with_meetings
+    engine, r = ctx.engine, ctx.redis
     for user in (1, 2, 3):
-        change(engine, r, 1, user, [1, 2, 3], "set")
+        change(ctx, 1, user, [1, 2, 3], "set")
     for n, user in enumerate((1, 2, 3)):
-        query(engine, r, now=1000 + n, installation_id=1, user_id=user)  # fills d:*:*
+        query(ctx, now=1000 + n, installation_id=1, user_id=user)  # fills d:*:*
     sizes = {v.user_id: v.size for v in list_views(r, 1)}
     budget = sizes[2] + sizes[3]
-    report = precompute_active(r, {1: token_of(engine, r, 1)}, frozenset({"d:*:*"}), idle=10**6, budget=budget,
-                               now=2000)
+    one_view = make_context(ctx.engine, r, precompute_views=(("meeting_date", None, None),))
+    report = precompute_active(one_view, {1: ctx.mirror.token(1)}, idle=10**6, budget=budget, now=2000)
     left = {v.user_id for v in list_views(r, 1)}
     assert report["evicted_views"] >= 1 and 1 not in left and 3 in left
     assert sum(v.size for v in list_views(r, 1)) <= budget
@@ -178,9 +187,9 @@ def test_budget_evicts_least_recently_used(user_with_meetings):
 def test_beat_schedule_names_registered_tasks_and_expires():
     import beat_schedule
     from worker.app import app
-    from worker.settings import get_settings
+    from worker.settings import Settings
     app.loader.import_default_modules()
-    entries = beat_schedule.entries(get_settings())
+    entries = beat_schedule.entries(Settings.from_env())
     assert entries
     for name, entry in entries.items():
         assert entry["task"] in app.tasks, name
@@ -196,7 +205,8 @@ def test_tick_windows():
 
 def test_one_tick_runs_once_however_many_beats_send_it(clean):
     from tasks.precompute import precompute_active as task
-    _, r = clean
+    ctx = clean
+    r = ctx.redis
     with freeze_time("2024-06-01 00:00:10"):
         first, second = task.run(once_per_tick=True), task.run(once_per_tick=True)
     assert "skipped" not in first and second["skipped"] and first["tick"] == second["tick"]
@@ -212,10 +222,10 @@ def test_two_beat_processes_one_run_per_tick(worker_env, tmp_path, monkeypatch):
     (the shortest allowed), for long enough that each beat sends twice."""
     import json
 
-    from worker.settings import reset_settings
+    from worker import context
     engine, r, webapp = worker_env
-    monkeypatch.setenv("CRM_PRECOMPUTE_INTERVAL", "5")  # the worker's settings too
-    reset_settings()
+    monkeypatch.setenv("CRM_PRECOMPUTE_INTERVAL", "5")  # the worker's context too
+    context.reset()
     env = dict(os.environ, CRM_RECONCILE_INTERVAL="3600")
     beats = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "beat", "-l", "warning",
                                "-s", str(tmp_path / f"beat{n}")], env=env, cwd=os.getcwd(),
@@ -229,7 +239,7 @@ def test_two_beat_processes_one_run_per_tick(worker_env, tmp_path, monkeypatch):
             b.wait(10)
         time.sleep(2)  # let the worker finish what was sent
         monkeypatch.undo()
-        reset_settings()
+        context.reset()
     from tests.conftest import BACKEND_URL
     from worker.redis_index import connect
     backend = connect(BACKEND_URL)

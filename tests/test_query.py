@@ -7,13 +7,13 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import wipe
-from tests.helpers import SECRET, VIEWS, Oracle, ids_of, page_sources, query, record, token_of
+from tests.conftest import make_context, wipe
+from tests.helpers import VIEWS, Oracle, ids_of, page_sources, query, record
 from worker import keys
 from worker.access import change
 from worker.errors import InvalidArgument
 from worker.ingest import delete, ingest
-from worker.mirror import get_mirror
+from worker.context import Limits
 from worker.precompute import precompute_user
 from worker.query import from_database, parse, run
 
@@ -59,13 +59,13 @@ operations_st = st.lists(st.one_of(
 ), min_size=1, max_size=14)
 
 
-def check(engine, r, oracle, q):
+def check(ctx, oracle, q):
     """All three answers to ``q`` agree, page by page through cursors too."""
-    ids = ids_of(engine)
+    ids = ids_of(ctx.engine)
     want_total, want_page = oracle.answer(ids=ids, **q)
-    got = query(engine, r, **q)
-    parsed = parse(dict(q), SECRET)
-    with engine.connect() as conn:
+    got = query(ctx, **q)
+    parsed = parse(dict(q), ctx.cursor_secret())
+    with ctx.engine.connect() as conn:
         sql_total, _, sql_items = from_database(conn, parsed)
     sql_page = [json.loads(t)["source_id"] for t in sql_items][:q["limit"]]
     assert (got["total"], page_sources(got)) == (want_total, want_page), f"index vs oracle for {q}"
@@ -76,7 +76,7 @@ def check(engine, r, oracle, q):
     _, everything = oracle.answer(ids=ids, **dict(walk, limit=10_000))
     seen, cursor = [], None
     while True:
-        page = query(engine, r, **dict(walk, cursor=cursor))
+        page = query(ctx, **dict(walk, cursor=cursor))
         seen += page_sources(page)
         cursor = page["next_cursor"]
         if cursor is None:
@@ -91,47 +91,38 @@ def test_index_database_and_oracle_agree(engine, redis_client, small, operations
     """Random tenants, clients, users, access lists, meetings with updates and deletes,
     precomputations and queries: the index, the database and the oracle agree.  With
     `small`, views are built in slices and more answers come from k-way merges."""
-    import worker.precompute
-    import worker.query
-    r = redis_client
-    if small:
-        saved = worker.query.FILL_INLINE, worker.precompute.SLICE_CLIENTS
-        worker.query.FILL_INLINE, worker.precompute.SLICE_CLIENTS = 1, 2
-    try:
-        _replay(engine, r, operations)
-    finally:
-        if small:
-            worker.query.FILL_INLINE, worker.precompute.SLICE_CLIENTS = saved
+    limits = Limits(fill_inline=1, slice_clients=2) if small else Limits()
+    _replay(make_context(engine, redis_client, limits), operations)
 
 
-def _replay(engine, r, operations):
-    wipe(engine, r)
+def _replay(ctx, operations):
+    wipe(ctx.engine, ctx.redis)
     for installation_id in (1, 2):  # both tenants exist, so the index answers for them
-        get_mirror(engine, r).writer_token(installation_id)
+        ctx.mirror.writer_token(installation_id)
     oracle = Oracle()
     now = 1_800_000_000_000_000
     for op in operations:
         if op[0] == "ingest":
             now += 1
-            ingest(engine, r, op[1], now_us=now, chunk_size=5)
+            ingest(ctx, op[1], now_us=now, chunk_size=5)
             oracle.ingest(op[1], now)
         elif op[0] == "delete":
-            delete(engine, r, op[1], op[2])
+            delete(ctx, op[1], op[2])
             oracle.delete(op[1], op[2])
         elif op[0] == "access":
-            change(engine, r, *op[1:])
+            change(ctx, *op[1:])
             oracle.set_access(*op[1:])
         elif op[0] == "precompute":
-            precompute_user(r, op[1], op[2], VIEWS, now=1, token=token_of(engine, r, op[1]))
+            precompute_user(ctx, op[1], op[2], 1, ctx.mirror.token(op[1]), VIEWS)
         else:
-            check(engine, r, oracle, op[1])
+            check(ctx, oracle, op[1])
     # Finally every user's common views, which may come from precomputed sets.
     for installation_id in (1, 2):
         for user_id in (1, 2, 3, 4):
-            check(engine, r, oracle, {"installation_id": installation_id, "user_id": user_id, "limit": 5})
-            check(engine, r, oracle, {"installation_id": installation_id, "user_id": user_id, "limit": 3,
+            check(ctx, oracle, {"installation_id": installation_id, "user_id": user_id, "limit": 5})
+            check(ctx, oracle, {"installation_id": installation_id, "user_id": user_id, "limit": 3,
                                       "types": ["email"], "statuses": ["open"]})
-            check(engine, r, oracle, {"installation_id": installation_id, "user_id": user_id, "limit": 4,
+            check(ctx, oracle, {"installation_id": installation_id, "user_id": user_id, "limit": 4,
                                       "client_ids": [1, 2, 3, 4, 5, 6, 7], "sort": "updated_at",
                                       "date_from": DATES[1], "order": "asc"})
 
@@ -139,14 +130,15 @@ def _replay(engine, r, operations):
 @pytest.fixture
 def two_users(clean):
     """User 1 sees clients 1 and 2; user 2 sees client 3; installation 2 has a user 1 too."""
-    engine, r = clean
-    ingest(engine, r, [record(source_id=f"m{c}-{n}", client_id=c, meeting_date=f"2024-01-0{n + 1}T00:00:00Z")
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
+    ingest(ctx, [record(source_id=f"m{c}-{n}", client_id=c, meeting_date=f"2024-01-0{n + 1}T00:00:00Z")
                        for c in (1, 2, 3) for n in range(3)])
-    ingest(engine, r, [record(installation_id=2, source_id="other", client_id=1)])
-    change(engine, r, 1, 1, [1, 2], "set")
-    change(engine, r, 1, 2, [3], "set")
-    change(engine, r, 2, 1, [1], "set")
-    return engine, r
+    ingest(ctx, [record(installation_id=2, source_id="other", client_id=1)])
+    change(ctx, 1, 1, [1, 2], "set")
+    change(ctx, 1, 2, [3], "set")
+    change(ctx, 2, 1, [1], "set")
+    return ctx
 
 
 HOSTILE = [
@@ -165,53 +157,57 @@ HOSTILE = [
 
 @pytest.mark.parametrize("extra,field", HOSTILE)
 def test_hostile_arguments_fail_clearly(two_users, extra, field):
-    engine, r = two_users
+    ctx = two_users
+    engine, r = ctx.engine, ctx.redis
     with pytest.raises(InvalidArgument) as info:
-        query(engine, r, **{"installation_id": 1, "user_id": 1, **extra})
+        query(ctx, **{"installation_id": 1, "user_id": 1, **extra})
     assert info.value.field == field
 
 
 def test_foreign_client_ids_and_foreign_users_see_nothing(two_users):
-    engine, r = two_users
-    mine = query(engine, r, installation_id=1, user_id=1, limit=200)
+    ctx = two_users
+    engine, r = ctx.engine, ctx.redis
+    mine = query(ctx, installation_id=1, user_id=1, limit=200)
     assert mine["total"] == 6 and {i["client_id"] for i in mine["items"]} == {1, 2}
-    assert query(engine, r, installation_id=1, user_id=1, client_ids=[3])["total"] == 0
-    assert query(engine, r, installation_id=1, user_id=1, client_ids=[2, 3])["total"] == 3
-    assert query(engine, r, installation_id=1, user_id=99)["total"] == 0      # unknown user
-    other = query(engine, r, installation_id=2, user_id=1, limit=200)          # same id, other tenant
+    assert query(ctx, installation_id=1, user_id=1, client_ids=[3])["total"] == 0
+    assert query(ctx, installation_id=1, user_id=1, client_ids=[2, 3])["total"] == 3
+    assert query(ctx, installation_id=1, user_id=99)["total"] == 0      # unknown user
+    other = query(ctx, installation_id=2, user_id=1, limit=200)          # same id, other tenant
     assert [i["source_id"] for i in other["items"]] == ["other"]
-    assert query(engine, r, installation_id=3, user_id=1)["total"] == 0       # unknown installation
-    assert query(engine, r, installation_id=1, user_id=1, client_ids=[])["total"] == 0
+    assert query(ctx, installation_id=3, user_id=1)["total"] == 0       # unknown installation
+    assert query(ctx, installation_id=1, user_id=1, client_ids=[])["total"] == 0
 
 
 def test_cursors_are_bound_to_their_query_and_signed(two_users):
-    engine, r = two_users
-    first = query(engine, r, installation_id=1, user_id=1, limit=2)
+    ctx = two_users
+    engine, r = ctx.engine, ctx.redis
+    first = query(ctx, installation_id=1, user_id=1, limit=2)
     cursor = first["next_cursor"]
     assert cursor
     for other in ({"user_id": 2}, {"types": ["email"]}, {"order": "asc"}, {"sort": "updated_at"},
                   {"installation_id": 2}):
         with pytest.raises(InvalidArgument, match="^cursor: "):
-            query(engine, r, **{"installation_id": 1, "user_id": 1, "limit": 2, "cursor": cursor, **other})
+            query(ctx, **{"installation_id": 1, "user_id": 1, "limit": 2, "cursor": cursor, **other})
     raw = bytearray(cursor.encode())
     raw[3] = ord("A") if raw[3] != ord("A") else ord("B")  # one character changed
     with pytest.raises(InvalidArgument, match="^cursor: "):
-        query(engine, r, installation_id=1, user_id=1, limit=2, cursor=raw.decode())
+        query(ctx, installation_id=1, user_id=1, limit=2, cursor=raw.decode())
     with pytest.raises(InvalidArgument, match="non-zero offset"):
-        query(engine, r, installation_id=1, user_id=1, limit=2, cursor=cursor, offset=2)
+        query(ctx, installation_id=1, user_id=1, limit=2, cursor=cursor, offset=2)
     # The cursor is valid for the query it came from, with any limit.
-    assert query(engine, r, installation_id=1, user_id=1, limit=4, cursor=cursor)["items"]
+    assert query(ctx, installation_id=1, user_id=1, limit=4, cursor=cursor)["items"]
 
 
 def test_cursor_paging_across_inserts_before_the_cursor(two_users):
-    engine, r = two_users
+    ctx = two_users
+    engine, r = ctx.engine, ctx.redis
     seen, cursor, n = [], None, 0
     while True:
-        page = query(engine, r, installation_id=1, user_id=1, limit=2, cursor=cursor)
+        page = query(ctx, installation_id=1, user_id=1, limit=2, cursor=cursor)
         seen += page_sources(page)
         cursor = page["next_cursor"]
         # After each page, a newer meeting (before the cursor) and an older one arrive.
-        ingest(engine, r, [record(source_id=f"new{n}", client_id=1, meeting_date="2030-01-01T00:00:00Z"),
+        ingest(ctx, [record(source_id=f"new{n}", client_id=1, meeting_date="2030-01-01T00:00:00Z"),
                            record(source_id=f"old{n}", client_id=2, meeting_date="2000-01-01T00:00:00Z")])
         n += 1
         if cursor is None:
@@ -223,24 +219,26 @@ def test_cursor_paging_across_inserts_before_the_cursor(two_users):
 
 
 def test_deep_offsets_and_every_page(clean):
-    engine, r = clean
-    ingest(engine, r, [record(source_id=f"m{n:04d}", client_id=n % 5 + 1,
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
+    ingest(ctx, [record(source_id=f"m{n:04d}", client_id=n % 5 + 1,
                               meeting_date=f"2024-01-01T00:{n // 60 % 60:02d}:{n % 60:02d}Z") for n in range(900)])
-    change(engine, r, 1, 1, [1, 2, 3, 4, 5], "set")
-    everything = page_sources(query(engine, r, installation_id=1, user_id=1, limit=200, offset=0))
-    everything += sum((page_sources(query(engine, r, installation_id=1, user_id=1, limit=200, offset=o))
+    change(ctx, 1, 1, [1, 2, 3, 4, 5], "set")
+    everything = page_sources(query(ctx, installation_id=1, user_id=1, limit=200, offset=0))
+    everything += sum((page_sources(query(ctx, installation_id=1, user_id=1, limit=200, offset=o))
                        for o in range(200, 1000, 200)), [])
     assert everything == [f"m{n:04d}" for n in reversed(range(900))]
-    assert page_sources(query(engine, r, installation_id=1, user_id=1, limit=5, offset=895)) == \
+    assert page_sources(query(ctx, installation_id=1, user_id=1, limit=5, offset=895)) == \
         ["m0004", "m0003", "m0002", "m0001", "m0000"]
-    assert query(engine, r, installation_id=1, user_id=1, offset=10**9)["items"] == []
+    assert query(ctx, installation_id=1, user_id=1, offset=10**9)["items"] == []
 
 
 def test_no_key_outlives_the_queries(two_users):
-    engine, r = two_users
+    ctx = two_users
+    engine, r = ctx.engine, ctx.redis
     before = set(r.keys("*"))
     for n in range(2000):
-        query(engine, r, views=frozenset(), installation_id=1, user_id=n % 3 + 1, types=[TYPES[n % 3]],
+        query(ctx, views=(), installation_id=1, user_id=n % 3 + 1, types=[TYPES[n % 3]],
               sort=("meeting_date", "updated_at")[n % 2], date_from="2024-01-02T00:00:00Z" if n % 4 else None,
               client_ids=[1, 2] if n % 5 == 0 else None, offset=n % 4)
     after = set(r.keys("*"))
@@ -250,60 +248,59 @@ def test_no_key_outlives_the_queries(two_users):
 
 
 def test_fallback_answers_identically_after_a_flush(two_users):
-    engine, r = two_users
+    ctx = two_users
+    engine, r = ctx.engine, ctx.redis
     shapes = [{}, {"types": ["email"], "statuses": ["open"]}, {"sort": "updated_at", "order": "asc", "limit": 4},
               {"date_from": "2024-01-02T00:00:00Z", "client_ids": [2]}]
-    before = [query(engine, r, installation_id=1, user_id=1, **s) for s in shapes]
+    before = [query(ctx, installation_id=1, user_id=1, **s) for s in shapes]
     r.flushdb()
-    after = [query(engine, r, installation_id=1, user_id=1, **s) for s in shapes]
+    after = [query(ctx, installation_id=1, user_id=1, **s) for s in shapes]
     for b, a in zip(before, after):
         assert a["source"] == "database"
         assert {k: v for k, v in a.items() if k != "source"} == {k: v for k, v in b.items() if k != "source"}
     # A cursor from the index continues on the database, and the other way round.
-    assert query(engine, r, installation_id=1, user_id=1, limit=2, cursor=before[0]["next_cursor"]) is not None
+    assert query(ctx, installation_id=1, user_id=1, limit=2, cursor=before[0]["next_cursor"]) is not None
 
 
 def test_fallback_when_redis_is_unreachable(two_users):
-    engine, _ = two_users
-    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
-    result, _ = run(engine, dead, parse({"installation_id": 1, "user_id": 1}, SECRET), SECRET, VIEWS)
+    dead = make_context(two_users.engine, redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2))
+    result, _ = run(dead, parse({"installation_id": 1, "user_id": 1}, dead.cursor_secret()))
     assert result["source"] == "database" and result["total"] == 6
 
 
-def test_a_merge_too_broad_for_redis_is_answered_by_sql(two_users, monkeypatch):
+def test_a_merge_too_broad_for_redis_is_answered_by_sql(two_users):
     """Users who see thousands of clients would make one answer merge thousands of sets,
     holding Redis for long: such queries go to the database, with the same answer, and
     ask for the user's view to be built (in slices), which then answers."""
-    import worker.query
-    engine, r = two_users
-    before = query(engine, r, views=frozenset(), installation_id=1, user_id=1, limit=4)
-    monkeypatch.setattr(worker.query, "MAX_MERGE", 1)
-    result, follow_ups = run(engine, r, parse({"installation_id": 1, "user_id": 1, "limit": 4}, SECRET), SECRET,
-                             VIEWS)
+    ctx = two_users
+    before = query(ctx, views=(), installation_id=1, user_id=1, limit=4)
+    narrow = make_context(ctx.engine, ctx.redis, Limits(max_merge=1))
+    result, follow_ups = run(narrow, parse({"installation_id": 1, "user_id": 1, "limit": 4}, ctx.cursor_secret()))
     assert before["source"] == "index" and result["source"] == "database" and follow_ups == {"precompute"}
     assert page_sources(before) == page_sources(result) and before["total"] == result["total"]
-    assert precompute_user(r, 1, 1, VIEWS, now=1, token=token_of(engine, r, 1))["views"] == 2
-    again = query(engine, r, installation_id=1, user_id=1, limit=4)
+    assert precompute_user(ctx, 1, 1, 1, ctx.mirror.token(1), VIEWS)["views"] == 2
+    again = query(ctx, installation_id=1, user_id=1, limit=4)
     assert again["source"] == "precomputed" and page_sources(again) == page_sources(before)
     # One set is not too many: a single client's answer still comes from the index.
-    assert query(engine, r, views=frozenset(), installation_id=1, user_id=2, types=["email"],
+    assert query(narrow, views=(), installation_id=1, user_id=2, types=["email"],
                  statuses=["open"])["source"] == "index"
 
 
-def test_merged_and_unioned_answers_agree(clean, monkeypatch):
+def test_merged_and_unioned_answers_agree(clean):
     """Many clients: pages come from a k-way merge, deep pages from a union; both equal
     the database's answer, in both orders and with cursors."""
-    engine, r = clean
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
     batch = [record(source_id=f"m{n}", client_id=n % 40 + 1, type=("email", "sms")[n % 2],
                     meeting_date=f"2024-01-{n % 28 + 1:02d}T{n % 24:02d}:00:00Z") for n in range(1200)]
-    ingest(engine, r, batch[:600])
-    ingest(engine, r, batch[600:])
-    change(engine, r, 1, 1, list(range(1, 41)), "set")
+    ingest(ctx, batch[:600])
+    ingest(ctx, batch[600:])
+    change(ctx, 1, 1, list(range(1, 41)), "set")
     for order in ("asc", "desc"):
         for offset in (0, 7, 590, 1190, 1999):
             args = {"installation_id": 1, "user_id": 1, "order": order, "offset": offset, "limit": 13}
-            got = query(engine, r, views=frozenset(), **args)
+            got = query(ctx, views=(), **args)
             with engine.connect() as conn:
-                total, _, items = from_database(conn, parse(args, SECRET))
+                total, _, items = from_database(conn, parse(args, ctx.cursor_secret()))
             assert got["total"] == total == 1200 and got["source"] == "index"
             assert page_sources(got) == [json.loads(t)["source_id"] for t in items][:13]

@@ -1,35 +1,36 @@
 """The embedded default: SQLite as the source of truth, with the real Redis index."""
 import sqlalchemy as sa
 
+from tests.conftest import make_context
 from tests.helpers import assert_index_matches, page_sources, query, record
 from worker.access import change
 from worker.ingest import delete, ingest
 from worker.query import from_database, parse
-from tests.helpers import SECRET
 
 
 def test_ingest_query_and_fallback_on_sqlite(sqlite_engine, redis_client):
     engine, r = sqlite_engine, redis_client
+    ctx = make_context(engine, r)
     r.flushdb()
     batch = [record(source_id=f"m{n}", client_id=n % 3 + 1, meeting_date=f"2024-01-{n % 28 + 1:02d}T00:00:00Z",
                     details={"n": n}) for n in range(60)]
-    assert ingest(engine, r, batch)["accepted"] == 60
-    assert ingest(engine, r, batch)["unchanged"] == 60
-    ingest(engine, r, [record(source_id="m0", client_id=1, status="closed", updated_at="2030-01-01T00:00:00Z")])
+    assert ingest(ctx, batch)["accepted"] == 60
+    assert ingest(ctx, batch)["unchanged"] == 60
+    ingest(ctx, [record(source_id="m0", client_id=1, status="closed", updated_at="2030-01-01T00:00:00Z")])
     # New rows before and after stored ones: the new ones are written, none twice.
     mixed = [record(source_id="a-new", client_id=3), batch[2], record(source_id="z-new", client_id=3)]
-    assert ingest(engine, r, mixed) == {"accepted": 3, "updated": 0, "unchanged": 1, "rejected": []}
-    assert delete(engine, r, 1, ["a-new", "z-new"]) == {"deleted": 2}
-    change(engine, r, 1, 1, [1, 2], "set")
-    assert delete(engine, r, 1, ["m1"]) == {"deleted": 1}
+    assert ingest(ctx, mixed) == {"accepted": 3, "updated": 0, "unchanged": 1, "rejected": []}
+    assert delete(ctx, 1, ["a-new", "z-new"]) == {"deleted": 2}
+    change(ctx, 1, 1, [1, 2], "set")
+    assert delete(ctx, 1, ["m1"]) == {"deleted": 1}
     assert_index_matches(engine, r)
-    result = query(engine, r, installation_id=1, user_id=1, limit=200)
+    result = query(ctx, installation_id=1, user_id=1, limit=200)
     assert result["total"] == 39 and {i["client_id"] for i in result["items"]} == {1, 2}
     with engine.connect() as conn:
-        total, _, items = from_database(conn, parse({"installation_id": 1, "user_id": 1, "limit": 200}, SECRET))
+        total, _, items = from_database(conn, parse({"installation_id": 1, "user_id": 1, "limit": 200}, ctx.cursor_secret()))
     assert total == 39 and len(items) == 39
     r.flushdb()
-    fallback = query(engine, r, installation_id=1, user_id=1, limit=200)
+    fallback = query(ctx, installation_id=1, user_id=1, limit=200)
     assert fallback["source"] == "database" and page_sources(fallback) == page_sources(result)
 
 

@@ -130,7 +130,8 @@ def test_two_databases_pointed_at_one_redis_each_see_only_their_own(worker_env, 
 
 
 def test_a_database_restored_from_an_older_dump_is_not_answered_by_the_newer_index(deployment, tmp_path, clean):
-    _, r = clean
+    ctx = clean
+    r = ctx.redis
     name = "crm_test_restore"
     mysql = ["mysql", "-h127.0.0.1", "-uroot"]
     subprocess.run(mysql + ["-e", f"DROP DATABASE IF EXISTS {name}"], check=True)
@@ -176,6 +177,7 @@ def test_claiming_keeps_the_index_of_its_own_database(clean):
     """`crm init` run again on the same database changes nothing."""
     from worker.maintenance import claim_index
     from worker.ingest import ingest
-    engine, r = clean
-    ingest(engine, r, [record()])
-    assert claim_index(engine, r) == [] and r.get(keys.ready(1)) is not None
+    ctx = clean
+    engine, r = ctx.engine, ctx.redis
+    ingest(ctx, [record()])
+    assert claim_index(ctx) == [] and r.get(keys.ready(1)) is not None

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from worker import redis_index
 from worker.db import locking, run_transaction, user_clients, users
 from worker.errors import InvalidArgument
-from worker.mirror import get_mirror, new_write_id, record_write, recorded_result
+from worker.mirror import new_write_id, record_write, recorded_result
 from worker.records import positive_int
 
 MAX_CLIENTS = 100_000
@@ -38,14 +38,14 @@ def _clients_of(conn, installation_id: int, user_id: int) -> set[int]:
         user_clients.c.installation_id == installation_id, user_clients.c.user_id == user_id)).scalars())
 
 
-def change(engine: sa.Engine, r, installation_id, user_id, client_ids, mode: str, task_id: str | None = None) -> dict:
+def change(ctx, installation_id, user_id, client_ids, mode: str, task_id: str | None = None) -> dict:
     """``mode`` is ``set`` (replace), ``grant`` (add) or ``revoke`` (remove).  Returns
     ``{"user_id", "clients"}`` with the size of the list afterwards.  ``task_id`` names the
     write, so that a redelivery of the task returns the same and changes nothing."""
     installation_id = positive_int("installation_id", installation_id)
     user_id = positive_int("user_id", user_id)
     wanted = set(_client_ids(client_ids))
-    mirror = get_mirror(engine, r)
+    mirror = ctx.mirror
     token = mirror.writer_token(installation_id)
     write_id = new_write_id(task_id)
     where = (users.c.installation_id == installation_id) & (users.c.user_id == user_id)
@@ -61,7 +61,7 @@ def change(engine: sa.Engine, r, installation_id, user_id, client_ids, mode: str
         if gone:
             # Under the user's row lock and before the commit: at no instant does Redis
             # allow more than the database will.
-            mirror.write(installation_id, lambda t: redis_index.remove_access(r, installation_id, user_id, gone, t),
+            mirror.write(installation_id, lambda t: redis_index.remove_access(ctx, installation_id, user_id, gone, t),
                          token)
             conn.execute(user_clients.delete().where(
                 user_clients.c.installation_id == installation_id, user_clients.c.user_id == user_id,
@@ -79,22 +79,22 @@ def change(engine: sa.Engine, r, installation_id, user_id, client_ids, mode: str
         record_write(conn, write_id, installation_id, json.dumps(result))
         return result, (version, after)
 
-    result, applied = run_transaction(locking(engine), work, retry_duplicates=True)
+    result, applied = run_transaction(locking(ctx.engine), work, retry_duplicates=True)
     if applied is None:
         # A redelivery: the change is stored; make sure Redis holds the list as it is now.
-        load_access_locked(engine, r, installation_id, token, [user_id])
+        load_access_locked(ctx, installation_id, token, [user_id])
     else:
         version, after = applied
         mirror.write(installation_id,
-                     lambda t: redis_index.set_access(r, installation_id, user_id, version, after, t, write_id), token)
+                     lambda t: redis_index.set_access(ctx, installation_id, user_id, version, after, t, write_id), token)
     return result
 
 
-def load_access_locked(engine: sa.Engine, r, installation_id: int, token: str, user_ids=None) -> int:
+def load_access_locked(ctx, installation_id: int, token: str, user_ids=None) -> int:
     """Write the access lists of ``user_ids`` (or of every user of the installation) into
     Redis as the database holds them, each under the user's row lock; a user the
     database does not know loses every client.  Returns the users written."""
-    mirror = get_mirror(engine, r)
+    engine, mirror = ctx.engine, ctx.mirror
     written = 0
     if user_ids is None:
         last = 0
@@ -106,7 +106,7 @@ def load_access_locked(engine: sa.Engine, r, installation_id: int, token: str, u
             batch = run_transaction(engine, page)
             if not batch:
                 return written
-            written += load_access_locked(engine, r, installation_id, token, batch)
+            written += load_access_locked(ctx, installation_id, token, batch)
             last = batch[-1]
 
     def work(conn):
@@ -120,6 +120,6 @@ def load_access_locked(engine: sa.Engine, r, installation_id: int, token: str, u
             lists[u].add(c)
         for u in user_ids:
             mirror.write(installation_id, lambda t: redis_index.set_access(
-                r, installation_id, u, versions.get(u, 0), lists[u], t, force=True), token)
+                ctx, installation_id, u, versions.get(u, 0), lists[u], t, force=True), token)
         return len(user_ids)
     return run_transaction(locking(engine), work)

@@ -1,7 +1,6 @@
 """The Celery app: ``celery -A worker worker`` and ``celery -A worker beat``."""
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import random
@@ -12,9 +11,9 @@ from celery.signals import worker_process_init
 from kombu import Exchange, Queue
 
 import beat_schedule
-from worker import logs
+from worker import context, logs
 from worker.errors import InvalidArgument, is_transient
-from worker.settings import SettingsError, get_settings, redact
+from worker.settings import Settings, SettingsError, redact
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +33,6 @@ ROUTES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _signature(fn) -> inspect.Signature:
-    return inspect.signature(fn)
-
-
 def caller_mistake(exc: InvalidArgument) -> ValueError:
     """The error a caller's ``result.get()`` raises for an invalid argument: a plain
     ``ValueError`` with the field-first message, which any client rebuilds as such (the
@@ -56,11 +50,14 @@ class CrmTask(Task):
     ones included) as a ``ValueError`` whose message starts with the field."""
     max_retries = 12
     retry_backoff_cap = 60
+    _arguments: inspect.Signature | None = None
 
     def __call__(self, *args, **kwargs):
         try:
+            if self._arguments is None:
+                self._arguments = inspect.signature(self.run)
             try:
-                _signature(self.run).bind(*args, **kwargs)
+                self._arguments.bind(*args, **kwargs)
             except TypeError as exc:
                 raise _argument_error(self.name, exc) from None
             return super().__call__(*args, **kwargs)
@@ -129,7 +126,7 @@ logs.install()
 app = Celery("crm", task_cls=CrmTask, include=[
     "tasks.ingest", "tasks.access", "tasks.query", "tasks.precompute", "tasks.maintenance"])
 try:
-    configure(app, get_settings())
+    configure(app, Settings.from_env())
 except SettingsError as exc:
     # One line that names the variable, not a traceback from deep inside Celery's loader.
     print(f"crm-insight: {exc}", file=sys.stderr)
@@ -140,9 +137,4 @@ log.debug("broker %s, result backend %s", redact(app.conf.broker_url), redact(ap
 @worker_process_init.connect
 def _fresh_connections(**_):
     """A forked pool process must not share its parent's sockets."""
-    from worker.db import dispose_engines
-    from worker.mirror import reset_mirrors
-    from worker.redis_index import reset_clients
-    dispose_engines()
-    reset_clients()
-    reset_mirrors()
+    context.reset()

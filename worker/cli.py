@@ -15,12 +15,14 @@ import time
 import redis
 import sqlalchemy as sa
 
-from worker.settings import Settings, SettingsError, get_settings, redact
+from worker.context import Context
+from worker.settings import Settings, SettingsError, redact
 
 
 def cmd_init(args) -> int:
     from worker.schema import create_database, upgrade
-    url = get_settings().database_url
+    settings = Settings.from_env()
+    url = settings.database_url
     deadline = time.monotonic() + args.wait
     while True:
         try:
@@ -31,15 +33,14 @@ def cmd_init(args) -> int:
                 print(f"database at {redact(url)} does not answer: {exc.orig}", file=sys.stderr)
                 return 1
             time.sleep(2)
-    revision = upgrade()
+    ctx = Context.from_settings(settings)
+    revision = upgrade(ctx.engine)
     print(f"schema at revision {revision} on {redact(url)}")
-    from worker.db import get_engine
     from worker.maintenance import claim_index
-    from worker.redis_index import get_redis
     try:
-        stale = claim_index(get_engine(), get_redis())
+        stale = claim_index(ctx)
     except redis.RedisError as exc:
-        print(f"index Redis at {redact(get_settings().redis_url)} not reached ({exc}); "
+        print(f"index Redis at {redact(settings.redis_url)} not reached ({exc}); "
               "run `crm init` again once it answers", file=sys.stderr)
         return 1
     if stale:
@@ -49,10 +50,9 @@ def cmd_init(args) -> int:
 
 
 def cmd_seed(args) -> int:
-    from worker.db import get_engine
-    from worker.redis_index import get_redis
     from worker.seed import DEMO, Shape, demo_state, mark_demo, seed
-    engine = get_engine()
+    ctx = Context.from_settings()
+    engine = ctx.engine
     shape = Shape(installations=args.installations, clients=args.clients, users=args.users,
                   meetings=args.meetings, seed=args.seed)
     if args.demo:
@@ -63,14 +63,14 @@ def cmd_seed(args) -> int:
             print("the database holds data of its own: no demo data seeded")
             return 0
         if state == "started":
-            stored = status_report(engine, get_redis())["installations"].get("1", {}).get("database", {})
+            stored = status_report(ctx)["installations"].get("1", {}).get("database", {})
             print(f"resuming the demo seed interrupted earlier ({stored.get('meetings', 0):,} of "
                   f"{DEMO.meetings:,} meetings stored); what is stored is not written again")
         else:
             print(f"seeding a demo CRM: {DEMO.clients} clients, {DEMO.users} users, {DEMO.meetings:,} meetings")
         mark_demo(engine, "started")
     start = time.monotonic()
-    totals = seed(engine, get_redis(), shape)
+    totals = seed(ctx, shape)
     if args.demo:
         mark_demo(engine, "complete")
     took = time.monotonic() - start
@@ -78,14 +78,13 @@ def cmd_seed(args) -> int:
     return 0
 
 
-def status_report(engine, r) -> dict:
+def status_report(ctx) -> dict:
     from worker import keys
     from worker.db import meetings, user_clients
     from worker.maintenance import installation_ids
-    from worker.mirror import get_mirror
     from worker.precompute import stats
+    engine, r, mirror = ctx.engine, ctx.redis, ctx.mirror
     ids = installation_ids(engine)
-    mirror = get_mirror(engine, r)
     report = {"installations": {}}
     with engine.connect() as conn:
         for i in ids:
@@ -107,9 +106,7 @@ def status_report(engine, r) -> dict:
 
 
 def cmd_status(args) -> int:
-    from worker.db import get_engine
-    from worker.redis_index import get_redis
-    report = status_report(get_engine(), get_redis())
+    report = status_report(Context.from_settings())
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import threading
 import time
 from typing import Callable
 
@@ -119,10 +118,6 @@ crm_meta = sa.Table(
     sa.Column("value", sa.String(255), nullable=False),
 )
 
-_engines: dict[str, sa.Engine] = {}
-_lock = threading.Lock()
-
-
 def make_engine(url: str, lock_wait_timeout: int = 10) -> sa.Engine:
     """A new engine for ``url`` with the session settings the service relies on."""
     if url.startswith("sqlite"):
@@ -187,24 +182,3 @@ def run_transaction(engine: sa.Engine, work: Callable, attempts: int = 4, pause:
                 raise
             log.warning("transient database fault, retry %d: %s", attempt + 1, exc.__class__.__name__)
             time.sleep(pause * (2 ** attempt))
-
-
-def get_engine(url: str | None = None) -> sa.Engine:
-    """The process-wide engine for ``url`` (default: the configured database)."""
-    from worker.settings import get_settings
-    settings = get_settings()
-    url = url or settings.database_url
-    with _lock:
-        engine = _engines.get(url)
-        if engine is None:
-            engine = _engines[url] = make_engine(url, settings.db_lock_wait_timeout)
-        return engine
-
-
-def dispose_engines() -> None:
-    """Close every pooled connection (after fork, and in tests)."""
-    with _lock:
-        for engine in _engines.values():
-            engine.dispose()
-        _engines.clear()
-

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from worker import redis_index
 from worker.db import COLUMNS, StoredRow, locking, meetings, run_transaction
 from worker.errors import InvalidArgument
-from worker.mirror import get_mirror, new_write_id, record_write, recorded_result, sync_sources, sync_written
+from worker.mirror import new_write_id, record_write, recorded_result, sync_sources, sync_written
 from worker.records import MAX_BATCH, Meeting, meeting_id, positive_int, validate
 
 log = logging.getLogger(__name__)
@@ -126,10 +126,11 @@ def validate_batch(records) -> tuple[list[tuple[int, Meeting]], list[dict]]:
     return valid, rejected
 
 
-def ingest(engine: sa.Engine, r, records, chunk_size: int = 500, now_us: int | None = None,
-           task_id: str | None = None) -> dict:
+def ingest(ctx, records, chunk_size: int | None = None, now_us: int | None = None, task_id: str | None = None) -> dict:
     """``crm.ingest_meetings``: validate, upsert, index.  Returns the contract's counts.
-    ``task_id`` names the task's writes, so that its redelivery applies none twice."""
+    ``chunk_size``: rows per transaction (default CRM_INGEST_CHUNK); ``task_id`` names the
+    task's writes, so that its redelivery applies none twice."""
+    engine, chunk_size = ctx.engine, chunk_size or ctx.settings.ingest_chunk
     valid, rejected = validate_batch(records)
     now_us = int(time.time() * 1_000_000) if now_us is None else now_us
     given = set()
@@ -150,7 +151,7 @@ def ingest(engine: sa.Engine, r, records, chunk_size: int = 500, now_us: int | N
     # Read committed takes no gap locks: concurrent batches insert side by side instead of
     # queueing behind each other's locking reads of keys that do not exist yet.
     writer = engine.execution_options(isolation_level="READ COMMITTED") if engine.dialect.name == "mysql" else engine
-    mirror = get_mirror(engine, r)
+    mirror = ctx.mirror
     base = new_write_id(task_id)
     by_installation: dict[int, list[Meeting]] = collections.defaultdict(list)
     for m in newest.values():
@@ -175,24 +176,22 @@ def ingest(engine: sa.Engine, r, records, chunk_size: int = 500, now_us: int | N
             if stored is None:
                 # A redelivery: the chunk is stored; its index write may not have happened.
                 sources = [m.source_id for m in chunk]
-                mirror.write(installation_id, lambda t: sync_sources(engine, r, installation_id, t, sources, write_id),
-                             token)
+                mirror.write(installation_id, lambda t: sync_sources(ctx, installation_id, t, sources, write_id), token)
             else:
-                mirror.write(installation_id, lambda t: sync_written(engine, r, installation_id, t, stored, write_id),
-                             token)
+                mirror.write(installation_id, lambda t: sync_written(ctx, installation_id, t, stored, write_id), token)
     return {"accepted": len(valid), "updated": updated, "unchanged": unchanged, "rejected": rejected}
 
 
-def delete(engine: sa.Engine, r, installation_id, source_ids, chunk_size: int = 500,
-           task_id: str | None = None) -> dict:
+def delete(ctx, installation_id, source_ids, chunk_size: int | None = None, task_id: str | None = None) -> dict:
     """``crm.delete_meetings``: under the rows' locks, gone from the index first, then from
     the database; each chunk recorded as a write of the task."""
+    chunk_size = chunk_size or ctx.settings.ingest_chunk
     installation_id = positive_int("installation_id", installation_id)
     if not isinstance(source_ids, list) or not all(isinstance(s, str) for s in source_ids):
         raise InvalidArgument("source_ids", "must be a list of strings")
     if len(source_ids) > MAX_BATCH:
         raise InvalidArgument("source_ids", f"holds {len(source_ids)} ids; at most {MAX_BATCH} per task")
-    mirror = get_mirror(engine, r)
+    mirror = ctx.mirror
     if mirror.token(installation_id) is None:
         return {"deleted": 0}  # the database knows no meeting of this installation
     deleted = 0
@@ -214,9 +213,9 @@ def delete(engine: sa.Engine, r, installation_id, source_ids, chunk_size: int = 
             if ids:
                 # Out of every query at once, before the rows go: a crash in between leaves
                 # the rows in the database, and the redelivered task deletes them again.
-                mirror.write(installation_id, lambda t: redis_index.delete_meetings(r, installation_id, ids, t))
+                mirror.write(installation_id, lambda t: redis_index.delete_meetings(ctx, installation_id, ids, t))
                 count = conn.execute(meetings.delete().where(meetings.c.id.in_(ids))).rowcount
             record_write(conn, write_id, installation_id, str(count))
             return count
-        deleted += run_transaction(locking(engine), work, retry_duplicates=True)
+        deleted += run_transaction(locking(ctx.engine), work, retry_duplicates=True)
     return {"deleted": deleted}

@@ -13,8 +13,10 @@ import sqlalchemy as sa
 
 from worker import keys, redis_index
 from worker.access import load_access_locked
+from worker.precompute import drop_user, list_views, view_query
+from worker.query import SORTS, sql_conditions
 from worker.db import COLUMNS, StoredRow, applied_writes, installations, meetings, user_clients, users
-from worker.mirror import get_mirror, our_database_id, rebuild_installation, repair_ids
+from worker.mirror import our_database_id, rebuild_installation, repair_ids
 
 BATCH = 1000
 #: Recorded writes are kept this long: far beyond any redelivery of their task.
@@ -53,11 +55,12 @@ def _access_lists(engine: sa.Engine, installation_id: int) -> dict[int, set[int]
     return lists
 
 
-def claim_index(engine: sa.Engine, r: redis.Redis) -> list[int]:
+def claim_index(ctx) -> list[int]:
     """Make the index Redis this database's.  Installations it held for another database
     answer nothing for this one (their tokens differ) and are rebuilt before they answer.
     Returns the installations the index held for another database."""
-    ours = our_database_id(engine)
+    r = ctx.redis
+    ours = our_database_id(ctx.engine)
     theirs = r.get(keys.DATABASE)
     stale = []
     if theirs is None or theirs.decode() != ours:
@@ -67,17 +70,16 @@ def claim_index(engine: sa.Engine, r: redis.Redis) -> list[int]:
                 stale.append(installation_id)
                 r.delete(keys.ready(installation_id), keys.generation(installation_id))
         r.set(keys.DATABASE, ours)
-    get_mirror(engine, r).forget()
+    ctx.mirror.forget()
     return stale
 
 
-def rebuild(engine: sa.Engine, r: redis.Redis, only: int | None = None) -> dict:
+def rebuild(ctx, only: int | None = None) -> dict:
     """Rebuild the index of one installation (or all) from the database.  Queries answer
     from the database meanwhile."""
     done = {}
-    for installation_id in installation_ids(engine, only):
-        report = rebuild_installation(engine, r, installation_id)
-        get_mirror(engine, r).forget(installation_id)
+    for installation_id in installation_ids(ctx.engine, only):
+        report = rebuild_installation(ctx, installation_id)
         done[str(installation_id)] = {"meetings": report["meetings"], "users": report["users"]}
     return {"rebuilt": done}
 
@@ -89,26 +91,25 @@ def _redis_access(r: redis.Redis, installation_id: int) -> dict[int, set[int]]:
     return found
 
 
-def reconcile(engine: sa.Engine, r: redis.Redis, only: int | None = None, now: float | None = None) -> dict:
+def reconcile(ctx, only: int | None = None, now: float | None = None) -> dict:
     """Compare the index with the database and repair what differs; return what was
     found.  An installation whose index is not ready for this database is rebuilt."""
     report = collections.Counter()
     rebuilt = []
-    mirror = get_mirror(engine, r)
+    engine, r, mirror = ctx.engine, ctx.redis, ctx.mirror
     for installation_id in installation_ids(engine, only):
         token = mirror.refresh(installation_id)
         if token is None:
             continue
         ready = r.get(keys.ready(installation_id))
         if ready is None or ready.decode() != token:
-            rebuild_installation(engine, r, installation_id)
-            mirror.forget(installation_id)
+            rebuild_installation(ctx, installation_id)
             rebuilt.append(installation_id)
             continue
         report["installations"] += 1
-        _reconcile_access(engine, r, installation_id, token, report)
-        _reconcile_meetings(engine, r, installation_id, token, report)
-        _reconcile_views(engine, r, installation_id, report)
+        _reconcile_access(ctx, installation_id, token, report)
+        _reconcile_meetings(ctx, installation_id, token, report)
+        _reconcile_views(ctx, installation_id, report)
     report["writes_pruned"] = prune_writes(engine, time.time() if now is None else now)
     return {"rebuilt": rebuilt, **{k: report[k] for k in (
         "installations", "users_checked", "access_repaired", "meetings_checked", "meetings_repaired",
@@ -133,20 +134,21 @@ def prune_writes(engine: sa.Engine, now: float) -> int:
     return removed
 
 
-def _reconcile_access(engine, r, installation_id, token, report) -> None:
-    in_db = _access_lists(engine, installation_id)
-    in_redis = _redis_access(r, installation_id)
+def _reconcile_access(ctx, installation_id, token, report) -> None:
+    in_db = _access_lists(ctx.engine, installation_id)
+    in_redis = _redis_access(ctx.redis, installation_id)
     users_ = set(in_db) | set(in_redis)
     report["users_checked"] += len(users_)
     differ = sorted(u for u in users_ if in_redis.get(u, set()) != in_db.get(u, set()))
     if differ:
         # Under each user's row lock: the database's list at this instant, whatever version
         # Redis holds (a concurrent change waits for the lock, then writes a newer one).
-        load_access_locked(engine, r, installation_id, token, differ)
+        load_access_locked(ctx, installation_id, token, differ)
         report["access_repaired"] += len(differ)
 
 
-def _reconcile_meetings(engine, r, installation_id, token, report) -> None:
+def _reconcile_meetings(ctx, installation_id, token, report) -> None:
+    engine, r = ctx.engine, ctx.redis
     heads = {}
     for field, value in r.hscan_iter(keys.payloads(installation_id), count=1000):
         heads[int.from_bytes(field, "big")] = value[:value.index(b"|")].decode()
@@ -162,10 +164,10 @@ def _reconcile_meetings(engine, r, installation_id, token, report) -> None:
                 stale.append(row.id)
     # What is left in `heads` is in Redis but no longer in the database.
     if heads:
-        repair_ids(engine, r, installation_id, token, sorted(heads))
+        repair_ids(ctx, installation_id, token, sorted(heads))
         report["meetings_removed"] += len(heads)
     if stale:
-        repair_ids(engine, r, installation_id, token, stale)
+        repair_ids(ctx, installation_id, token, stale)
         report["meetings_repaired"] += len(stale)
     # Entries without a meeting behind them (or in the wrong set).
     for key in r.scan_iter(match=keys.client_set(installation_id, "*", "*", "*"), count=1000):
@@ -175,11 +177,10 @@ def _reconcile_meetings(engine, r, installation_id, token, report) -> None:
             report["orphan_entries_removed"] += len(extra)
 
 
-def _reconcile_views(engine, r, installation_id, report) -> None:
+def _reconcile_views(ctx, installation_id, report) -> None:
     """A precomputed set must equal its view recomputed from the database; one that does
     not is dropped (the next query or precompute builds it afresh)."""
-    from worker.precompute import drop_user, list_views, view_query
-    from worker.query import SORTS, sql_conditions
+    engine, r = ctx.engine, ctx.redis
     for info in list_views(r, installation_id):
         report["views_checked"] += 1
         query = view_query(installation_id, info.user_id, info.view)

@@ -40,7 +40,6 @@ import sqlalchemy as sa
 
 from worker import keys, redis_index
 from worker.db import COLUMNS, StoredRow, applied_writes, crm_meta, installations, locking, meetings, run_transaction
-from worker.records import item_json
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +77,11 @@ def record_write(conn, write_id: str, installation_id: int, result: str = "") ->
 
 
 class Mirror:
-    """One process's view of which token each installation's index must carry, for one
-    database and one index Redis."""
+    """One context's view of which token each installation's index must carry."""
 
-    def __init__(self, engine: sa.Engine, r: redis.Redis, check_ms: int = 1000):
-        self.engine, self.r = engine, r
-        self.check_s = check_ms / 1000
+    def __init__(self, ctx):
+        self.ctx, self.engine, self.r = ctx, ctx.engine, ctx.redis
+        self.check_s = ctx.settings.mirror_check_ms / 1000
         self._tokens: dict[int, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
@@ -162,7 +160,7 @@ class Mirror:
             return True
         if run_transaction(self.engine, work):
             try:
-                rebuild_installation(self.engine, self.r, installation_id)
+                rebuild_installation(self.ctx, installation_id)
             except IndexOwnedElsewhere as exc:
                 log.warning("installation %d: %s", installation_id, exc)
         return self.refresh(installation_id)
@@ -192,27 +190,6 @@ class Mirror:
             return None
 
 
-_mirrors: dict[tuple[str, str], Mirror] = {}
-_mirrors_lock = threading.Lock()
-
-
-def get_mirror(engine: sa.Engine, r: redis.Redis) -> Mirror:
-    """The process's :class:`Mirror` for this database and this index Redis."""
-    from worker.settings import get_settings
-    key = (str(engine.url), repr(r.connection_pool))
-    with _mirrors_lock:
-        mirror = _mirrors.get(key)
-        if mirror is None:
-            mirror = _mirrors[key] = Mirror(engine, r, get_settings().mirror_check_ms)
-        return mirror
-
-
-def reset_mirrors() -> None:
-    """Forget every cached token (after fork, and in tests that empty the tables)."""
-    with _mirrors_lock:
-        _mirrors.clear()
-
-
 # -- ownership of the index Redis ------------------------------------------------------
 
 def owner(r: redis.Redis) -> str | None:
@@ -228,17 +205,17 @@ def our_database_id(engine: sa.Engine) -> str:
     return dbid
 
 
-def owns_index(engine: sa.Engine, r: redis.Redis) -> bool:
+def owns_index(ctx) -> bool:
     """True when the index Redis mirrors this database (claiming an unclaimed one)."""
-    ours = our_database_id(engine)
-    r.set(keys.DATABASE, ours, nx=True)
-    return owner(r) == ours
+    ours = our_database_id(ctx.engine)
+    ctx.redis.set(keys.DATABASE, ours, nx=True)
+    return owner(ctx.redis) == ours
 
 
-def require_index(engine: sa.Engine, r: redis.Redis) -> None:
-    if not owns_index(engine, r):
+def require_index(ctx) -> None:
+    if not owns_index(ctx):
         raise IndexOwnedElsewhere(
-            f"the index Redis mirrors another database ({owner(r)}); point CRM_REDIS_URL at a Redis of "
+            f"the index Redis mirrors another database ({owner(ctx.redis)}); point CRM_REDIS_URL at a Redis of "
             "this database's own, or run `crm init` to claim this one for it")
 
 
@@ -247,16 +224,15 @@ def require_index(engine: sa.Engine, r: redis.Redis) -> None:
 BATCH = 1000
 
 
-def apply_locked(conn, r, installation_id: int, token: str, rows: list[StoredRow], write_id: str = "") -> None:
+def apply_locked(ctx, installation_id: int, token: str, rows: list[StoredRow], write_id: str = "") -> None:
     """Write ``rows`` (this transaction's view of them) into the index, and remember
     ``write_id``; the caller holds the rows' locks."""
     for start in range(0, max(len(rows), 1), BATCH):
-        redis_index.apply_meetings(r, installation_id, rows[start:start + BATCH], item_json, token,
+        redis_index.apply_meetings(ctx, installation_id, rows[start:start + BATCH], token,
                                    write_id if start == 0 else "")
 
 
-def sync_written(engine: sa.Engine, r, installation_id: int, token: str, written: list[StoredRow],
-                 write_id: str) -> None:
+def sync_written(ctx, installation_id: int, token: str, written: list[StoredRow], write_id: str) -> None:
     """After a chunk committed: lock its rows, and write to the index what the database
     holds now — the rows as written, unless a later write changed or deleted one meanwhile
     (then that row as it is now, or its removal)."""
@@ -273,24 +249,23 @@ def sync_written(engine: sa.Engine, r, installation_id: int, token: str, written
         if changed:
             same += [StoredRow(*row) for row in conn.execute(sa.select(*COLUMNS).where(meetings.c.id.in_(changed)))]
         if gone:
-            redis_index.delete_meetings(r, installation_id, gone, token)
-        apply_locked(conn, r, installation_id, token, same, write_id)
-    run_transaction(locking(engine), work)
+            redis_index.delete_meetings(ctx, installation_id, gone, token)
+        apply_locked(ctx, installation_id, token, same, write_id)
+    run_transaction(locking(ctx.engine), work)
 
 
-def sync_sources(engine: sa.Engine, r, installation_id: int, token: str, source_ids: list[str],
-                 write_id: str = "") -> None:
+def sync_sources(ctx, installation_id: int, token: str, source_ids: list[str], write_id: str = "") -> None:
     """Lock the meetings of ``source_ids`` and write them into the index as they are now
     (a redelivered chunk: its effect is stored, its index write may not have happened)."""
     def work(conn):
         rows = [StoredRow(*row) for row in conn.execute(
             sa.select(*COLUMNS).where(meetings.c.installation_id == installation_id,
                                       meetings.c.source_id.in_(source_ids)).with_for_update())]
-        apply_locked(conn, r, installation_id, token, rows, write_id)
-    run_transaction(locking(engine), work)
+        apply_locked(ctx, installation_id, token, rows, write_id)
+    run_transaction(locking(ctx.engine), work)
 
 
-def repair_ids(engine: sa.Engine, r, installation_id: int, token: str, ids: list[int]) -> None:
+def repair_ids(ctx, installation_id: int, token: str, ids: list[int]) -> None:
     """Lock the meetings ``ids`` and make their index entries exactly what the database
     holds now: removed when gone, replaced otherwise."""
     for start in range(0, len(ids), BATCH):
@@ -299,9 +274,9 @@ def repair_ids(engine: sa.Engine, r, installation_id: int, token: str, ids: list
         def work(conn):
             rows = [StoredRow(*row) for row in conn.execute(
                 sa.select(*COLUMNS).where(meetings.c.id.in_(chunk)).with_for_update())]
-            redis_index.delete_meetings(r, installation_id, chunk, token)
-            apply_locked(conn, r, installation_id, token, rows)
-        run_transaction(locking(engine), work)
+            redis_index.delete_meetings(ctx, installation_id, chunk, token)
+            apply_locked(ctx, installation_id, token, rows)
+        run_transaction(locking(ctx.engine), work)
 
 
 # -- rebuild ---------------------------------------------------------------------------
@@ -319,7 +294,7 @@ def _wipe(r, installation_id: int, keep: set[bytes]) -> None:
         r.unlink(*batch)
 
 
-def rebuild_installation(engine: sa.Engine, r, installation_id: int) -> dict:
+def rebuild_installation(ctx, installation_id: int) -> dict:
     """Give the installation a new generation and rebuild its index from the database.
 
     Queries answer from the database meanwhile.  Writers keep writing (they learn the new
@@ -327,8 +302,9 @@ def rebuild_installation(engine: sa.Engine, r, installation_id: int) -> dict:
     is read under its locks and written to the index before they are released, so a write
     that commits during the rebuild is either read by it or written after it, never lost
     and never undone."""
-    from worker.access import load_access_locked  # access lists are access.py's concern
-    require_index(engine, r)
+    from worker.access import load_access_locked  # access.py imports this module
+    engine, r = ctx.engine, ctx.redis
+    require_index(ctx)
     generation = new_generation()
 
     def work(conn):
@@ -346,14 +322,14 @@ def rebuild_installation(engine: sa.Engine, r, installation_id: int) -> dict:
     pipe.sadd(keys.INSTALLATIONS, installation_id)
     pipe.execute()
     _wipe(r, installation_id, keep={keys.generation(installation_id).encode(), keys.rebuilding(installation_id).encode()})
-    users = load_access_locked(engine, r, installation_id, token)
+    users = load_access_locked(ctx, installation_id, token)
     count, last = 0, -1
     while True:
         def batch(conn):
             rows = [StoredRow(*row) for row in conn.execute(
                 sa.select(*COLUMNS).where(meetings.c.installation_id == installation_id, meetings.c.id > last)
                 .order_by(meetings.c.id).limit(BATCH).with_for_update())]
-            apply_locked(conn, r, installation_id, token, rows)
+            apply_locked(ctx, installation_id, token, rows)
             return rows
         rows = run_transaction(locking(engine), batch)
         if not rows:
@@ -361,7 +337,8 @@ def rebuild_installation(engine: sa.Engine, r, installation_id: int) -> dict:
         count += len(rows)
         last = rows[-1].id
     # Published only if no later rebuild replaced this generation meanwhile.
-    published = redis_index.script(r, "publish")(
+    published = ctx.scripts["publish"](
         keys=[keys.generation(installation_id), keys.ready(installation_id), keys.rebuilding(installation_id)],
         args=[token])
+    ctx.mirror.forget(installation_id)
     return {"meetings": count, "users": users, "published": bool(published)}

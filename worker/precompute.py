@@ -27,20 +27,21 @@ def view_query(installation_id: int, user_id: int, view: str) -> Query:
                  order="desc", offset=0, limit=1)
 
 
-def precompute_user(r: redis.Redis, installation_id: int, user_id: int, views, now: int, token: str | None) -> dict:
-    """Build the user's sets for ``views`` now, each replacing its previous version in one
-    atomic step (a broad view in slices, served once complete), from an index ready for
-    ``token`` only.  Returns the number of views built and of entries they hold."""
+def precompute_user(ctx, installation_id: int, user_id: int, now: int, token: str | None, views=None) -> dict:
+    """Build the user's sets for ``views`` (default: the configured ones) now, each
+    replacing its previous version in one atomic step (a broad view in slices, served once
+    complete), from an index ready for ``token`` only.  Returns the number of views built
+    and of entries they hold."""
     built = entries = 0
     if token is None:
         return {"user_id": user_id, "views": 0, "entries": 0, "ready": False}
-    for view in sorted(views):
-        reply = call_script(r, view_query(installation_id, user_id, view), view, "2", 0, now, token)
+    for view in sorted(ctx.views if views is None else views):
+        reply = call_script(ctx, view_query(installation_id, user_id, view), view, "2", 0, now, token)
         if reply[0] == b"notready":
             return {"user_id": user_id, "views": built, "entries": entries, "ready": False}
         if reply[0] == b"building":
             continue  # another build of this view is under way
-        count = build_in_slices(r, installation_id, user_id, view, now, token) if reply[0] == b"sliced" \
+        count = build_in_slices(ctx, installation_id, user_id, view, now, token) if reply[0] == b"sliced" \
             else int(reply[1])
         if count is None:
             continue  # cancelled by an access change or an eviction; the next run builds it
@@ -49,16 +50,10 @@ def precompute_user(r: redis.Redis, installation_id: int, user_id: int, views, n
     return {"user_id": user_id, "views": built, "entries": entries, "ready": True}
 
 
-#: Clients merged per build.lua call: a few hundred sets, a few ms of Redis time each.
-SLICE_CLIENTS = 64
-
-
-def build_in_slices(r: redis.Redis, installation_id: int, user_id: int, view: str, now: int,
-                    token: str) -> int | None:
+def build_in_slices(ctx, installation_id: int, user_id: int, view: str, now: int, token: str) -> int | None:
     """Build a broad view a slice of clients at a time (worker/scripts/build.lua); return
     its entries, or None when an access change, an eviction or a rebuild cancelled it."""
-    from worker.redis_index import script
-    build = script(r, "build")
+    build, step = ctx.scripts["build"], ctx.limits.slice_clients
     build_token = secrets.token_hex(8)
     keys_ = [keys.user_clients(installation_id, user_id), keys.user_views(installation_id, user_id),
              keys.pairs(installation_id), keys.view_set(installation_id, user_id, view), keys.ready(installation_id)]
@@ -66,8 +61,8 @@ def build_in_slices(r: redis.Redis, installation_id: int, user_id: int, view: st
     clients = int(build(keys=keys_, args=base + ["begin", 0, 0, 0, token]))
     if clients < 0:
         return None
-    for first in range(1, clients + 1, SLICE_CLIENTS):
-        if int(build(keys=keys_, args=base + ["slice", first, SLICE_CLIENTS, 0, token])) < 0:
+    for first in range(1, clients + 1, step):
+        if int(build(keys=keys_, args=base + ["slice", first, step, 0, token])) < 0:
             return None
     count = int(build(keys=keys_, args=base + ["end", 0, 0, now, token]))
     return None if count < 0 else count
@@ -123,12 +118,13 @@ def list_views(r: redis.Redis, installation_id: int) -> list[ViewInfo]:
     return found
 
 
-def precompute_active(r: redis.Redis, tokens: dict, views, idle: int, budget: int, now: int) -> dict:
+def precompute_active(ctx, tokens: dict, idle: int, budget: int, now: int) -> dict:
     """Drop the sets of users idle longer than ``idle`` seconds, build the missing sets of
     recently active users (most recent first) while the budget lasts, then evict the least
     recently used sets until all of them fit in ``budget`` bytes.  ``tokens``: installation
     id -> its token (worker/mirror.py)."""
     dropped_idle = refreshed = evicted = 0
+    r, views = ctx.redis, ctx.views
     installation_ids = sorted(tokens)
     for installation_id in installation_ids:
         active = keys.active_users(installation_id)
@@ -147,7 +143,7 @@ def precompute_active(r: redis.Redis, tokens: dict, views, idle: int, budget: in
             missing = [v for v in views if not _complete(present.get(v.encode()))]
             if not missing:
                 continue
-            result = precompute_user(r, installation_id, user, missing, now, tokens[installation_id])
+            result = precompute_user(ctx, installation_id, user, now, tokens[installation_id], missing)
             if not result["ready"]:
                 break
             refreshed += 1

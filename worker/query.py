@@ -13,16 +13,15 @@ import hmac
 import json
 import logging
 import struct
-import threading
 import time
 
 import redis
 import sqlalchemy as sa
 
-from worker import keys, redis_index
-from worker.db import crm_meta, meetings, user_clients
+from worker import keys
+from worker.db import meetings, user_clients
 from worker.errors import InvalidArgument, is_transient
-from worker.mirror import get_mirror, owns_index
+from worker.mirror import owns_index
 from worker.records import item_json, parse_time, positive_int, to_seconds, token
 
 log = logging.getLogger(__name__)
@@ -149,27 +148,6 @@ def decode_cursor(cursor, query: Query, secret: bytes) -> bytes:
     return member
 
 
-_secret_cache: dict[tuple, bytes] = {}
-_secret_lock = threading.Lock()
-
-
-def cursor_secret(engine: sa.Engine, configured: str | None) -> bytes:
-    """The key that signs cursors: the configured secret, else the one ``crm init`` stored
-    in the database, bound to the database's identity (a cursor of another database
-    fails, whatever secret the two share)."""
-    url = str(engine.url)
-    with _secret_lock:
-        if (url, configured) not in _secret_cache:
-            with engine.connect() as conn:
-                values = dict(conn.execute(sa.select(crm_meta.c.name, crm_meta.c.value).where(
-                    crm_meta.c.name.in_(["cursor_secret", "database_id"]))).all())
-            if "database_id" not in values or not (configured or values.get("cursor_secret")):
-                raise RuntimeError("the database has no identity or cursor secret: run `crm init`")
-            secret = configured or values["cursor_secret"]
-            _secret_cache[(url, configured)] = f"{secret}\x00{values['database_id']}".encode()
-        return _secret_cache[(url, configured)]
-
-
 # -- the two paths ---------------------------------------------------------------------
 
 def _date_bounds(letter: bytes, date_from, date_to) -> tuple[bytes, bytes]:
@@ -198,25 +176,18 @@ def lex_bounds(query: Query) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
     return cmin, cmax, pmin, pmax, dmin, dmax
 
 
-#: Most per-client sorted sets one answer from the index may merge (see query.lua).
-MAX_MERGE = 4000
-#: Most per-client sorted sets merged into a precomputed set within one script call; a
-#: broader view is built in slices by crm.precompute_user (worker/scripts/build.lua).
-FILL_INLINE = 256
-
-
-def call_script(r: redis.Redis, query: Query, view: str, fill: str, limit: int, now: int, token: str) -> list:
+def call_script(ctx, query: Query, view: str, fill: str, limit: int, now: int, token: str) -> list:
     """Run ``query.lua`` for ``query`` (see its header for ``view`` and ``fill``); it
     answers only when the index is ready for ``token`` (worker/mirror.py)."""
     cmin, cmax, pmin, pmax, dmin, dmax = lex_bounds(query)
     i, u = query.installation_id, query.user_id
-    return redis_index.script(r, "query")(
+    return ctx.scripts["query"](
         keys=[keys.payloads(i), keys.user_clients(i, u), keys.ready(i), keys.user_views(i, u),
               keys.scratch(i), keys.pairs(i), keys.active_users(i), keys.stats(i)],
         args=[keys.prefix(i), u, view, fill, query.letter, "1" if query.desc else "0",
               cmin, cmax, pmin, pmax, query.offset, limit, now,
               ",".join(query.types or ()), ",".join(query.statuses or ()),
-              ",".join(map(str, query.client_ids or ())), dmin, dmax, MAX_MERGE, FILL_INLINE,
+              ",".join(map(str, query.client_ids or ())), dmin, dmax, ctx.limits.max_merge, ctx.limits.fill_inline,
               "1" if query.date_from is None and query.date_to is None else "0",
               "1" if query.offset == 0 and query.after is None else "0", token])
 
@@ -231,13 +202,13 @@ def precomputable(query: Query, views: frozenset) -> str:
     return view if view in views else ""
 
 
-def from_index(r: redis.Redis, query: Query, views: frozenset, now: int, token: str):
+def from_index(ctx, query: Query, now: int, token: str):
     """The answer from Redis as (source, total, members, item JSON bytes); or ``"notready"``
     when the index is not ready for ``token``, ``"toobig"`` when the answer would merge too
     many sets, ``"drift"`` when a payload is missing.  The source may be ``index:fill``:
     the view this query could use should be precomputed."""
-    view = precomputable(query, views)
-    reply = call_script(r, query, view, "1" if view else "0", query.limit + 1, now, token)
+    view = precomputable(query, ctx.views)
+    reply = call_script(ctx, query, view, "1" if view else "0", query.limit + 1, now, token)
     source = reply[0].decode()
     if source in ("notready", "toobig"):
         return source
@@ -291,8 +262,7 @@ def from_database(conn, query: Query):
     return total, members, [item_json(row).encode() for row in rows]
 
 
-def run(engine: sa.Engine, r: redis.Redis, query: Query, secret: bytes, views: frozenset,
-        now: int | None = None) -> tuple[dict, set]:
+def run(ctx, query: Query, now: int | None = None) -> tuple[dict, set]:
     """Answer ``query``; return (result, follow-ups): ``"rebuild"`` when the index was
     not ready, ``"precompute"`` when the user's view should be built."""
     if query.empty():
@@ -300,28 +270,28 @@ def run(engine: sa.Engine, r: redis.Redis, query: Query, secret: bytes, views: f
     now = int(time.time()) if now is None else now
     answer = None
     follow_ups = set()
-    mirror = get_mirror(engine, r)
+    mirror = ctx.mirror
     token = mirror.token(query.installation_id)
     try:
         if token is not None:
-            answer = from_index(r, query, views, now, token)
+            answer = from_index(ctx, query, now, token)
         if answer == "notready":
             # This process may hold the token of a generation a rebuild has replaced.
             fresh = mirror.refresh(query.installation_id)
             if fresh is not None and fresh != token:
-                answer = from_index(r, query, views, now, fresh)
-        if answer == "notready" and owns_index(engine, r):
+                answer = from_index(ctx, query, now, fresh)
+        if answer == "notready" and owns_index(ctx):
             follow_ups.add("rebuild")
     except redis.RedisError as exc:
         if not is_transient(exc):
             raise
         log.warning("index unreachable (%s); answering from the database", exc.__class__.__name__)
-    if answer == "toobig" and precomputable(query, views):
+    if answer == "toobig" and precomputable(query, ctx.views):
         follow_ups.add("precompute")  # built in slices, it answers the next time
     if answer is None or isinstance(answer, str):
         # Redis unreachable, index not ready or drifted, or a merge too broad for Redis:
         # the same query as SQL.
-        with engine.connect() as conn:
+        with ctx.engine.connect() as conn:
             total, members, items = from_database(conn, query)
         source = "database"
     else:
@@ -335,7 +305,7 @@ def run(engine: sa.Engine, r: redis.Redis, query: Query, secret: bytes, views: f
         "total": total,
         # One parse for the page: each item alone costs a json.loads call.
         "items": json.loads(b"[" + b",".join(items) + b"]"),
-        "next_cursor": encode_cursor(query, members[-1], secret) if more else None,
+        "next_cursor": encode_cursor(query, members[-1], ctx.cursor_secret()) if more else None,
         "source": source,
     }
     return result, follow_ups

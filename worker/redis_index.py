@@ -1,23 +1,23 @@
 """The Redis index: connections, the Lua scripts, and the plain functions that write it.
+Each writer takes the process's context (worker/context.py) for its client and scripts.
 
 SQL stays the source of truth; everything here can be rebuilt from the database
 (:mod:`worker.maintenance`).
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
-import threading
 from typing import Iterable
 
 import redis
 
 from worker import keys
+from worker.records import item_json
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
-_clients: dict[str, redis.Redis] = {}
-_lock = threading.Lock()
+#: The scripts a client runs; shared files (common.lua, views.lua) are not run alone.
+NAMES = ("apply", "delete", "access", "query", "build", "publish")
 
 
 def connect(url: str) -> redis.Redis:
@@ -27,31 +27,11 @@ def connect(url: str) -> redis.Redis:
                                 health_check_interval=30)
 
 
-def get_redis(url: str | None = None) -> redis.Redis:
-    """The process-wide client for ``url`` (default: the configured index Redis)."""
-    if url is None:
-        from worker.settings import get_settings
-        url = get_settings().redis_url
-    with _lock:
-        client = _clients.get(url)
-        if client is None:
-            client = _clients[url] = connect(url)
-        return client
-
-
-def reset_clients() -> None:
-    with _lock:
-        for client in _clients.values():
-            client.close()
-        _clients.clear()
-
-
 def _read(name: str) -> str:
     with open(os.path.join(SCRIPTS, f"{name}.lua")) as f:
         return f.read()
 
 
-@functools.lru_cache(maxsize=None)
 def script_source(name: str) -> str:
     """The text of ``scripts/<name>.lua`` as sent to Redis: ``common.lua``, then the shared
     files the script declares in its ``-- requires: a, b`` header line, then the script."""
@@ -61,13 +41,14 @@ def script_source(name: str) -> str:
     return "\n".join([_read(part) for part in shared] + [text])
 
 
-def script(r: redis.Redis, name: str):
-    """The registered script ``name`` for client ``r`` (EVALSHA, reloaded when missing)."""
-    cache = r.__dict__.setdefault("_crm_scripts", {})
-    found = cache.get(name)
-    if found is None:
-        found = cache[name] = r.register_script(script_source(name))
-    return found
+class Scripts:
+    """The scripts registered with one client (EVALSHA, reloaded when Redis lost them)."""
+
+    def __init__(self, r: redis.Redis):
+        self._scripts = {name: r.register_script(script_source(name)) for name in NAMES}
+
+    def __getitem__(self, name: str):
+        return self._scripts[name]
 
 
 def head(row) -> str:
@@ -80,8 +61,7 @@ class NotMirrored(Exception):
     generation's, or none): nothing was written.  See :mod:`worker.mirror`."""
 
 
-def apply_meetings(r: redis.Redis, installation_id: int, rows: Iterable, item_json, token: str,
-                   write_id: str = "") -> tuple[int, int]:
+def apply_meetings(ctx, installation_id: int, rows: Iterable, token: str, write_id: str = "") -> tuple[int, int]:
     """Write ``rows`` (database rows of one installation) into the index in one atomic
     step; a stored newer or identical version is kept.  Returns (written, fanned_out);
     raises :class:`NotMirrored` when the index is not written for ``token``."""
@@ -90,7 +70,7 @@ def apply_meetings(r: redis.Redis, installation_id: int, rows: Iterable, item_js
         args += [keys.id_field(row.id), head(row), item_json(row)]
     if len(args) == 3 and not write_id:
         return 0, 0
-    written, fanned = script(r, "apply")(
+    written, fanned = ctx.scripts["apply"](
         keys=[keys.payloads(installation_id), keys.pairs(installation_id), keys.generation(installation_id),
               keys.writes(installation_id)], args=args)
     if int(written) < 0:
@@ -98,20 +78,20 @@ def apply_meetings(r: redis.Redis, installation_id: int, rows: Iterable, item_js
     return int(written), int(fanned)
 
 
-def delete_meetings(r: redis.Redis, installation_id: int, ids: Iterable[int], token: str) -> tuple[int, int]:
+def delete_meetings(ctx, installation_id: int, ids: Iterable[int], token: str) -> tuple[int, int]:
     """Remove meetings from the index and every precomputed set in one atomic step."""
     args: list = [keys.prefix(installation_id), token] + [keys.id_field(i) for i in ids]
     if len(args) == 2:
         return 0, 0
-    removed, fanned = script(r, "delete")(
+    removed, fanned = ctx.scripts["delete"](
         keys=[keys.payloads(installation_id), keys.generation(installation_id)], args=args)
     if int(removed) < 0:
         raise NotMirrored(installation_id)
     return int(removed), int(fanned)
 
 
-def _access(r, installation_id, user_id, token, mode, version, write_id, client_ids) -> int:
-    written = int(script(r, "access")(
+def _access(ctx, installation_id, user_id, token, mode, version, write_id, client_ids) -> int:
+    written = int(ctx.scripts["access"](
         keys=[keys.user_clients(installation_id, user_id), keys.access_versions(installation_id),
               keys.user_views(installation_id, user_id), keys.generation(installation_id),
               keys.writes(installation_id)],
@@ -121,19 +101,16 @@ def _access(r, installation_id, user_id, token, mode, version, write_id, client_
     return written
 
 
-def remove_access(r: redis.Redis, installation_id: int, user_id: int, client_ids, token: str) -> None:
+def remove_access(ctx, installation_id: int, user_id: int, client_ids, token: str) -> None:
     """Take clients away from a user now, with the user's precomputed sets."""
-    _access(r, installation_id, user_id, token, "remove", 0, "", client_ids)
+    _access(ctx, installation_id, user_id, token, "remove", 0, "", client_ids)
 
 
-def set_access(r: redis.Redis, installation_id: int, user_id: int, version: int, client_ids, token: str,
+def set_access(ctx, installation_id: int, user_id: int, version: int, client_ids, token: str,
                write_id: str = "", force: bool = False) -> bool:
     """Make ``client_ids`` the user's whole access list at ``version``; an older version
     than the one stored is ignored unless ``force`` (a repair made under the user's row
     lock).  True when written."""
-    return bool(_access(r, installation_id, user_id, token, "force" if force else "set", version, write_id,
+    return bool(_access(ctx, installation_id, user_id, token, "force" if force else "set", version, write_id,
                         client_ids))
 
-
-def register_installation(r: redis.Redis, installation_id: int) -> None:
-    r.sadd(keys.INSTALLATIONS, installation_id)

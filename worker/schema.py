@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
-from worker.db import crm_meta, get_engine
+from worker.db import crm_meta
 
 MIGRATIONS = os.path.join(os.path.dirname(__file__), "migrations")
 
@@ -27,9 +27,8 @@ def create_database(url: str) -> None:
         server.dispose()
 
 
-def upgrade(engine: sa.Engine | None = None) -> str:
+def upgrade(engine: sa.Engine) -> str:
     """Bring the schema to the newest revision; return that revision."""
-    engine = engine or get_engine()
     config = Config()
     config.set_main_option("script_location", MIGRATIONS)
     with engine.begin() as conn:
@@ -43,7 +42,3 @@ def upgrade(engine: sa.Engine | None = None) -> str:
                 conn.execute(crm_meta.insert().values(name=name, value=secrets.token_hex(32 if name == "cursor_secret" else 16)))
         return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
 
-
-def database_id(engine: sa.Engine) -> str:
-    with engine.connect() as conn:
-        return conn.execute(sa.select(crm_meta.c.value).where(crm_meta.c.name == "database_id")).scalar()

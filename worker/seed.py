@@ -6,6 +6,11 @@ import random
 import sys
 import time
 
+import sqlalchemy as sa
+
+from worker.access import change
+from worker.db import crm_meta, installations
+from worker.ingest import ingest
 from worker.records import iso_micros, iso_seconds
 
 TYPES = (("email", 40), ("sms", 30), ("call", 20), ("video", 10))
@@ -85,9 +90,6 @@ DEMO = Shape(clients=300, users=60, meetings=20_000)
 def demo_state(engine) -> str:
     """``"none"`` (nothing seeded, empty database), ``"started"`` (a demo seed did not
     finish), ``"complete"``, or ``"foreign"`` (the database holds data of its own)."""
-    import sqlalchemy as sa
-
-    from worker.db import crm_meta, installations
     with engine.connect() as conn:
         state = conn.execute(sa.select(crm_meta.c.value).where(crm_meta.c.name == "demo_seed")).scalar()
         if state is not None:
@@ -96,23 +98,18 @@ def demo_state(engine) -> str:
 
 
 def mark_demo(engine, state: str) -> None:
-    import sqlalchemy as sa
-
-    from worker.db import crm_meta
     with engine.begin() as conn:
         conn.execute(crm_meta.delete().where(crm_meta.c.name == "demo_seed"))
         conn.execute(crm_meta.insert().values(name="demo_seed", value=state))
 
 
-def seed(engine, r, shape: Shape, batch: int = 1000, quiet: bool = False) -> dict:
-    """Ingest the synthetic CRM; returns counts."""
-    from worker.access import change
-    from worker.ingest import ingest
+def seed(ctx, shape: Shape, batch: int = 1000, quiet: bool = False) -> dict:
+    """Ingest the synthetic CRM through the tasks' code; returns counts."""
     totals = {"meetings": 0, "users": 0}
     for installation_id in range(1, shape.installations + 1):
         bar = None if quiet else Progress(f"access {installation_id}", shape.users)
         for user_id, clients in access_lists(shape, installation_id):
-            change(engine, r, installation_id, user_id, clients, "set")
+            change(ctx, installation_id, user_id, clients, "set")
             totals["users"] += 1
             if bar:
                 bar.add(1)
@@ -121,12 +118,12 @@ def seed(engine, r, shape: Shape, batch: int = 1000, quiet: bool = False) -> dic
         for record in meetings(shape, installation_id):
             pending.append(record)
             if len(pending) == batch:
-                totals["meetings"] += ingest(engine, r, pending)["accepted"]
+                totals["meetings"] += ingest(ctx, pending)["accepted"]
                 if bar:
                     bar.add(len(pending))
                 pending = []
         if pending:
-            totals["meetings"] += ingest(engine, r, pending)["accepted"]
+            totals["meetings"] += ingest(ctx, pending)["accepted"]
             if bar:
                 bar.add(len(pending))
     return totals

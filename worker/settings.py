@@ -176,20 +176,3 @@ def _other_db(redis_url: str, db: int) -> str:
         # Celery's spelling of a Redis unix socket; the database goes in virtual_host.
         return f"redis+socket://{parts.path}?virtual_host={db}"
     return urlunsplit(parts._replace(path=f"/{db}"))
-
-
-_settings: Settings | None = None
-
-
-def get_settings() -> Settings:
-    """The process-wide settings, read once."""
-    global _settings
-    if _settings is None:
-        _settings = Settings.from_env()
-    return _settings
-
-
-def reset_settings() -> None:
-    """Forget the cached settings (tests change the environment)."""
-    global _settings
-    _settings = None
