@@ -240,7 +240,7 @@ class Bench:
             lat[f"crm_warm_{page}"] = percentiles(timed(warm, self.calls(offset), self.args.seconds,
                                                         f"crm-insight warm, {page}"))
             lat[f"crm_warm_script_{page}"] = percentiles(timed(
-                lambda user, off: call_script(self.ctx, q(user, off), "d:email:open", "0", 21, 0, token),
+                lambda user, off: call_script(self.ctx, q(user, off), "d:email:open", 21, 0, token),
                 self.calls(offset), self.args.seconds, f"crm-insight warm script only, {page}"))
             lat[f"crm_index_{page}"] = percentiles(timed(
                 lambda user, off: run(self.cold, q(user, off)),

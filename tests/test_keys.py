@@ -1,4 +1,6 @@
 """The key templates of worker/keys.py and those the Lua scripts derive agree."""
+import pytest
+
 from tests.helpers import record
 from worker import keys
 from worker.access import change
@@ -35,3 +37,48 @@ def test_members_order_by_value_then_id():
     assert a < b < c
     assert keys.member_id(c) == 2 and keys.member_seconds(c) == 101 and len(c) == 12
     assert keys.view_id("meeting_date", ["sms", "email", "sms"], None) == "d:email,sms:*"
+
+
+def test_python_and_lua_key_templates_agree(redis_client):
+    """worker/keys.py and worker/scripts/keys.lua make the same keys."""
+    from worker.redis_index import _read
+    lua = _read("keys") + """
+local p = ARGV[1]
+return {K.client_set(p, 11, "sms:closed"), K.client_users(p, 11), K.view_set(p, 3, "d:email:open"),
+        K.view_head(p, 3, "d:email:open"), K.view_users(p, "d:email:open"), K.views(p)}
+"""
+    got = [k.decode() for k in redis_client.eval(lua, 0, keys.prefix(7))]
+    assert got == [keys.client_set(7, 11, "sms", "closed"), keys.client_users(7, 11),
+                   keys.view_set(7, 3, "d:email:open"), keys.view_head(7, 3, "d:email:open"),
+                   keys.view_users(7, "d:email:open"), keys.views(7)]
+
+
+def test_no_script_spells_a_key_template_itself():
+    """Key templates live in keys.lua only; the scripts call them."""
+    import glob
+    import os
+    import re
+    scripts = os.path.join(os.path.dirname(keys.__file__), "scripts")
+    for path in glob.glob(os.path.join(scripts, "*.lua")):
+        if path.endswith("keys.lua"):
+            continue
+        with open(path) as f:
+            text = f.read()
+        assert not re.search(r'prefix \.\. "[a-z]+:?"', text), path
+
+
+@pytest.mark.parametrize("script,args", [("query", "worker.query:QueryArgs"),
+                                         ("build", "worker.precompute:BuildArgs")])
+def test_each_scripts_arguments_are_named_as_python_builds_them(script, args):
+    """The script copies ARGV into named locals at its top; the Python structure that
+    builds ARGV has the same names in the same order."""
+    import dataclasses
+    import importlib
+    import re
+
+    from worker.redis_index import _read
+    module, name = args.split(":")
+    fields = [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))]
+    named = re.findall(r"^local (\w+) = ARGV\[(\d+)\]", _read(script), re.M)
+    assert [n for n, _ in named] == fields
+    assert [int(i) for _, i in named] == list(range(1, len(fields) + 1))

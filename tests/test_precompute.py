@@ -15,7 +15,7 @@ from worker.context import Limits
 from worker import keys
 from worker.access import change
 from worker.ingest import delete, ingest
-from worker.precompute import list_views, precompute_active, precompute_user, stats
+from worker.precompute import BuildArgs, list_views, precompute_active, precompute_user, stats
 
 
 @pytest.fixture
@@ -108,27 +108,29 @@ def test_a_view_being_built_is_kept_fresh_but_not_served(user_with_meetings):
     until it is complete; an access change cancels it."""
     ctx = user_with_meetings
     engine, r = ctx.engine, ctx.redis
-    build = ctx.scripts["build"]
+    token = ctx.mirror.token(1)
     keys_ = [keys.user_clients(1, 1), keys.user_views(1, 1), keys.pairs(1), keys.view_set(1, 1, "d:*:*"),
              keys.ready(1)]
-    base = [keys.prefix(1), 1, "d:*:*", "tok"]
-    token = ctx.mirror.token(1)
-    assert build(keys=keys_, args=base + ["begin", 0, 0, 0, token]) == 3
-    assert build(keys=keys_, args=base + ["slice", 1, 1, 0, token]) > 0  # client 1 merged
+
+    def build(name, step, **args):
+        return ctx.scripts["build"](keys=keys_, args=BuildArgs(
+            prefix=keys.prefix(1), token=token, user=1, view="d:*:*", build=name, step=step, **args).argv())
+    assert build("b:one", "begin") == 3
+    assert build("b:one", "slice", first=1, count=1) > 0  # client 1 merged
     ingest(ctx, [record(source_id="during-3", client_id=3, meeting_date="2030-01-01T00:00:00Z"),
-                       record(source_id="during-1", client_id=1, meeting_date="2030-01-02T00:00:00Z")])
+                 record(source_id="during-1", client_id=1, meeting_date="2030-01-02T00:00:00Z")])
     delete(ctx, 1, ["m1-0"])
     page = query(ctx, installation_id=1, user_id=1, limit=200)
     assert page["source"] == "index"  # not served half built
-    assert build(keys=keys_, args=base + ["slice", 2, 2, 0, token]) > 0
-    assert build(keys=keys_, args=base + ["end", 0, 0, 100, token]) == 36 + 1
+    assert build("b:one", "slice", first=2, count=2) > 0
+    assert build("b:one", "end", now=100) == 36 + 1
     page = query(ctx, installation_id=1, user_id=1, limit=200)
     assert page["source"] == "precomputed" and page_sources(page)[:2] == ["during-1", "during-3"]
     assert "m1-0" not in page_sources(page)
     # An access change in the middle cancels a build.
-    assert build(keys=keys_, args=base[:3] + ["tok2", "begin", 0, 0, 0, token]) == 3
+    assert build("b:two", "begin") == 3
     change(ctx, 1, 1, [3], "revoke")
-    assert build(keys=keys_, args=base[:3] + ["tok2", "slice", 1, 5, 0, token]) == -1
+    assert build("b:two", "slice", first=1, count=5) == -1
     assert not r.exists(keys.view_set(1, 1, "d:*:*"))
 
 

@@ -24,6 +24,12 @@ INSTALLATIONS = "crm:installations"
 DATABASE = "crm:database"
 
 
+def tick(task: str, number: int) -> str:
+    """String (global) with a TTL of two ticks: the claim of one schedule tick of a task
+    (worker/ticks.py)."""
+    return f"crm:tick:{task}:{number}"
+
+
 def prefix(installation_id: int) -> str:
     """Start of every key of one installation."""
     return "{i:%d}:" % installation_id

@@ -13,8 +13,8 @@ import sqlalchemy as sa
 
 from worker import keys, redis_index
 from worker.access import load_access_locked
-from worker.precompute import drop_user, list_views, view_query
-from worker.query import SORTS, sql_conditions
+from worker.precompute import drop_user, list_views
+from worker.query import SORTS, sql_conditions, view_query
 from worker.db import COLUMNS, StoredRow, applied_writes, installations, meetings, user_clients, users
 from worker.mirror import our_database_id, rebuild_installation, repair_ids
 

@@ -13,59 +13,82 @@ import secrets
 import redis
 
 from worker import keys
-from worker.query import Query, call_script
 
-LETTER_SORT = {"d": "meeting_date", "u": "updated_at"}
+#: build.lua's replies besides a count.
+TOO_BROAD, CANCELLED, NOT_MIRRORED = -2, -1, -3
 
 
-def view_query(installation_id: int, user_id: int, view: str) -> Query:
-    letter, types, statuses = view.split(":")
-    return Query(installation_id=installation_id, user_id=user_id,
-                 types=None if types == "*" else tuple(types.split(",")),
-                 statuses=None if statuses == "*" else tuple(statuses.split(",")),
-                 client_ids=None, date_from=None, date_to=None, sort=LETTER_SORT[letter],
-                 order="desc", offset=0, limit=1)
+@dataclasses.dataclass(frozen=True)
+class BuildArgs:
+    """The ARGV of ``build.lua``, in order (its header names each; a test checks both)."""
+    prefix: str
+    token: str
+    user: int
+    view: str
+    build: str
+    step: str
+    first: int = 0
+    count: int = 0
+    now: int = 0
+    max_sets: int = 0
+
+    def argv(self) -> list:
+        return [getattr(self, field.name) for field in dataclasses.fields(self)]
+
+
+def _builder(ctx, installation_id: int, user_id: int, view: str, token: str):
+    """A function that runs one step of build.lua for this user's view."""
+    keys_ = [keys.user_clients(installation_id, user_id), keys.user_views(installation_id, user_id),
+             keys.pairs(installation_id), keys.view_set(installation_id, user_id, view), keys.ready(installation_id)]
+    build = "b:" + secrets.token_hex(8)
+
+    def step(name: str, **args) -> int:
+        return int(ctx.scripts["build"](keys=keys_, args=BuildArgs(
+            prefix=keys.prefix(installation_id), token=token, user=user_id, view=view, build=build, step=name,
+            **args).argv()))
+    return step
+
+
+def fill_view(ctx, installation_id: int, user_id: int, view: str, now: int, token: str) -> bool:
+    """Build the user's view in one call when it merges at most ``limits.fill_inline``
+    sets (a query's miss); False when it is broader (build it with precompute_user)."""
+    step = _builder(ctx, installation_id, user_id, view, token)
+    return step("whole", now=now, max_sets=ctx.limits.fill_inline) != TOO_BROAD
+
+
+def build_view(ctx, installation_id: int, user_id: int, view: str, now: int, token: str) -> int:
+    """Build the user's view: in one call when small, else a slice of clients at a time.
+    Returns its entries, CANCELLED (an access change or an eviction dropped it meanwhile)
+    or NOT_MIRRORED (the index is not ready for ``token``)."""
+    step = _builder(ctx, installation_id, user_id, view, token)
+    entries = step("whole", now=now, max_sets=ctx.limits.fill_inline)
+    if entries != TOO_BROAD:
+        return entries
+    clients = step("begin")
+    if clients < 0:
+        return clients
+    for first in range(1, clients + 1, ctx.limits.slice_clients):
+        merged = step("slice", first=first, count=ctx.limits.slice_clients)
+        if merged < 0:
+            return merged
+    return step("end", now=now)
 
 
 def precompute_user(ctx, installation_id: int, user_id: int, now: int, token: str | None, views=None) -> dict:
     """Build the user's sets for ``views`` (default: the configured ones) now, each
-    replacing its previous version in one atomic step (a broad view in slices, served once
-    complete), from an index ready for ``token`` only.  Returns the number of views built
-    and of entries they hold."""
+    replacing its previous version (a broad view in slices, served once complete), from
+    an index ready for ``token`` only.  Returns the number of views built and of entries
+    they hold."""
     built = entries = 0
-    if token is None:
-        return {"user_id": user_id, "views": 0, "entries": 0, "ready": False}
     for view in sorted(ctx.views if views is None else views):
-        reply = call_script(ctx, view_query(installation_id, user_id, view), view, "2", 0, now, token)
-        if reply[0] == b"notready":
+        count = NOT_MIRRORED if token is None else build_view(ctx, installation_id, user_id, view, now, token)
+        if count == NOT_MIRRORED:
             return {"user_id": user_id, "views": built, "entries": entries, "ready": False}
-        if reply[0] == b"building":
-            continue  # another build of this view is under way
-        count = build_in_slices(ctx, installation_id, user_id, view, now, token) if reply[0] == b"sliced" \
-            else int(reply[1])
-        if count is None:
-            continue  # cancelled by an access change or an eviction; the next run builds it
+        if count == CANCELLED:
+            continue  # an access change or an eviction; the next run builds it
         built += 1
         entries += count
     return {"user_id": user_id, "views": built, "entries": entries, "ready": True}
-
-
-def build_in_slices(ctx, installation_id: int, user_id: int, view: str, now: int, token: str) -> int | None:
-    """Build a broad view a slice of clients at a time (worker/scripts/build.lua); return
-    its entries, or None when an access change, an eviction or a rebuild cancelled it."""
-    build, step = ctx.scripts["build"], ctx.limits.slice_clients
-    build_token = secrets.token_hex(8)
-    keys_ = [keys.user_clients(installation_id, user_id), keys.user_views(installation_id, user_id),
-             keys.pairs(installation_id), keys.view_set(installation_id, user_id, view), keys.ready(installation_id)]
-    base = [keys.prefix(installation_id), user_id, view, build_token]
-    clients = int(build(keys=keys_, args=base + ["begin", 0, 0, 0, token]))
-    if clients < 0:
-        return None
-    for first in range(1, clients + 1, step):
-        if int(build(keys=keys_, args=base + ["slice", first, step, 0, token])) < 0:
-            return None
-    count = int(build(keys=keys_, args=base + ["end", 0, 0, now, token]))
-    return None if count < 0 else count
 
 
 def drop_user(r: redis.Redis, installation_id: int, user_id: int, views=None) -> int:

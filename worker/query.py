@@ -22,6 +22,7 @@ from worker import keys
 from worker.db import meetings, user_clients
 from worker.errors import InvalidArgument, is_transient
 from worker.mirror import owns_index
+from worker.precompute import fill_view
 from worker.records import item_json, parse_time, positive_int, to_seconds, token
 
 log = logging.getLogger(__name__)
@@ -176,20 +177,66 @@ def lex_bounds(query: Query) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
     return cmin, cmax, pmin, pmax, dmin, dmax
 
 
-def call_script(ctx, query: Query, view: str, fill: str, limit: int, now: int, token: str) -> list:
-    """Run ``query.lua`` for ``query`` (see its header for ``view`` and ``fill``); it
-    answers only when the index is ready for ``token`` (worker/mirror.py)."""
+@dataclasses.dataclass(frozen=True)
+class QueryArgs:
+    """The ARGV of ``query.lua``, in order (its header names each; a test checks both)."""
+    prefix: str
+    token: str
+    user: int
+    view: str
+    letter: bytes
+    descending: str
+    cmin: bytes
+    cmax: bytes
+    pmin: bytes
+    pmax: bytes
+    offset: int
+    limit: int
+    now: int
+    types: str
+    statuses: str
+    client_filter: str
+    dmin: bytes
+    dmax: bytes
+    max_merge: int
+    whole: str
+    first_page: str
+
+    def argv(self) -> list:
+        return [getattr(self, field.name) for field in dataclasses.fields(self)]
+
+
+def call_script(ctx, query: Query, view: str, limit: int, now: int, token: str) -> list:
+    """Run ``query.lua`` for ``query``: from the user's precomputed set for ``view`` when
+    it has one ("" for none), else from the per-client sets; it answers only when the
+    index is ready for ``token`` (worker/mirror.py)."""
     cmin, cmax, pmin, pmax, dmin, dmax = lex_bounds(query)
     i, u = query.installation_id, query.user_id
+    args = QueryArgs(
+        prefix=keys.prefix(i), token=token, user=u, view=view, letter=query.letter,
+        descending="1" if query.desc else "0", cmin=cmin, cmax=cmax, pmin=pmin, pmax=pmax,
+        offset=query.offset, limit=limit, now=now, types=",".join(query.types or ()),
+        statuses=",".join(query.statuses or ()), client_filter=",".join(map(str, query.client_ids or ())),
+        dmin=dmin, dmax=dmax, max_merge=ctx.limits.max_merge,
+        whole="1" if query.date_from is None and query.date_to is None else "0",
+        first_page="1" if query.offset == 0 and query.after is None else "0")
     return ctx.scripts["query"](
         keys=[keys.payloads(i), keys.user_clients(i, u), keys.ready(i), keys.user_views(i, u),
               keys.scratch(i), keys.pairs(i), keys.active_users(i), keys.stats(i)],
-        args=[keys.prefix(i), u, view, fill, query.letter, "1" if query.desc else "0",
-              cmin, cmax, pmin, pmax, query.offset, limit, now,
-              ",".join(query.types or ()), ",".join(query.statuses or ()),
-              ",".join(map(str, query.client_ids or ())), dmin, dmax, ctx.limits.max_merge, ctx.limits.fill_inline,
-              "1" if query.date_from is None and query.date_to is None else "0",
-              "1" if query.offset == 0 and query.after is None else "0", token])
+        args=args.argv())
+
+
+LETTER_SORT = {"d": "meeting_date", "u": "updated_at"}
+
+
+def view_query(installation_id: int, user_id: int, view: str) -> Query:
+    """The query whose answer a precomputed view holds."""
+    letter, types, statuses = view.split(":")
+    return Query(installation_id=installation_id, user_id=user_id,
+                 types=None if types == "*" else tuple(types.split(",")),
+                 statuses=None if statuses == "*" else tuple(statuses.split(",")),
+                 client_ids=None, date_from=None, date_to=None, sort=LETTER_SORT[letter],
+                 order="desc", offset=0, limit=1)
 
 
 def precomputable(query: Query, views: frozenset) -> str:
@@ -208,7 +255,7 @@ def from_index(ctx, query: Query, now: int, token: str):
     many sets, ``"drift"`` when a payload is missing.  The source may be ``index:fill``:
     the view this query could use should be precomputed."""
     view = precomputable(query, ctx.views)
-    reply = call_script(ctx, query, view, "1" if view else "0", query.limit + 1, now, token)
+    reply = call_script(ctx, query, view, query.limit + 1, now, token)
     source = reply[0].decode()
     if source in ("notready", "toobig"):
         return source
@@ -279,9 +326,15 @@ def run(ctx, query: Query, now: int | None = None) -> tuple[dict, set]:
             # This process may hold the token of a generation a rebuild has replaced.
             fresh = mirror.refresh(query.installation_id)
             if fresh is not None and fresh != token:
-                answer = from_index(ctx, query, now, fresh)
+                token, answer = fresh, from_index(ctx, query, now, fresh)
         if answer == "notready" and owns_index(ctx):
             follow_ups.add("rebuild")
+        if isinstance(answer, tuple) and answer[0] == "index:fill":
+            # The user's view is missing: built now when small (the next query reads it),
+            # else queued for crm.precompute_user, which builds it in slices.
+            answer = ("index",) + answer[1:]
+            if not fill_view(ctx, query.installation_id, query.user_id, precomputable(query, ctx.views), now, token):
+                follow_ups.add("precompute")
     except redis.RedisError as exc:
         if not is_transient(exc):
             raise
@@ -296,9 +349,6 @@ def run(ctx, query: Query, now: int | None = None) -> tuple[dict, set]:
         source = "database"
     else:
         source, total, members, items = answer
-        if source == "index:fill":
-            source = "index"
-            follow_ups.add("precompute")
     more = len(items) > query.limit
     items, members = items[:query.limit], members[:query.limit]
     result = {

@@ -33,11 +33,12 @@ def _read(name: str) -> str:
 
 
 def script_source(name: str) -> str:
-    """The text of ``scripts/<name>.lua`` as sent to Redis: ``common.lua``, then the shared
-    files the script declares in its ``-- requires: a, b`` header line, then the script."""
+    """The text of ``scripts/<name>.lua`` as sent to Redis: ``common.lua`` and ``keys.lua``
+    (the key templates), then the shared files the script declares in its
+    ``-- requires: a, b`` header line, then the script."""
     text = _read(name)
     found = re.search(r"^-- requires: ([\w, ]+)$", text, re.M)
-    shared = ["common"] + ([part.strip() for part in found.group(1).split(",")] if found else [])
+    shared = ["common", "keys"] + ([part.strip() for part in found.group(1).split(",")] if found else [])
     return "\n".join([_read(part) for part in shared] + [text])
 
 

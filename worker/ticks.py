@@ -7,6 +7,8 @@ claim expires with its tick.
 """
 from __future__ import annotations
 
+from worker import keys
+
 
 def tick_number(interval: int, now: int) -> int:
     """Ticks are wall-clock windows of ``interval`` seconds, the same for every beat."""
@@ -14,7 +16,7 @@ def tick_number(interval: int, now: int) -> int:
 
 
 def tick_key(name: str, interval: int, now: int) -> str:
-    return f"crm:tick:{name}:{tick_number(interval, now)}"
+    return keys.tick(name, tick_number(interval, now))
 
 
 def claim(r, name: str, interval: int, now: int) -> bool:

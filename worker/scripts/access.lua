@@ -30,8 +30,8 @@ end
 local function drop_views()
   local views = redis.call("HKEYS", KEYS[3])
   for _, view in ipairs(views) do
-    redis.call("DEL", prefix .. "p:" .. user .. ":" .. view, prefix .. "ph:" .. user .. ":" .. view)
-    redis.call("SREM", prefix .. "vu:" .. view, user)
+    redis.call("DEL", K.view_set(prefix, user, view), K.view_head(prefix, user, view))
+    redis.call("SREM", K.view_users(prefix, view), user)
   end
   redis.call("DEL", KEYS[3])
 end
@@ -39,7 +39,7 @@ end
 if mode == "remove" then
   for i = FIRST_CLIENT, #ARGV do
     redis.call("SREM", KEYS[1], ARGV[i])
-    redis.call("SREM", prefix .. "cu:" .. ARGV[i], user)
+    redis.call("SREM", K.client_users(prefix, ARGV[i]), user)
   end
   drop_views()
   return 1
@@ -53,13 +53,13 @@ local wanted = {}
 for i = FIRST_CLIENT, #ARGV do wanted[ARGV[i]] = true end
 for _, client in ipairs(redis.call("SMEMBERS", KEYS[1])) do
   if not wanted[client] then
-    redis.call("SREM", prefix .. "cu:" .. client, user)
+    redis.call("SREM", K.client_users(prefix, client), user)
   end
 end
 redis.call("DEL", KEYS[1])
 for i = FIRST_CLIENT, #ARGV do
   redis.call("SADD", KEYS[1], ARGV[i])
-  redis.call("SADD", prefix .. "cu:" .. ARGV[i], user)
+  redis.call("SADD", K.client_users(prefix, ARGV[i]), user)
 end
 redis.call("HSET", KEYS[2], user, version)
 drop_views()

@@ -36,13 +36,13 @@ for i = 4, #ARGV, 3 do
       skip = true
     else
       local gone = members_of(id, oms, ous)
-      redis.call("ZREM", prefix .. "z:" .. oc .. ":" .. ot .. ":" .. os, gone.d, gone.u)
+      redis.call("ZREM", K.client_set(prefix, oc, ot .. ":" .. os), gone.d, gone.u)
       fanned = fanned + fan_out(prefix, oc, ot, os, gone, "rem")
     end
   end
   if not skip then
     local new = members_of(id, meeting_s, updated_s)
-    redis.call("ZADD", prefix .. "z:" .. client .. ":" .. typ .. ":" .. status, 0, new.d, 0, new.u)
+    redis.call("ZADD", K.client_set(prefix, client, typ .. ":" .. status), 0, new.d, 0, new.u)
     redis.call("HSET", KEYS[1], id, value)
     local pair = typ .. ":" .. status
     if not pairs_added[pair] then

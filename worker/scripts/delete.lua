@@ -20,7 +20,7 @@ for i = 3, #ARGV do
   if old then
     local oc, ot, os, oms, ous = parse_head(old)
     local gone = members_of(id, oms, ous)
-    redis.call("ZREM", prefix .. "z:" .. oc .. ":" .. ot .. ":" .. os, gone.d, gone.u)
+    redis.call("ZREM", K.client_set(prefix, oc, ot .. ":" .. os), gone.d, gone.u)
     fanned = fanned + fan_out(prefix, oc, ot, os, gone, "rem")
     redis.call("HDEL", KEYS[1], id)
     removed = removed + 1

@@ -3,7 +3,8 @@
 -- Client security comes first: the answer is built only from the sorted sets of the
 -- clients in the user's access list (intersected with the caller's client filter), as
 -- the list stands at this instant.  Sort fields are fixed letters; no key or field name
--- comes from the caller.
+-- comes from the caller.  Building precomputed sets is build.lua's job: this script only
+-- reads them, and says when the user's view is missing.
 --
 -- KEYS[1]  {i:N}:m          hash  7-byte id -> "head|item JSON"
 -- KEYS[2]  {i:N}:uc:<user>  set   client ids the user may see
@@ -12,56 +13,49 @@
 -- KEYS[5]  {i:N}:tmp        scratch sorted set, deleted before the script returns
 -- KEYS[6]  {i:N}:ts         set   "type:status" pairs present
 -- KEYS[7]  {i:N}:active     zset  user -> last query time
--- KEYS[8]  {i:N}:stats      hash  hit / miss / fill counters of the precomputed sets
--- ARGV[1]  key prefix "{i:N}:" (derives z:<client>:<type>:<status>, p:<user>:<view>,
---          vu:<view> and views)
--- ARGV[2]  user id
--- ARGV[3]  view id when this query's shape may use a precomputed set, else ""
--- ARGV[4]  "0": only read a precomputed set; "1": fill it when missing, here when it merges
---          at most ARGV[20] sets, else answer and ask the caller to have it built
---          (source "index:fill"); "2": build it now (not a query: the user's last-query
---          time stays), here when small enough, else reply {"sliced"} and the caller
---          builds it in slices with build.lua
--- ARGV[5]  sort letter, "d" or "u"
--- ARGV[6]  "1" for descending order
--- ARGV[7], ARGV[8]    lex bounds (min, max) of the whole result: the total counts these
--- ARGV[9], ARGV[10]   lex bounds (min, max) of the page (narrowed by a cursor)
--- ARGV[11], ARGV[12]  offset, limit (limit 0: count only)
--- ARGV[13] now, epoch seconds
--- ARGV[14] types, comma separated, "" for any
--- ARGV[15] statuses, comma separated, "" for any
--- ARGV[16] client filter, comma separated, "" for none
--- ARGV[17], ARGV[18]  lex bounds (min, max) on meeting_date members when the sort is
---          updated_at and a date range is given, else "": matches are then collected from
---          the date range and re-keyed by their updated_at
--- ARGV[19] most sorted sets one answer may merge; a query over more of them (the broad
---          views of users with thousands of clients) would hold Redis for too long
--- ARGV[20] most sets merged into a precomputed set within this one call
--- ARGV[21] "1" when the count bounds are the whole letter (no date range)
--- ARGV[22] "1" when the page is the first (offset 0, no cursor): a precomputed set's
---          head may answer it
--- ARGV[23] token: the caller's "<database_id>:<generation>"; the script answers only
---          when KEYS[3] holds it
--- Reply:   {source, total, member1, payload1, member2, payload2, ...}; source is
---          "precomputed", "index" or "index:fill"; or, alone, "notready" (the index does
---          not mirror the caller's database and generation), "toobig" (more than ARGV[19] sets to merge and no
---          precomputed set), "sliced" or "building" (fill "2" only: a view of any size
---          is built, in slices when broad).
+-- KEYS[8]  {i:N}:stats      hash  hit / miss counters of the precomputed sets
 --
--- A user's view being built in slices has the last-use value "b:<token>" in
+-- ARGV (worker/query.py QueryArgs):
+local prefix = ARGV[1]         -- the installation's key prefix "{i:N}:" (worker/scripts/keys.lua)
+local token = ARGV[2]          -- the caller's "<database_id>:<generation>": answer only when KEYS[3] holds it
+local user = ARGV[3]           -- user id
+local view = ARGV[4]           -- view id when a precomputed set may answer, else ""
+local letter = ARGV[5]         -- sort letter, "d" or "u"
+local descending = ARGV[6]     -- "1" for descending order
+local cmin = ARGV[7]           -- lex bounds (min, max) of the whole result: the total counts these
+local cmax = ARGV[8]
+local pmin = ARGV[9]           -- lex bounds (min, max) of the page (narrowed by a cursor)
+local pmax = ARGV[10]
+local offset = ARGV[11]        -- rows to skip
+local limit = ARGV[12]         -- rows to return (0: count only)
+local now = ARGV[13]           -- epoch seconds
+local types = ARGV[14]         -- types, comma separated, "" for any
+local statuses = ARGV[15]      -- statuses, comma separated, "" for any
+local client_filter = ARGV[16] -- client ids, comma separated, "" for no filter
+local dmin = ARGV[17]          -- lex bounds on meeting_date members when the sort is updated_at and a
+local dmax = ARGV[18]          --   date range is given, else "": matches are re-keyed by updated_at
+local max_merge = ARGV[19]     -- most sorted sets one answer may merge (more would hold Redis too long)
+local whole = ARGV[20]         -- "1" when the count bounds are the whole letter (no date range)
+local first_page = ARGV[21]    -- "1" for offset 0 and no cursor: a precomputed set's head may answer
+--
+-- Reply:   {source, total, member1, payload1, member2, payload2, ...}; source is
+--          "precomputed", "index", or "index:fill" (answered by the index; the user's
+--          view `view` is missing and worth building); or, alone, "notready" (the index
+--          does not mirror the caller's database and generation) or "toobig" (more than
+--          max_merge sets to merge and no precomputed set).
+--
+-- A user's view being built in slices has the last-use value "b:<build>" in
 -- pv:<user>: writers already keep it fresh, but it is not served until complete.
-local prefix, user, view, fill, letter = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local desc = ARGV[6] == "1"
-local cmin, cmax, pmin, pmax = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local offset, limit, now = tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[13]
+local desc = descending == "1"
+offset, limit = tonumber(offset), tonumber(limit)
 
-if redis.call("GET", KEYS[3]) ~= ARGV[23] then
+if redis.call("GET", KEYS[3]) ~= token then
   return {"notready"}
 end
 
 local function split(csv)
   local out = {}
-  for token in string.gmatch(csv, "[^,]+") do out[#out + 1] = token end
+  for item in string.gmatch(csv, "[^,]+") do out[#out + 1] = item end
   return out
 end
 
@@ -198,36 +192,31 @@ local function merged(source, keys)
 end
 
 -- Merge `keys` into `dest` with ZUNIONSTORE, in slices (Lua's unpack() takes a few
--- thousand values at most), keeping only members of this query's sort letter when `pure`.
+-- thousand values at most).
 local SLICE = 1000
-local function union_into(dest, keys, pure)
+local function union_into(dest, keys)
   redis.call("DEL", dest)
-  if pure then redis.call("DEL", prefix .. "ph:" .. user .. ":" .. view) end
   for first = 1, #keys, SLICE do
     local args = {}
     if first > 1 then args[1] = dest end
     for i = first, math.min(first + SLICE - 1, #keys) do args[#args + 1] = keys[i] end
     redis.call("ZUNIONSTORE", dest, #args, unpack(args))
   end
-  if pure then
-    redis.call("ZREMRANGEBYLEX", dest, "-", "(" .. letter)
-    redis.call("ZREMRANGEBYLEX", dest, "[" .. string.char(string.byte(letter) + 1), "+")
-  end
 end
 
-local viewkey, used
+local used
 if view ~= "" then
-  viewkey = prefix .. "p:" .. user .. ":" .. view
   used = redis.call("HGET", KEYS[4], view)
-  if fill ~= "2" and used and string.sub(used, 1, 2) ~= "b:" then
+  if used and string.sub(used, 1, 2) ~= "b:" then
+    local viewkey = K.view_set(prefix, user, view)
     -- Last use and activity are kept to the minute: most hits write nothing else.
     if tonumber(now) - tonumber(used) >= 60 then
       redis.call("HSET", KEYS[4], view, now)
       redis.call("ZADD", KEYS[7], now, user)
     end
     redis.call("HINCRBY", KEYS[8], "hit", 1)
-    if ARGV[22] == "1" and ARGV[21] == "1" and limit <= HEAD then
-      local headkey, side = prefix .. "ph:" .. user .. ":" .. view, desc and "desc" or "asc"
+    if first_page == "1" and whole == "1" and limit <= HEAD then
+      local headkey, side = K.view_head(prefix, user, view), desc and "desc" or "asc"
       local blob = redis.call("HGET", headkey, side)
       if blob then
         return unpack_head(blob, "precomputed", limit)
@@ -236,59 +225,52 @@ if view ~= "" then
       redis.call("HSET", headkey, side, pack_head(reply))
       return unpack_head(pack_head(reply), "precomputed", limit)
     end
-    return answer("precomputed", viewkey, ARGV[21] == "1")
+    return answer("precomputed", viewkey, whole == "1")
   end
-  if fill ~= "2" then
-    redis.call("HINCRBY", KEYS[8], "miss", 1)
-  end
+  redis.call("HINCRBY", KEYS[8], "miss", 1)
 end
-
-if fill ~= "2" then
-  redis.call("ZADD", KEYS[7], now, user)
-end
+redis.call("ZADD", KEYS[7], now, user)
 
 -- The user's clients, narrowed by the caller's filter.
 local clients = redis.call("SMEMBERS", KEYS[2])
-if ARGV[16] ~= "" then
+if client_filter ~= "" then
   local allowed = {}
   for _, c in ipairs(clients) do allowed[c] = true end
   clients = {}
-  for _, c in ipairs(split(ARGV[16])) do
+  for _, c in ipairs(split(client_filter)) do
     if allowed[c] then clients[#clients + 1] = c end
   end
 end
 
 -- The (type, status) pairs asked for.
 local wanted_types, wanted_statuses = {}, {}
-for _, t in ipairs(split(ARGV[14])) do wanted_types[t] = true end
-for _, s in ipairs(split(ARGV[15])) do wanted_statuses[s] = true end
+for _, t in ipairs(split(types)) do wanted_types[t] = true end
+for _, s in ipairs(split(statuses)) do wanted_statuses[s] = true end
 local pairs_ = {}
 for _, pair in ipairs(redis.call("SMEMBERS", KEYS[6])) do
   local t, s = string.match(pair, "^(.-):(.*)$")
-  if (ARGV[14] == "" or wanted_types[t]) and (ARGV[15] == "" or wanted_statuses[s]) then
+  if (types == "" or wanted_types[t]) and (statuses == "" or wanted_statuses[s]) then
     pairs_[#pairs_ + 1] = pair
   end
 end
 
-local building = used and string.sub(used, 1, 2) == "b:"
-if #clients * #pairs_ > tonumber(ARGV[19]) then
-  if viewkey and fill == "2" and not building then return {"sliced"} end
+if #clients * #pairs_ > tonumber(max_merge) then
   return {"toobig"}
 end
 local keys = {}
 for _, c in ipairs(clients) do
   for _, pair in ipairs(pairs_) do
-    keys[#keys + 1] = prefix .. "z:" .. c .. ":" .. pair
+    keys[#keys + 1] = K.client_set(prefix, c, pair)
   end
 end
 
-if ARGV[17] ~= "" then
+if dmin ~= "" then
   -- Sorted by updated_at, filtered on meeting_date: collect the matches from the date
   -- range and re-key them by their updated_at.
   local tmp = KEYS[5]
   redis.call("DEL", tmp)
   for _, key in ipairs(keys) do
-    local found = redis.call("ZRANGEBYLEX", key, ARGV[17], ARGV[18])
+    local found = redis.call("ZRANGEBYLEX", key, dmin, dmax)
     for first = 1, #found, SLICE do
       local ids = {}
       for i = first, math.min(first + SLICE - 1, #found) do ids[#ids + 1] = string.sub(found[i], 6) end
@@ -309,28 +291,14 @@ if ARGV[17] ~= "" then
   return reply
 end
 
--- Fill the precomputed set when this query's shape has one and it is missing.
-if viewkey and fill ~= "0" and not building then
-  if #keys <= tonumber(ARGV[20]) then
-    union_into(viewkey, keys, true)
-    redis.call("HSET", KEYS[4], view, now)
-    -- Registered with the writers (apply.lua, delete.lua) in this same step: from now on
-    -- every write to the user's clients reaches this set.
-    redis.call("SADD", prefix .. "vu:" .. view, user)
-    redis.call("SADD", prefix .. "views", view)
-    if fill == "1" then redis.call("HINCRBY", KEYS[8], "fill", 1) end
-    return answer("index", viewkey)
-  end
-  if fill == "2" then return {"sliced"} end
-end
-if fill == "2" then return {"building"} end
-local source = (viewkey and fill == "1" and not building) and "index:fill" or "index"
-
+-- A missing view (not one being built) is worth building: build.lua's job, asked for by
+-- the source.
+local source = (view ~= "" and not used) and "index:fill" or "index"
 if #keys == 1 then
   return answer(source, keys[1])
 end
 if #keys <= 8 or offset + limit > 2000 then
-  union_into(KEYS[5], keys, false)
+  union_into(KEYS[5], keys)
   local reply = answer(source, KEYS[5])
   redis.call("DEL", KEYS[5])
   return reply

@@ -14,14 +14,14 @@ local view_ids = nil
 local views_cache = {}
 local function views_for(prefix, typ, status)
   if view_ids == nil then
-    view_ids = redis.call("SMEMBERS", prefix .. "views")
+    view_ids = redis.call("SMEMBERS", K.views(prefix))
   end
   local pair = typ .. ":" .. status
   local found = views_cache[pair]
   if found == nil then
     found = {}
     for _, view in ipairs(view_ids) do
-      if view_matches(view, typ, status) and redis.call("EXISTS", prefix .. "vu:" .. view) == 1 then
+      if view_matches(view, typ, status) and redis.call("EXISTS", K.view_users(prefix, view)) == 1 then
         found[#found + 1] = view
       end
     end
@@ -37,12 +37,12 @@ end
 local function fan_out(prefix, client, typ, status, members, op)
   local touched = 0
   for _, view in ipairs(views_for(prefix, typ, status)) do
-    local users = redis.call("SINTER", prefix .. "cu:" .. client, prefix .. "vu:" .. view)
+    local users = redis.call("SINTER", K.client_users(prefix, client), K.view_users(prefix, view))
     local m = members[string.sub(view, 1, 1)]
     for _, user in ipairs(users) do
-      local key = prefix .. "p:" .. user .. ":" .. view
+      local key = K.view_set(prefix, user, view)
       if op == "add" then redis.call("ZADD", key, 0, m) else redis.call("ZREM", key, m) end
-      redis.call("DEL", prefix .. "ph:" .. user .. ":" .. view)  -- its cached head
+      redis.call("DEL", K.view_head(prefix, user, view))  -- its cached head
       touched = touched + 1
     end
   end
