@@ -1,4 +1,7 @@
-"""The peers the benchmark measures crm-insight against, each on its own layout."""
+"""The peers the benchmark measures crm-insight against, each on its own layout, behind one
+interface: ``available()`` (None, or why it cannot run here), ``load(data, progress)``,
+``query(user, offset, limit)`` (the benchmark's query: email ∩ open, newest first, for the
+user's clients) and ``close()``.  ``key`` names the peer's figures in bench.json."""
 from __future__ import annotations
 
 import os
@@ -15,14 +18,48 @@ HERE = os.path.dirname(__file__)
 REDISEARCH_MODULE = "/usr/lib/redis/modules/redisearch.so"
 
 
-class SeedPOC:
+class Peer:
+    key = ""
+
+    def available(self) -> str | None:
+        return None
+
+    def load(self, data, progress) -> None:
+        raise NotImplementedError
+
+    def query(self, user: int, offset: int, limit: int):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SeedPOC(Peer):
     """The seed's Redis + Lua proof of concept: tenant-wide type and status sets, a hash per
-    meeting, a client set per user; the script loops over every match for client security."""
+    meeting, a client set per user; the script loops over every match for client security.
+    ``memory`` holds the bytes its layout takes, measured while loading."""
+    key = "seed_poc"
 
     def __init__(self, r: redis.Redis, installation_id: int = 1):
         self.r, self.i = r, installation_id
         with open(os.path.join(HERE, "seed_poc.lua")) as f:
             self.script = r.register_script(f.read())
+        self.memory: dict[str, int] = {}
+
+    def load(self, data, progress) -> None:
+        r = self.r
+        before = r.info("memory")["used_memory"]
+        self.load_sets(data.rows, progress("seed sets", len(data.rows)))
+        self.memory["sets"] = self.set_bytes()
+        mid = r.info("memory")["used_memory"]
+        self.load_hashes(data.rows, progress("seed hash", len(data.rows)))
+        self.memory["hashes"] = r.info("memory")["used_memory"] - mid
+        self.load_access(data.lists)
+        self.memory["used"] = r.info("memory")["used_memory"] - before
+
+    def close(self) -> None:
+        leaked = list(self.r.scan_iter(match="sampleset*"))
+        assert not leaked, "the seed POC left temporary keys"
 
     def load_sets(self, rows, progress=None) -> None:
         """rows: (id, client, type, status, meeting_s, details_json)"""
@@ -48,7 +85,7 @@ class SeedPOC:
 
     def load_access(self, lists) -> None:
         pipe = self.r.pipeline(transaction=False)
-        for user, clients in lists:
+        for user, clients in lists.items():
             pipe.sadd(f"clients_for_user:{user}", *clients)
         pipe.execute()
 
@@ -68,13 +105,24 @@ SQL_PEER = sa.text(
     "ORDER BY m.meeting_s DESC, m.id DESC LIMIT :limit OFFSET :offset")
 
 
-def add_sql_peer_index(engine: sa.Engine) -> None:
-    """The anchors' composite index (installation, type, status, date) for the SQL peer."""
-    with engine.begin() as conn:
-        names = {ix["name"] for ix in sa.inspect(conn).get_indexes("meetings")}
-        if "ix_bench_type_status_date" not in names:
-            conn.exec_driver_sql("CREATE INDEX ix_bench_type_status_date "
-                                 "ON meetings (installation_id, type, status, meeting_s)")
+class SqlJoin(Peer):
+    """The same query as one SQL statement on the service's own tables, with the anchors'
+    composite index (installation, type, status, date), added by ``load``."""
+    key = "sql_join"
+
+    def __init__(self, engine: sa.Engine, installation_id: int = 1):
+        self.engine, self.i = engine, installation_id
+
+    def load(self, data, progress) -> None:
+        with self.engine.begin() as conn:
+            names = {ix["name"] for ix in sa.inspect(conn).get_indexes("meetings")}
+            if "ix_bench_type_status_date" not in names:
+                conn.exec_driver_sql("CREATE INDEX ix_bench_type_status_date "
+                                     "ON meetings (installation_id, type, status, meeting_s)")
+
+    def query(self, user: int, offset: int, limit: int):
+        with self.engine.connect() as conn:
+            return conn.execute(SQL_PEER, {"user": user, "inst": self.i, "limit": limit, "offset": offset}).all()
 
 
 def free_port() -> int:
@@ -83,16 +131,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class RediSearch:
+class RediSearch(Peer):
     """RediSearch 1.2.2 (Debian's redis-redisearch) in a redis-server of its own on a spare
-    loopback port: TAG type/status/client, NUMERIC SORTABLE date."""
+    loopback port: TAG type/status/client, NUMERIC SORTABLE date.  ``load_s`` is how long
+    loading took."""
+    key = "redisearch"
 
     def __init__(self):
-        self.proc = None
-        self.dir = None
+        self.proc = self.dir = self.r = None
+        self.clients_of: dict[int, list[int]] = {}
+        self.load_s = 0.0
 
-    @staticmethod
-    def available() -> str | None:
+    def available(self) -> str | None:
         """None when usable, else why not."""
         if not os.path.exists(REDISEARCH_MODULE):
             return f"{REDISEARCH_MODULE} is missing (apt-get install redis-redisearch)"
@@ -118,7 +168,14 @@ class RediSearch:
                                "date", "NUMERIC", "SORTABLE")
         return self.r
 
-    def load(self, rows, progress=None) -> None:
+    def load(self, data, progress) -> None:
+        start = time.monotonic()
+        self.start()
+        self.clients_of = data.lists
+        self.load_rows(data.rows, progress("redisearch", len(data.rows)))
+        self.load_s = round(time.monotonic() - start, 1)
+
+    def load_rows(self, rows, progress=None) -> None:
         pipe = self.r.pipeline(transaction=False)
         for n, (mid, client, typ, status, meeting_s, details) in enumerate(rows, 1):
             pipe.execute_command("FT.ADD", "idx", f"doc:{mid}", 1.0, "FIELDS", "type", typ, "status", status,
@@ -129,11 +186,11 @@ class RediSearch:
         pipe.execute()
         progress and progress.add(len(rows) % 2000)
 
-    def query(self, clients, offset: int, limit: int):
-        q = "@type:{email} @status:{open} @client:{%s}" % "|".join(map(str, clients))
+    def query(self, user: int, offset: int, limit: int):
+        q = "@type:{email} @status:{open} @client:{%s}" % "|".join(map(str, self.clients_of[user]))
         return self.r.execute_command("FT.SEARCH", "idx", q, "SORTBY", "date", "DESC", "LIMIT", offset, limit)
 
-    def stop(self) -> None:
+    def close(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(10)

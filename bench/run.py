@@ -115,22 +115,37 @@ def main(args) -> int:
     return 0
 
 
+@dataclasses.dataclass
+class Dataset:
+    """What the run loaded: the meetings as the peers load them, the access lists, and the
+    users the queries are asked for."""
+    rows: list          # (id, client, type, status, meeting_s, details JSON)
+    lists: dict         # user -> client ids
+    sample: list        # the active users: a tenth (at most 200), with precomputed sets
+    big: list           # users with 2,000 clients (or the broadest one)
+
+
+PAGES = {"page1": 0, "page50": 980}
+
+
 class Bench:
     def __init__(self, args):
+        from worker.context import Context
         from worker.db import make_engine
         from worker.redis_index import connect
+        from worker.schema import create_database
         from worker.seed import Shape
+        from worker.settings import Settings
         self.args = args
         self.shape = Shape(installations=1, clients=args.clients, users=args.users, meetings=args.meetings)
         self.db_url = args.database_url
-        self.index_db = int(args.redis_url.rsplit("/", 1)[1])
+        index_db = int(args.redis_url.rsplit("/", 1)[1])
         self.urls = {
             "index": args.redis_url,
-            "seed": redis_url_db(args.redis_url, self.index_db + 1),
-            "broker": redis_url_db(args.redis_url, self.index_db + 2),
-            "backend": redis_url_db(args.redis_url, self.index_db + 3),
+            "seed": redis_url_db(args.redis_url, index_db + 1),
+            "broker": redis_url_db(args.redis_url, index_db + 2),
+            "backend": redis_url_db(args.redis_url, index_db + 3),
         }
-        from worker.schema import create_database
         create_database(self.db_url)
         self.engine = make_engine(self.db_url)
         self.r = connect(self.urls["index"])
@@ -138,25 +153,25 @@ class Bench:
         self.result = {"machine": machine(), "shape": vars(self.shape) | {"samples": args.samples},
                        "latency_ms": {}, "notes": []}
         self.rng = random.Random(7)
-        from worker.context import Context
-        from worker.settings import Settings
         settings = Settings.from_env(self.env())
         self.ctx = Context(settings, self.engine, self.r)
         # The same service with no precomputed views: how the index answers cold.
         self.cold = Context(dataclasses.replace(settings, precompute_views=()), self.engine, self.r)
-        self.views = self.ctx.views
-        self.result["shape"]["precomputed_views"] = sorted(self.views)
+        self.result["shape"]["precomputed_views"] = sorted(self.ctx.views)
+        self.saved_pool = None  # the server's buffer pool size, while the run changed it
 
     # -- set-up ------------------------------------------------------------------------
     def env(self) -> dict:
+        """The service's environment for this run (for its worker processes too)."""
         return dict(os.environ, CRM_DATABASE_URL=self.db_url, CRM_REDIS_URL=self.urls["index"],
                     CELERY_BROKER_URL=self.urls["broker"], CELERY_RESULT_BACKEND=self.urls["backend"],
                     CRM_CURSOR_SECRET="bench", CRM_PRECOMPUTE_BUDGET=str(1 << 40))
 
-    def load(self) -> None:
+    def load(self) -> Dataset:
         from worker.access import change
         from worker.ingest import ingest
         from worker.records import meeting_id, parse_time, to_seconds
+        from worker.redis_index import connect
         from worker.schema import upgrade
         from worker.seed import Progress, access_lists, meetings
         say(f"loading {self.shape.meetings:,} meetings, {self.shape.users:,} users, {self.shape.clients:,} clients")
@@ -169,14 +184,13 @@ class Bench:
             if "ix_bench_type_status_date" in names:
                 conn.exec_driver_sql("DROP INDEX ix_bench_type_status_date ON meetings")
         for url in self.urls.values():
-            from worker.redis_index import connect
             connect(url).flushdb(asynchronous=True)  # a large keyspace frees in the background
-        self.lists = list(access_lists(self.shape, 1))
-        bar = Progress("access", len(self.lists))
-        for user, clients in self.lists:
+        lists = dict(access_lists(self.shape, 1))
+        bar = Progress("access", len(lists))
+        for user, clients in lists.items():
             change(self.ctx, 1, user, clients, "set")
             bar.add(1)
-        self.rows = []
+        rows = []
         bar = Progress("meetings", self.shape.meetings)
         batch = []
         start = time.monotonic()
@@ -184,9 +198,9 @@ class Bench:
         def flush():
             ingest(self.ctx, batch, chunk_size=500)
             for rec in batch:
-                self.rows.append((meeting_id(1, rec["source_id"]), rec["client_id"], rec["type"], rec["status"],
-                                  to_seconds(parse_time("d", rec["meeting_date"])),
-                                  json.dumps(rec["details"], separators=(",", ":"))))
+                rows.append((meeting_id(1, rec["source_id"]), rec["client_id"], rec["type"], rec["status"],
+                             to_seconds(parse_time("d", rec["meeting_date"])),
+                             json.dumps(rec["details"], separators=(",", ":"))))
             bar.add(len(batch))
         for rec in meetings(self.shape, 1):
             batch.append(rec)
@@ -196,112 +210,85 @@ class Bench:
         if batch:
             flush()
         self.result["load_in_process_rows_per_s"] = round(self.shape.meetings / (time.monotonic() - start))
+        users = sorted(lists)
+        big = [u for u, c in lists.items() if len(c) >= 2000] or [max(lists, key=lambda u: len(lists[u]))]
+        return Dataset(rows=rows, lists=lists, sample=self.rng.sample(users, min(200, max(10, len(users) // 10))),
+                       big=big)
 
     # -- measurements ----------------------------------------------------------------------
-    def sample_users(self):
-        users = [u for u, _ in self.lists]
-        # A tenth of the users (at most 200) are the active ones with precomputed sets.
-        self.sample = self.rng.sample(users, min(200, max(10, len(users) // 10)))
-        self.big = [u for u, c in self.lists if len(c) >= 2000] or \
-            [max(self.lists, key=lambda uc: len(uc[1]))[0]]
-        self.clients_of = dict(self.lists)
+    def calls(self, offset: int, users):
+        return [(users[k % len(users)], offset) for k in range(self.args.samples)]
 
-    def calls(self, offset: int, users=None):
-        users = users or self.sample
-        n = self.args.samples
-        return [(users[k % len(users)], offset) for k in range(n)]
+    def measure(self, key: str, label: str, fn, calls) -> None:
+        self.result["latency_ms"][key] = percentiles(timed(fn, calls, self.args.seconds, label))
 
-    def measure_queries(self) -> None:
-        from bench.peers import SQL_PEER, RediSearch, SeedPOC, add_sql_peer_index
+    def measure_queries(self, data: Dataset) -> dict:
+        """Every query path and peer; returns the bytes the seed POC's layout took."""
+        from bench.peers import RediSearch, SeedPOC, SqlJoin
         from worker.precompute import precompute_user
         from worker.query import call_script, from_database, parse, run
-        lat = self.result["latency_ms"]
+        from worker.seed import Progress
         secret = self.ctx.cursor_secret()
-        pages = {"page1": 0, "page50": 980}
         say("query latency (email ∩ open, newest first, 20 per page)")
-
-        lat["redis_ping"] = percentiles(timed(lambda: self.r.ping(), [()] * 2000, self.args.seconds, "redis PING"))
+        self.measure("redis_ping", "redis PING", lambda: self.r.ping(), [()] * 2000)
 
         def q(user, offset):
             return parse({"installation_id": 1, "user_id": user, "types": ["email"], "statuses": ["open"],
                           "offset": offset, "limit": 20}, secret)
 
-        def database(user, off):
+        def warm(user, offset):
+            assert run(self.ctx, q(user, offset))[0]["source"] == "precomputed"
+
+        def database(user, offset):
             with self.engine.connect() as conn:
-                from_database(conn, q(user, off))
+                from_database(conn, q(user, offset))
 
         token = self.ctx.mirror.token(1)
-        for u in self.sample + self.big:
+        for u in data.sample + data.big:
             precompute_user(self.ctx, 1, u, int(time.time()), token)
-        for page, offset in pages.items():
-            def warm(user, off):
-                result = run(self.ctx, q(user, off))[0]
-                assert result["source"] == "precomputed", result["source"]
-            lat[f"crm_warm_{page}"] = percentiles(timed(warm, self.calls(offset), self.args.seconds,
-                                                        f"crm-insight warm, {page}"))
-            lat[f"crm_warm_script_{page}"] = percentiles(timed(
-                lambda user, off: call_script(self.ctx, q(user, off), "d:email:open", 21, 0, token),
-                self.calls(offset), self.args.seconds, f"crm-insight warm script only, {page}"))
-            lat[f"crm_index_{page}"] = percentiles(timed(
-                lambda user, off: run(self.cold, q(user, off)),
-                self.calls(offset), self.args.seconds, f"crm-insight index (cold), {page}"))
+        ours = [
+            ("crm_warm", "crm-insight warm", warm),
+            ("crm_warm_script", "crm-insight warm script only",
+             lambda user, off: call_script(self.ctx, q(user, off), "d:email:open", 21, 0, token)),
+            ("crm_index", "crm-insight index (cold)", lambda user, off: run(self.cold, q(user, off))),
+            ("crm_database", "crm-insight database fallback", database),
+        ]
+        for page, offset in PAGES.items():
+            for key, label, fn in ours:
+                self.measure(f"{key}_{page}", f"{label}, {page}", fn, self.calls(offset, data.sample))
+        self.measure("crm_index_2000_clients_page1", "crm-insight index, 2,000-client user",
+                     lambda user, off: run(self.cold, q(user, off)), self.calls(0, data.big))
 
-            lat[f"crm_database_{page}"] = percentiles(timed(database, self.calls(offset), self.args.seconds,
-                                                            f"crm-insight database fallback, {page}"))
-        lat["crm_index_2000_clients_page1"] = percentiles(timed(
-            lambda user, off: run(self.cold, q(user, off)),
-            self.calls(0, self.big), self.args.seconds, "crm-insight index, 2,000-client user"))
+        seed = SeedPOC(self.seed_r)
+        for peer, label in ((seed, "seed POC Lua"), (SqlJoin(self.engine), "SQL join + composite index"),
+                            (RediSearch(), "RediSearch 1.2.2")):
+            why = peer.available()
+            if why:
+                say(f"{label} skipped: {why}")
+                self.result["notes"].append(f"{label} skipped: {why}")
+                continue
+            try:
+                peer.load(data, Progress)
+                for page, offset in PAGES.items():
+                    self.measure(f"{peer.key}_{page}", f"{label}, {page}",
+                                 lambda user, off: peer.query(user, off, 20), self.calls(offset, data.sample))
+            finally:
+                peer.close()
+            if isinstance(peer, SqlJoin):
+                self.result["notes"].append("The SQL peer and the database fallback ran with the composite index "
+                                            "(installation_id, type, status, meeting_s) added for the peer.")
+                for page, offset in PAGES.items():
+                    self.measure(f"crm_database_peer_index_{page}", f"crm-insight database, peer's index, {page}",
+                                 database, self.calls(offset, data.sample))
+            if isinstance(peer, RediSearch):
+                self.result["redisearch_load_s"] = peer.load_s
+        self.result["seed_layout_used_memory"] = seed.memory.get("used")
+        return seed.memory
 
-        from worker.seed import Progress
-        poc = SeedPOC(self.seed_r)
-        before = self.seed_r.info("memory")["used_memory"]
-        poc.load_sets(self.rows, Progress("seed sets", len(self.rows)))
-        self.seed_set_bytes = poc.set_bytes()
-        mid = self.seed_r.info("memory")["used_memory"]
-        poc.load_hashes(self.rows, Progress("seed hash", len(self.rows)))
-        self.seed_hash_bytes = self.seed_r.info("memory")["used_memory"] - mid
-        poc.load_access(self.lists)
-        self.result["seed_layout_used_memory"] = self.seed_r.info("memory")["used_memory"] - before
-        for page, offset in pages.items():
-            lat[f"seed_poc_{page}"] = percentiles(timed(poc.query, [(u, o, 20) for u, o in self.calls(offset)],
-                                                        self.args.seconds, f"seed POC Lua, {page}"))
-        leaked = [k for k in self.seed_r.scan_iter(match="sampleset*")]
-        assert not leaked, "the seed POC left temporary keys"
-
-        add_sql_peer_index(self.engine)
-        self.result["notes"].append("The SQL peer and the database fallback ran with the composite index "
-                                    "(installation_id, type, status, meeting_s) added for the peer.")
-        for page, offset in pages.items():
-            def sql(user, off):
-                with self.engine.connect() as conn:
-                    conn.execute(SQL_PEER, {"user": user, "inst": 1, "limit": 20, "offset": off}).all()
-            lat[f"sql_join_{page}"] = percentiles(timed(sql, self.calls(offset), self.args.seconds,
-                                                        f"SQL join + composite index, {page}"))
-            lat[f"crm_database_peer_index_{page}"] = percentiles(timed(
-                database, self.calls(offset), self.args.seconds, f"crm-insight database, peer's index, {page}"))
-
-        why = RediSearch.available()
-        if why:
-            say(f"RediSearch skipped: {why}")
-            self.result["notes"].append(f"RediSearch skipped: {why}")
-            return
-        rs = RediSearch()
-        try:
-            rs.start()
-            start = time.monotonic()
-            rs.load(self.rows, Progress("redisearch", len(self.rows)))
-            self.result["redisearch_load_s"] = round(time.monotonic() - start, 1)
-            for page, offset in pages.items():
-                lat[f"redisearch_{page}"] = percentiles(timed(
-                    lambda user, off: rs.query(self.clients_of[user], off, 20), self.calls(offset),
-                    self.args.seconds, f"RediSearch 1.2.2, {page}"))
-        finally:
-            rs.stop()
-
-    def measure_memory(self) -> None:
+    def measure_memory(self, data: Dataset, seed_memory: dict) -> None:
         from worker import keys
         say("memory")
-        n = len(self.rows)
+        n = len(data.rows)
         r = self.r
         index = sum(r.memory_usage(k, samples=0) or 0 for k in r.scan_iter(match=keys.prefix(1) + "z:*", count=1000))
         index += r.memory_usage(keys.pairs(1), samples=0) or 0
@@ -317,8 +304,8 @@ class Bench:
             "payload_bytes_per_meeting": round(payload / n, 1),
             "precomputed_bytes_per_entry": round(views / entries, 1) if entries else None,
             "access_lists_bytes": access,
-            "seed_sets_bytes_per_meeting": round(self.seed_set_bytes / n, 1),
-            "seed_hash_bytes_per_meeting": round(self.seed_hash_bytes / n, 1),
+            "seed_sets_bytes_per_meeting": round(seed_memory["sets"] / n, 1) if "sets" in seed_memory else None,
+            "seed_hash_bytes_per_meeting": round(seed_memory["hashes"] / n, 1) if "hashes" in seed_memory else None,
             "zset_max_listpack_entries": int(r.config_get("zset-max-*-entries").popitem()[1]),
         }
 
@@ -331,34 +318,27 @@ class Bench:
         return subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
 
     def client(self):
-        from celery import Celery
-        # Celery prefers these variables to the URLs given to the app: make them agree.
-        os.environ.update(CELERY_BROKER_URL=self.urls["broker"], CELERY_RESULT_BACKEND=self.urls["backend"])
-        app = Celery("bench-client", broker=self.urls["broker"], backend=self.urls["backend"])
-        app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                        result_accept_content=["json"])
-        return app
+        from bench.client import TaskClient
+        return TaskClient(self.urls["broker"], self.urls["backend"], "bench-client")
 
-    def measure_celery(self) -> None:
+    def measure_celery(self, data: Dataset) -> None:
         say("end to end through Celery (threads pool, 4 threads)")
         worker = self.start_worker("query", "threads", 4)
         app = self.client()
         try:
             for _ in range(200):  # until the worker consumes
                 try:
-                    app.send_task("crm.noop", queue="query").get(timeout=1)
+                    app.call("crm.noop", timeout=1)
                     break
                 except Exception:
                     time.sleep(0.2)
             kwargs = lambda u: {"installation_id": 1, "user_id": u, "types": ["email"],  # noqa: E731
                                 "statuses": ["open"], "limit": 20}
-            lat = self.result["latency_ms"]
-            lat["celery_noop_round_trip"] = percentiles(timed(
-                lambda: app.send_task("crm.noop", queue="query").get(timeout=30), [()] * self.args.samples,
-                self.args.seconds, "Celery no-op round trip"))
-            lat["celery_query_round_trip"] = percentiles(timed(
-                lambda u: app.send_task("crm.query_meetings", kwargs=kwargs(u), queue="query").get(timeout=30),
-                [(u,) for u, _ in self.calls(0)], self.args.seconds, "crm.query_meetings round trip"))
+            self.measure("celery_noop_round_trip", "Celery no-op round trip",
+                         lambda: app.call("crm.noop", timeout=30), [()] * self.args.samples)
+            self.measure("celery_query_round_trip", "crm.query_meetings round trip",
+                         lambda u: app.call("crm.query_meetings", kwargs(u), timeout=30),
+                         [(u,) for u, _ in self.calls(0, data.sample)])
             throughput = {}
             for name, make in (("noop", lambda u: ("crm.noop", {})), ("query", lambda u: ("crm.query_meetings",
                                                                                              kwargs(u)))):
@@ -366,14 +346,15 @@ class Bench:
                 start = time.perf_counter()
                 pending = []
                 for k in range(n):
-                    name_, kw = make(self.sample[k % len(self.sample)])
-                    pending.append(app.send_task(name_, kwargs=kw, queue="query"))
+                    name_, kw = make(data.sample[k % len(data.sample)])
+                    pending.append(app.send(name_, kw, queue="query"))
                 for p in pending:
                     p.get(timeout=60)
                 throughput[name] = round(n / (time.perf_counter() - start))
             self.result["celery_throughput_per_s"] = throughput
             say(f"  throughput: no-op {throughput['noop']}/s, query {throughput['query']}/s")
         finally:
+            app.close()
             worker.terminate()
             worker.wait(30)
 
@@ -414,13 +395,14 @@ class Bench:
         worker = self.start_worker("ingest", "prefork", 2)
         app = self.client()
         try:
-            app.send_task("crm.ingest_meetings", kwargs={"records": []}, queue="ingest").get(timeout=60)
+            app.call("crm.ingest_meetings", {"records": []}, queue="ingest")
             start = time.perf_counter()
-            pending = [app.send_task("crm.ingest_meetings", kwargs={"records": records[k:k + 500]}, queue="ingest")
+            pending = [app.send("crm.ingest_meetings", {"records": records[k:k + 500]}, queue="ingest")
                        for k in range(0, n, 500)]
             accepted = sum(p.get(timeout=600)["accepted"] for p in pending)
             rate = accepted / (time.perf_counter() - start)
         finally:
+            app.close()
             worker.terminate()
             worker.wait(30)
         views = sum(1 for _ in self.r.scan_iter(match="{i:1}:p:*", count=1000))
@@ -429,17 +411,17 @@ class Bench:
                                  "crm_ingest_rows_per_s": round(rate), "worker_processes": 2,
                                  "precomputed_sets_maintained": views}
 
-    def measure_precompute(self) -> None:
+    def measure_precompute(self, data: Dataset) -> None:
         from worker import keys
         from worker.precompute import precompute_active, precompute_user
         say("precomputation")
         times = []
-        for u in self.big[:5]:
+        for u in data.big[:5]:
             t = time.perf_counter_ns()
             precompute_user(self.ctx, 1, u, int(time.time()), self.ctx.mirror.token(1))
             times.append(time.perf_counter_ns() - t)
         now = int(time.time())
-        self.r.zadd(keys.active_users(1), {str(u): now for u, _ in self.lists})
+        self.r.zadd(keys.active_users(1), {str(u): now for u in data.lists})
         start = time.perf_counter()
         report = precompute_active(self.ctx, {1: self.ctx.mirror.token(1)}, idle=86400, budget=1 << 40, now=now)
         took = time.perf_counter() - start
@@ -452,7 +434,6 @@ class Bench:
     def size_buffer_pool(self) -> None:
         """Give MariaDB/MySQL a buffer pool that holds the data set, as a tuned server
         would, so that the SQL paths are measured from memory; restored at the end."""
-        self.saved_pool = None
         if self.engine.dialect.name != "mysql" or not self.args.tune:
             return
         want = self.shape.meetings * 3000  # about what 500k meetings take with indices, x1.5
@@ -486,13 +467,12 @@ class Bench:
             self.restore_buffer_pool()
 
     def _run(self) -> dict:
-        self.load()
-        self.sample_users()
-        self.measure_queries()
+        data = self.load()
+        seed_memory = self.measure_queries(data)
         self.measure_ingest()
-        self.measure_memory()
-        self.measure_celery()
-        self.measure_precompute()
+        self.measure_memory(data, seed_memory)
+        self.measure_celery(data)
+        self.measure_precompute(data)
         from bench.report import ratios
         self.result["ratios"], self.result["targets"] = ratios(self.result)
         return self.result

@@ -5,8 +5,7 @@ import subprocess
 import sys
 import time
 
-from celery import Celery
-
+from bench.client import TaskClient
 from tests.conftest import REDIS_URL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,15 +27,7 @@ class Deployment:
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.log = open(tmp_path / "worker.log", "w")
         self.proc = None
-        # Celery prefers CELERY_BROKER_URL and CELERY_RESULT_BACKEND of the environment (the
-        # tests' own) to any URL given to an app: this client names its connection and its
-        # result backend explicitly instead.
-        self.client = Celery("webapp-2")
-        self.client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                                result_accept_content=["json"])
-        from celery.backends.redis import RedisBackend
-        self.backend = RedisBackend(app=self.client, url=BACKEND_URL)
-        self.connection = self.client.connection_for_write(BROKER_URL)
+        self.client = TaskClient(BROKER_URL, BACKEND_URL, "webapp-2")
 
     def crm(self, *args) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=self.env, cwd=ROOT,
@@ -62,12 +53,11 @@ class Deployment:
                     raise RuntimeError("the second deployment's worker did not start")
 
     def send(self, name, kwargs=None, **options):
-        sent = self.client.send_task(name, kwargs=kwargs or {}, connection=self.connection, **options)
-        return self.client.AsyncResult(sent.id, backend=self.backend)
+        return self.client.send(name, kwargs, **options)
 
     def call(self, name, **kwargs):
         from worker.app import ROUTES
-        return self.send(name, kwargs, queue=ROUTES[name]).get(timeout=60)
+        return self.client.call(name, kwargs, queue=ROUTES[name])
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
@@ -77,4 +67,4 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.log.close()
-        self.connection.release()
+        self.client.close()

@@ -10,14 +10,12 @@ once, never after a later one.
 """
 from __future__ import annotations
 
-import json
-
 import sqlalchemy as sa
 
 from worker import redis_index
 from worker.db import locking, run_transaction, user_clients, users
 from worker.errors import InvalidArgument
-from worker.mirror import new_write_id, record_write, recorded_result
+from worker.mirror import new_write_id, once
 from worker.records import positive_int
 
 MAX_CLIENTS = 100_000
@@ -50,11 +48,9 @@ def change(ctx, installation_id, user_id, client_ids, mode: str, task_id: str | 
     write_id = new_write_id(task_id)
     where = (users.c.installation_id == installation_id) & (users.c.user_id == user_id)
 
-    def work(conn):
-        row = conn.execute(sa.select(users.c.access_version).where(where).with_for_update()).first()
-        done = recorded_result(conn, write_id)
-        if done is not None:
-            return json.loads(done), None
+    applied: list = []  # (version, clients) of the change this call applied
+
+    def apply(conn, row):
         before = _clients_of(conn, installation_id, user_id)
         after = {"set": wanted, "grant": before | wanted, "revoke": before - wanted}[mode]
         gone, new = before - after, after - before
@@ -75,16 +71,21 @@ def change(ctx, installation_id, user_id, client_ids, mode: str, task_id: str | 
         else:
             version = row.access_version + 1
             conn.execute(users.update().where(where).values(access_version=version))
-        result = {"user_id": user_id, "clients": len(after)}
-        record_write(conn, write_id, installation_id, json.dumps(result))
-        return result, (version, after)
+        applied[:] = [(version, after)]
+        return {"user_id": user_id, "clients": len(after)}
 
-    result, applied = run_transaction(locking(ctx.engine), work, retry_duplicates=True)
-    if applied is None:
+    def work(conn):
+        # The user's row lock first: a second delivery of this change waits here, then
+        # finds it recorded.
+        row = conn.execute(sa.select(users.c.access_version).where(where).with_for_update()).first()
+        return once(conn, write_id, installation_id, lambda conn: apply(conn, row))
+
+    result, now = run_transaction(locking(ctx.engine), work, retry_duplicates=True)
+    if not now:
         # A redelivery: the change is stored; make sure Redis holds the list as it is now.
         load_access_locked(ctx, installation_id, token, [user_id])
     else:
-        version, after = applied
+        version, after = applied[0]
         mirror.write(installation_id,
                      lambda t: redis_index.set_access(ctx, installation_id, user_id, version, after, t, write_id), token)
     return result

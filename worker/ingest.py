@@ -9,7 +9,6 @@ chunk twice: not even after a later task deleted or changed what it wrote.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import time
 
@@ -18,7 +17,7 @@ import sqlalchemy as sa
 from worker import redis_index
 from worker.db import COLUMNS, StoredRow, locking, meetings, run_transaction
 from worker.errors import InvalidArgument
-from worker.mirror import new_write_id, record_write, recorded_result, sync_sources, sync_written
+from worker.mirror import new_write_id, once, sync_sources, sync_written
 from worker.records import MAX_BATCH, Meeting, meeting_id, positive_int, validate
 
 log = logging.getLogger(__name__)
@@ -163,17 +162,17 @@ def ingest(ctx, records, chunk_size: int | None = None, now_us: int | None = Non
             chunk = group[start:start + chunk_size]
             write_id = f"{base}:{installation_id}:{n}"
 
-            def work(conn):
-                done = recorded_result(conn, write_id)
-                if done is not None:
-                    return None, json.loads(done)
-                stored, n_updated, n_unchanged = _write_chunk(conn, installation_id, chunk, given)
-                record_write(conn, write_id, installation_id, json.dumps([n_updated, n_unchanged]))
-                return stored, (n_updated, n_unchanged)
-            stored, (n_updated, n_unchanged) = run_transaction(writer, work, retry_duplicates=True)
+            stored: list = []
+
+            def write(conn):
+                rows, n_updated, n_unchanged = _write_chunk(conn, installation_id, chunk, given)
+                stored[:] = rows
+                return [n_updated, n_unchanged]
+            (n_updated, n_unchanged), applied = run_transaction(
+                writer, lambda conn: once(conn, write_id, installation_id, write), retry_duplicates=True)
             updated += n_updated
             unchanged += n_unchanged
-            if stored is None:
+            if not applied:
                 # A redelivery: the chunk is stored; its index write may not have happened.
                 sources = [m.source_id for m in chunk]
                 mirror.write(installation_id, lambda t: sync_sources(ctx, installation_id, t, sources, write_id), token)
@@ -201,10 +200,7 @@ def delete(ctx, installation_id, source_ids, chunk_size: int | None = None, task
         chunk = wanted[start:start + chunk_size]
         write_id = f"{base}:{n}"
 
-        def work(conn):
-            done = recorded_result(conn, write_id)
-            if done is not None:
-                return int(done)
+        def remove(conn):
             ids = list(conn.execute(
                 sa.select(meetings.c.id)
                 .where(meetings.c.installation_id == installation_id, meetings.c.source_id.in_(chunk))
@@ -215,7 +211,7 @@ def delete(ctx, installation_id, source_ids, chunk_size: int | None = None, task
                 # the rows in the database, and the redelivered task deletes them again.
                 mirror.write(installation_id, lambda t: redis_index.delete_meetings(ctx, installation_id, ids, t))
                 count = conn.execute(meetings.delete().where(meetings.c.id.in_(ids))).rowcount
-            record_write(conn, write_id, installation_id, str(count))
             return count
-        deleted += run_transaction(locking(ctx.engine), work, retry_duplicates=True)
+        deleted += run_transaction(locking(ctx.engine), lambda conn: once(conn, write_id, installation_id, remove),
+                                   retry_duplicates=True)[0]
     return {"deleted": deleted}

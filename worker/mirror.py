@@ -30,6 +30,7 @@ holds at that instant.  Access lists are ordered by the user's row lock and vers
 """
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import threading
@@ -61,6 +62,18 @@ def new_write_id(task_id: str | None, *parts) -> str:
     and the write's place in the task, or random for a call outside a task."""
     base = task_id or "local-" + secrets.token_hex(12)
     return ":".join([base, *map(str, parts)])[:100]
+
+
+def once(conn, write_id: str, installation_id: int, effect):
+    """Apply ``effect(conn)`` (which returns a JSON-able result) at most once per write id:
+    a write recorded already returns what it returned then.  Returns (result, applied
+    now)."""
+    done = recorded_result(conn, write_id)
+    if done is not None:
+        return json.loads(done), False
+    result = effect(conn)
+    record_write(conn, write_id, installation_id, json.dumps(result))
+    return result, True
 
 
 def recorded_result(conn, write_id: str) -> str | None:
