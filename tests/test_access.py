@@ -28,7 +28,6 @@ def test_set_grant_revoke(clean):
 ])
 def test_bad_arguments(clean, args, field):
     ctx = clean
-    engine, r = ctx.engine, ctx.redis
     with pytest.raises(InvalidArgument) as info:
         change(ctx, *args, "set")
     assert info.value.field == field
@@ -36,7 +35,6 @@ def test_bad_arguments(clean, args, field):
 
 def test_revoked_client_disappears_at_once(clean):
     ctx = clean
-    engine, r = ctx.engine, ctx.redis
     ingest(ctx, [record(source_id=f"m{c}", client_id=c) for c in (1, 2, 3)])
     change(ctx, 1, 7, [1, 2, 3], "set")
     assert query(ctx, installation_id=1, user_id=7)["total"] == 3
@@ -51,7 +49,7 @@ def test_an_older_access_version_never_overwrites_a_newer_one(clean):
     access back: Redis keeps the newest version."""
     from worker.redis_index import set_access
     ctx = clean
-    engine, r = ctx.engine, ctx.redis
+    r = ctx.redis
     change(ctx, 1, 7, [1, 2], "set")      # version 1
     change(ctx, 1, 7, [2], "revoke")      # version 2
     assert not set_access(ctx, 1, 7, 1, [1, 2], ctx.mirror.token(1))   # a late copy of version 1

@@ -1,7 +1,6 @@
 """Faults a real deployment meets: writers racing a rebuild, tasks delivered more than
 once, hostile arguments, dates at the edge of the calendar."""
 import json
-import logging
 import threading
 
 import pytest
@@ -119,7 +118,6 @@ def test_an_ingest_delivered_again_after_a_delete_does_not_bring_it_back(worker_
 @pytest.mark.parametrize("value", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-23:59"])
 def test_a_date_outside_the_calendar_rejects_its_record_only(clean, value):
     ctx = clean
-    engine, r = ctx.engine, ctx.redis
     for field in ("meeting_date", "updated_at"):
         result = ingest(ctx, [record(source_id="ok"), record(source_id="bad", **{field: value})])
         assert result["accepted"] == 1 and result["rejected"][0]["error"].startswith(f"{field}:")

@@ -94,7 +94,6 @@ def test_invalid_records_are_rejected_one_by_one(clean):
 
 def test_batch_limits_are_arguments_errors(clean):
     ctx = clean
-    engine, r = ctx.engine, ctx.redis
     with pytest.raises(InvalidArgument, match="at most 1000"):
         ingest(ctx, [record(source_id=str(n)) for n in range(1001)])
     with pytest.raises(InvalidArgument, match="^records: must be a list"):
@@ -116,7 +115,7 @@ def test_many_installations_and_small_transactions(clean):
 
 def test_source_ids_compare_byte_for_byte(clean):
     ctx = clean
-    engine, r = ctx.engine, ctx.redis
+    engine = ctx.engine
     batch = [record(source_id="abc"), record(source_id="ABC"), record(source_id="abc "), record(source_id="ábc")]
     assert ingest(ctx, batch)["accepted"] == 4
     with engine.connect() as conn:
@@ -141,7 +140,7 @@ def test_lock_wait_timeout_is_retried(clean, caplog):
     than the session's innodb_lock_wait_timeout (2 s in tests); the chunk is retried and
     succeeds once the lock is gone."""
     ctx = clean
-    engine, r = ctx.engine, ctx.redis
+    engine = ctx.engine
     ingest(ctx, [record(subject="v1", updated_at="2024-01-01T00:00:00Z")])
     holder_ready, release = threading.Event(), threading.Event()
 

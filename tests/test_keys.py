@@ -9,7 +9,7 @@ from worker.ingest import ingest
 
 def test_scripts_write_the_keys_python_names(clean):
     ctx = clean
-    engine, r = ctx.engine, ctx.redis
+    r = ctx.redis
     change(ctx, 7, 3, [11], "set")
     ingest(ctx, [record(installation_id=7, client_id=11, type="sms", status="closed")])
     r.zadd(keys.active_users(7), {"3": 1})

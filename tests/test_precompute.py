@@ -21,7 +21,6 @@ from worker.precompute import BuildArgs, list_views, precompute_active, precompu
 @pytest.fixture
 def user_with_meetings(clean):
     ctx = clean
-    engine, r = ctx.engine, ctx.redis
     change(ctx, 1, 1, [1, 2, 3], "set")
     ingest(ctx, [record(source_id=f"m{c}-{n}", client_id=c, type=("email", "sms")[n % 2],
                               status=("open", "closed")[n % 3 == 0], meeting_date=f"2024-01-{n + 1:02d}T00:00:00Z")
@@ -31,7 +30,6 @@ def user_with_meetings(clean):
 
 def test_precompute_then_answers_come_from_the_sets(user_with_meetings):
     ctx = user_with_meetings
-    engine, r = ctx.engine, ctx.redis
     built = precompute_user(ctx, 1, 1, 100, ctx.mirror.token(1), VIEWS)
     assert built == {"user_id": 1, "views": 2, "entries": 36 + 12, "ready": True}
     page = query(ctx, installation_id=1, user_id=1, types=["email"], statuses=["open"], limit=3)
@@ -44,7 +42,7 @@ def test_precompute_then_answers_come_from_the_sets(user_with_meetings):
 
 def test_a_query_fills_its_view_for_next_time(user_with_meetings):
     ctx = user_with_meetings
-    engine, r = ctx.engine, ctx.redis
+    r = ctx.redis
     assert query(ctx, installation_id=1, user_id=1)["source"] == "index"
     assert query(ctx, installation_id=1, user_id=1)["source"] == "precomputed"
     assert stats(r, [1])["hits"] == 1 and stats(r, [1])["misses"] == 1
@@ -52,7 +50,6 @@ def test_a_query_fills_its_view_for_next_time(user_with_meetings):
 
 def test_writes_reach_every_affected_set_before_the_task_returns(user_with_meetings):
     ctx = user_with_meetings
-    engine, r = ctx.engine, ctx.redis
     change(ctx, 1, 2, [1], "set")
     for user in (1, 2):
         precompute_user(ctx, 1, user, 100, ctx.mirror.token(1), VIEWS)
@@ -107,7 +104,7 @@ def test_a_view_being_built_is_kept_fresh_but_not_served(user_with_meetings):
     """Between the slices of a build, writes reach the growing set; queries do not use it
     until it is complete; an access change cancels it."""
     ctx = user_with_meetings
-    engine, r = ctx.engine, ctx.redis
+    r = ctx.redis
     token = ctx.mirror.token(1)
     keys_ = [keys.user_clients(1, 1), keys.user_views(1, 1), keys.pairs(1), keys.view_set(1, 1, "d:*:*"),
              keys.ready(1)]
@@ -138,7 +135,7 @@ def test_the_cached_first_page_follows_every_write(user_with_meetings):
     """The first page of a precomputed set is served from its cached head; any change to
     a meeting on it, or to the user's access, is seen at once."""
     ctx = user_with_meetings
-    engine, r = ctx.engine, ctx.redis
+    r = ctx.redis
     precompute_user(ctx, 1, 1, 100, ctx.mirror.token(1), VIEWS)
     first = query(ctx, installation_id=1, user_id=1, limit=3)
     assert first["source"] == "precomputed" and r.exists(keys.view_head(1, 1, "d:*:*"))
@@ -157,7 +154,7 @@ def test_the_cached_first_page_follows_every_write(user_with_meetings):
 
 def test_idle_users_lose_their_sets(user_with_meetings):
     ctx = user_with_meetings
-    engine, r = ctx.engine, ctx.redis
+    r = ctx.redis
     change(ctx, 1, 2, [1], "set")
     with freeze_time("2024-06-01 00:00:00"):
         query(ctx, installation_id=1, user_id=1)
@@ -172,7 +169,7 @@ def test_idle_users_lose_their_sets(user_with_meetings):
 
 def test_budget_evicts_least_recently_used(user_with_meetings):
     ctx = user_with_meetings
-    engine, r = ctx.engine, ctx.redis
+    r = ctx.redis
     for user in (1, 2, 3):
         change(ctx, 1, user, [1, 2, 3], "set")
     for n, user in enumerate((1, 2, 3)):
@@ -207,8 +204,7 @@ def test_tick_windows():
 
 def test_one_tick_runs_once_however_many_beats_send_it(clean):
     from tasks.precompute import precompute_active as task
-    ctx = clean
-    r = ctx.redis
+    assert clean  # empty tables and keyspace
     with freeze_time("2024-06-01 00:00:10"):
         first, second = task.run(once_per_tick=True), task.run(once_per_tick=True)
     assert "skipped" not in first and second["skipped"] and first["tick"] == second["tick"]

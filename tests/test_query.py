@@ -131,7 +131,6 @@ def _replay(ctx, operations):
 def two_users(clean):
     """User 1 sees clients 1 and 2; user 2 sees client 3; installation 2 has a user 1 too."""
     ctx = clean
-    engine, r = ctx.engine, ctx.redis
     ingest(ctx, [record(source_id=f"m{c}-{n}", client_id=c, meeting_date=f"2024-01-0{n + 1}T00:00:00Z")
                        for c in (1, 2, 3) for n in range(3)])
     ingest(ctx, [record(installation_id=2, source_id="other", client_id=1)])
@@ -158,7 +157,6 @@ HOSTILE = [
 @pytest.mark.parametrize("extra,field", HOSTILE)
 def test_hostile_arguments_fail_clearly(two_users, extra, field):
     ctx = two_users
-    engine, r = ctx.engine, ctx.redis
     with pytest.raises(InvalidArgument) as info:
         query(ctx, **{"installation_id": 1, "user_id": 1, **extra})
     assert info.value.field == field
@@ -166,7 +164,6 @@ def test_hostile_arguments_fail_clearly(two_users, extra, field):
 
 def test_foreign_client_ids_and_foreign_users_see_nothing(two_users):
     ctx = two_users
-    engine, r = ctx.engine, ctx.redis
     mine = query(ctx, installation_id=1, user_id=1, limit=200)
     assert mine["total"] == 6 and {i["client_id"] for i in mine["items"]} == {1, 2}
     assert query(ctx, installation_id=1, user_id=1, client_ids=[3])["total"] == 0
@@ -180,7 +177,6 @@ def test_foreign_client_ids_and_foreign_users_see_nothing(two_users):
 
 def test_cursors_are_bound_to_their_query_and_signed(two_users):
     ctx = two_users
-    engine, r = ctx.engine, ctx.redis
     first = query(ctx, installation_id=1, user_id=1, limit=2)
     cursor = first["next_cursor"]
     assert cursor
@@ -200,7 +196,6 @@ def test_cursors_are_bound_to_their_query_and_signed(two_users):
 
 def test_cursor_paging_across_inserts_before_the_cursor(two_users):
     ctx = two_users
-    engine, r = ctx.engine, ctx.redis
     seen, cursor, n = [], None, 0
     while True:
         page = query(ctx, installation_id=1, user_id=1, limit=2, cursor=cursor)
@@ -220,7 +215,6 @@ def test_cursor_paging_across_inserts_before_the_cursor(two_users):
 
 def test_deep_offsets_and_every_page(clean):
     ctx = clean
-    engine, r = ctx.engine, ctx.redis
     ingest(ctx, [record(source_id=f"m{n:04d}", client_id=n % 5 + 1,
                               meeting_date=f"2024-01-01T00:{n // 60 % 60:02d}:{n % 60:02d}Z") for n in range(900)])
     change(ctx, 1, 1, [1, 2, 3, 4, 5], "set")
@@ -235,7 +229,7 @@ def test_deep_offsets_and_every_page(clean):
 
 def test_no_key_outlives_the_queries(two_users):
     ctx = two_users
-    engine, r = ctx.engine, ctx.redis
+    r = ctx.redis
     before = set(r.keys("*"))
     for n in range(2000):
         query(ctx, views=(), installation_id=1, user_id=n % 3 + 1, types=[TYPES[n % 3]],
@@ -249,7 +243,7 @@ def test_no_key_outlives_the_queries(two_users):
 
 def test_fallback_answers_identically_after_a_flush(two_users):
     ctx = two_users
-    engine, r = ctx.engine, ctx.redis
+    r = ctx.redis
     shapes = [{}, {"types": ["email"], "statuses": ["open"]}, {"sort": "updated_at", "order": "asc", "limit": 4},
               {"date_from": "2024-01-02T00:00:00Z", "client_ids": [2]}]
     before = [query(ctx, installation_id=1, user_id=1, **s) for s in shapes]
@@ -290,7 +284,7 @@ def test_merged_and_unioned_answers_agree(clean):
     """Many clients: pages come from a k-way merge, deep pages from a union; both equal
     the database's answer, in both orders and with cursors."""
     ctx = clean
-    engine, r = ctx.engine, ctx.redis
+    engine = ctx.engine
     batch = [record(source_id=f"m{n}", client_id=n % 40 + 1, type=("email", "sms")[n % 2],
                     meeting_date=f"2024-01-{n % 28 + 1:02d}T{n % 24:02d}:00:00Z") for n in range(1200)]
     ingest(ctx, batch[:600])

@@ -178,6 +178,6 @@ def test_claiming_keeps_the_index_of_its_own_database(clean):
     from worker.maintenance import claim_index
     from worker.ingest import ingest
     ctx = clean
-    engine, r = ctx.engine, ctx.redis
+    r = ctx.redis
     ingest(ctx, [record()])
     assert claim_index(ctx) == [] and r.get(keys.ready(1)) is not None

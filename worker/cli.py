@@ -12,10 +12,10 @@ import subprocess
 import sys
 import time
 
-import redis
 import sqlalchemy as sa
 
 from worker.context import Context
+from worker.errors import REDIS_FAULTS
 from worker.settings import Settings, SettingsError, redact
 
 
@@ -39,7 +39,7 @@ def cmd_init(args) -> int:
     from worker.maintenance import claim_index
     try:
         stale = claim_index(ctx)
-    except redis.RedisError as exc:
+    except REDIS_FAULTS as exc:
         print(f"index Redis at {redact(settings.redis_url)} not reached ({exc}); "
               "run `crm init` again once it answers", file=sys.stderr)
         return 1
@@ -78,6 +78,14 @@ def cmd_seed(args) -> int:
     return 0
 
 
+def used_memory(r) -> int:
+    """Bytes the index Redis uses: summed over the primaries of a cluster."""
+    from redis.cluster import RedisCluster
+    if isinstance(r, RedisCluster):
+        return sum(node["used_memory"] for node in r.info("memory", target_nodes=RedisCluster.PRIMARIES).values())
+    return r.info("memory")["used_memory"]
+
+
 def status_report(ctx) -> dict:
     from worker import keys
     from worker.db import meetings, user_clients
@@ -101,7 +109,7 @@ def status_report(ctx) -> dict:
                           "ready": ready is not None and ready.decode() == mirror.token(i)},
             }
     report["precomputed"] = stats(r, ids)
-    report["redis_used_memory"] = r.info("memory")["used_memory"]
+    report["redis_used_memory"] = used_memory(r)
     return report
 
 

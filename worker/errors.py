@@ -19,8 +19,9 @@ class InvalidArgument(ValueError):
         self.field = text.split(":", 1)[0]
 
 
-class IndexNotReady(RuntimeError):
-    """The Redis index does not (yet) mirror the database for this installation."""
+#: Every fault of the index Redis, a cluster's included (some of redis-py's cluster
+#: exceptions are not RedisErrors).
+REDIS_FAULTS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
 
 
 # MySQL/MariaDB/TiDB error codes worth a second try, and why:
@@ -43,7 +44,12 @@ TRANSIENT_DB_CODES = {
 def is_transient(exc: BaseException) -> bool:
     """True when ``exc`` is a fault that may be gone on the next try."""
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                        redis.exceptions.BusyLoadingError, redis.exceptions.TryAgainError)):
+                        redis.exceptions.BusyLoadingError, redis.exceptions.TryAgainError,
+                        # Redis Cluster: a slot moving, a failover under way, a node down.
+                        redis.exceptions.AskError, redis.exceptions.ClusterDownError,
+                        redis.exceptions.SlotNotCoveredError)):
+        return True
+    if type(exc) is redis.exceptions.RedisClusterException:  # no node of the cluster answers
         return True
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
         if exc.connection_invalidated:

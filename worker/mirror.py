@@ -41,6 +41,7 @@ import sqlalchemy as sa
 
 from worker import keys, redis_index
 from worker.db import COLUMNS, StoredRow, applied_writes, crm_meta, installations, locking, meetings, run_transaction
+from worker.errors import REDIS_FAULTS
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class Mirror:
             pipe.get(keys.generation(installation_id))
             pipe.lrange(keys.writes(installation_id), 0, -1)
             gen, recent = pipe.execute()
-        except redis.RedisError as exc:
+        except REDIS_FAULTS as exc:
             # Nothing is served from an index that cannot be reached; the next check proves it.
             log.warning("index unreachable while checking installation %d (%s)", installation_id,
                         exc.__class__.__name__)
@@ -328,12 +329,12 @@ def rebuild_installation(ctx, installation_id: int) -> dict:
             conn.execute(installations.insert().values(id=installation_id, generation=generation))
         return database_id(conn)
     token = f"{run_transaction(engine, work)}:{generation}"
-    pipe = r.pipeline(transaction=True)
+    pipe = r.pipeline(transaction=True)  # keys of one installation: one slot on a cluster
     pipe.delete(keys.ready(installation_id))
     pipe.set(keys.generation(installation_id), token)
     pipe.set(keys.rebuilding(installation_id), 1, ex=3600)
-    pipe.sadd(keys.INSTALLATIONS, installation_id)
     pipe.execute()
+    r.sadd(keys.INSTALLATIONS, installation_id)
     _wipe(r, installation_id, keep={keys.generation(installation_id).encode(), keys.rebuilding(installation_id).encode()})
     users = load_access_locked(ctx, installation_id, token)
     count, last = 0, -1

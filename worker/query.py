@@ -15,12 +15,11 @@ import logging
 import struct
 import time
 
-import redis
 import sqlalchemy as sa
 
 from worker import keys
 from worker.db import meetings, user_clients
-from worker.errors import InvalidArgument, is_transient
+from worker.errors import REDIS_FAULTS, InvalidArgument, is_transient
 from worker.mirror import owns_index
 from worker.precompute import fill_view
 from worker.records import item_json, parse_time, positive_int, to_seconds, token
@@ -335,7 +334,7 @@ def run(ctx, query: Query, now: int | None = None) -> tuple[dict, set]:
             answer = ("index",) + answer[1:]
             if not fill_view(ctx, query.installation_id, query.user_id, precomputable(query, ctx.views), now, token):
                 follow_ups.add("precompute")
-    except redis.RedisError as exc:
+    except REDIS_FAULTS as exc:
         if not is_transient(exc):
             raise
         log.warning("index unreachable (%s); answering from the database", exc.__class__.__name__)

@@ -20,9 +20,28 @@ SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 NAMES = ("apply", "delete", "access", "query", "build", "publish")
 
 
+#: URL schemes that name a seed node of a Redis Cluster.
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.split("://", 1)[0] in CLUSTER_SCHEMES
+
+
 def connect(url: str) -> redis.Redis:
     """A new client for ``url`` (bytes replies, short timeouts: a dead Redis must make
-    queries fall back to SQL quickly, not hang them)."""
+    queries fall back to SQL quickly, not hang them).  ``redis+cluster://host:port`` (or
+    ``rediss+cluster://``) names a seed node of a Redis Cluster: the client finds the
+    others and sends each command to the node that holds its keys."""
+    if is_cluster_url(url):
+        from redis.backoff import NoBackoff
+        from redis.cluster import RedisCluster
+        from redis.retry import Retry
+        plain = url.replace("+cluster://", "://", 1)
+        # One more try per command, at once: a node that is down makes the caller answer
+        # from the database, instead of waiting out a failover inside one query.
+        return RedisCluster.from_url(plain, socket_timeout=5, socket_connect_timeout=2,
+                                     retry=Retry(NoBackoff(), retries=1))
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2,
                                 health_check_interval=30)
 

@@ -109,6 +109,12 @@ class Settings:
                           ("CELERY_RESULT_BACKEND", env.get("CELERY_RESULT_BACKEND"))):
             if url:
                 _check_url(name, url)
+        if redis_url.split("://", 1)[0] in ("redis+cluster", "rediss+cluster"):
+            missing = [n for n in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND") if not env.get(n)]
+            if missing:
+                raise SettingsError(
+                    f"CRM_REDIS_URL names a Redis Cluster: set {' and '.join(missing)} to a plain Redis (or "
+                    "RabbitMQ for the broker); Celery's Redis transport and result backend do not work on a cluster")
         return cls(
             database_url=database_url,
             redis_url=redis_url,
