@@ -39,12 +39,13 @@ def get(url, auth=None):
 def test_crm_run_guards_flower_and_says_what_runs_where(tmp_path):
     """Embedded Redis, a new SQLite database, no demo: Flower asks for a login, the first
     screen is short, and `crm status` finds the embedded Redis while the service runs."""
-    flower, redis_port = free_port(), free_port()
+    flower, redis_port, metrics = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CRM_", "CELERY_", "FLOWER_"))}
     env.update(CRM_HOME=str(tmp_path), PYTHONUNBUFFERED="1")
     out = open(tmp_path / "run.out", "w")
     run = subprocess.Popen([sys.executable, "-m", "worker.cli", "run", "--no-demo", "--embedded-redis",
-                            "--embedded-redis-port", str(redis_port), "--flower-port", str(flower)],
+                            "--embedded-redis-port", str(redis_port), "--flower-port", str(flower),
+                            "--metrics-port", str(metrics)],
                            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
@@ -57,6 +58,11 @@ def test_crm_run_guards_flower_and_says_what_runs_where(tmp_path):
         assert get(f"http://127.0.0.1:{flower}/api/tasks") == 401
         assert get(f"http://127.0.0.1:{flower}/", auth="crm:wrong") == 401
         assert get(f"http://127.0.0.1:{flower}/", auth=credentials) == 200
+        while get(f"http://127.0.0.1:{metrics}/metrics") != 200:
+            assert time.monotonic() < deadline, "the exporter does not answer"
+            time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as response:
+            assert b"crm_index_reachable 1.0" in response.read()
         status = subprocess.run([sys.executable, "-m", "worker.cli", "status", "--json"], env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
         assert status.returncode == 0, status.stderr
@@ -67,7 +73,7 @@ def test_crm_run_guards_flower_and_says_what_runs_where(tmp_path):
         lines = [line for line in screen.splitlines() if line.strip() and not any(
             word in line for word in ("SecurityWarning", "absolutely not recommended", "--uid option",
                                       "User information", "_warn_or_raise_security_error"))]
-        assert len(lines) <= 8, screen
+        assert len(lines) <= 9, screen
         assert "Inspect method" not in screen and "[tasks]" not in screen
     finally:
         run.send_signal(signal.SIGINT)

@@ -22,7 +22,8 @@ def command(service) -> str:
 
 def test_services_and_start_order(compose):
     services = compose["services"]
-    assert {"tidb", "redis", "init", "worker-query", "worker-bulk", "beat", "flower"} <= set(services)
+    assert {"tidb", "redis", "init", "worker-query", "worker-bulk", "beat", "flower", "exporter"} <= set(services)
+    assert services["exporter"]["ports"] == ["127.0.0.1:9808:9808"]
     assert services["tidb"]["image"].startswith("pingcap/tidb:")
     for name, service in services.items():
         for dep, condition in (service.get("depends_on") or {}).items():

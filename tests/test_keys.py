@@ -16,7 +16,7 @@ def test_scripts_write_the_keys_python_names(clean):
     expected = {keys.client_set(7, 11, "sms", "closed"), keys.payloads(7), keys.pairs(7), keys.user_clients(7, 3),
                 keys.client_users(7, 11), keys.access_versions(7), keys.ready(7), keys.active_users(7),
                 keys.generation(7), keys.writes(7)}
-    assert {k.decode() for k in r.keys("*")} - {keys.INSTALLATIONS, keys.DATABASE} == expected
+    assert {k.decode() for k in r.keys("*")} - {keys.INSTALLATIONS, keys.DATABASE, keys.METRICS} == expected
     from tests.helpers import query
     query(ctx, installation_id=7, user_id=3)  # fills the d:*:* view
     assert r.exists(keys.view_set(7, 3, "d:*:*")) and r.hexists(keys.user_views(7, 3), "d:*:*")

@@ -11,8 +11,8 @@ from celery.signals import worker_process_init
 from kombu import Exchange, Queue
 
 import beat_schedule
-from worker import context, logs
-from worker.errors import InvalidArgument, is_transient
+from worker import context, logs, metrics
+from worker.errors import REDIS_FAULTS, InvalidArgument, is_transient
 from worker.settings import Settings, SettingsError, redact
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class CrmTask(Task):
                 raise
             delay = min(self.retry_backoff_cap, 2 ** self.request.retries) * (0.5 + random.random() / 2)
             log.warning("%s: transient %s, retry in %.1fs", self.name, exc.__class__.__name__, delay)
+            if not isinstance(exc, REDIS_FAULTS):  # a Redis that failed would not count it
+                metrics.count(context.current().redis, {f"retry:{exc.__class__.__name__}": 1})
             raise self.retry(exc=exc, countdown=delay)
 
 

@@ -180,7 +180,7 @@ def _start_embedded_redis(home: str, port: int):
     return url, stop
 
 
-def _start_service(env: dict, home: str, flower_port: int, flower_auth: str) -> dict:
+def _start_service(env: dict, home: str, flower_port: int, flower_auth: str, metrics_port: int) -> dict:
     celery = [sys.executable, "-m", "celery", "-A", "worker", "--quiet"]
     flower_env = dict(env, FLOWER_BASIC_AUTH=flower_auth)  # in the environment: not in `ps` output
     return {
@@ -192,6 +192,8 @@ def _start_service(env: dict, home: str, flower_port: int, flower_auth: str) -> 
                                  env=env),
         "Flower": subprocess.Popen(celery + ["flower", f"--port={flower_port}", "--address=127.0.0.1",
                                              "--logging=error"], env=flower_env),
+        "exporter": subprocess.Popen([sys.executable, "-m", "worker.cli", "exporter", "--port", str(metrics_port)],
+                                     env=env, stdout=subprocess.DEVNULL),
     }
 
 
@@ -239,7 +241,7 @@ def cmd_run(args) -> int:
         if args.demo:
             subprocess.run(crm + ["seed", "--demo"], env=env, check=True)
         auth, new_password = flower_credentials(home, env)
-        procs = _start_service(env, home, args.flower_port, auth)
+        procs = _start_service(env, home, args.flower_port, auth, args.metrics_port)
         user, kept = auth.split(":", 1)[0], os.path.join(home, FLOWER_FILE)
         login = (f"user {user}, password {new_password} (kept in {kept})" if new_password
                  else "user and password from FLOWER_BASIC_AUTH" if env.get("FLOWER_BASIC_AUTH")
@@ -253,11 +255,22 @@ def cmd_run(args) -> int:
             f"  beat         crm.precompute_active every {settings.precompute_interval} s, "
             f"crm.reconcile_index every {settings.reconcile_interval} s",
             f"  Flower       http://127.0.0.1:{args.flower_port}  {login}",
+            f"  metrics      http://127.0.0.1:{args.metrics_port}/metrics (Prometheus)",
         ]), flush=True)
         return _supervise(procs)
     finally:
         if stop_redis is not None:
             stop_redis()
+
+
+def cmd_exporter(args) -> int:
+    from worker.metrics import serve
+    print(f"metrics on http://{args.address}:{args.port}/metrics", flush=True)
+    try:
+        serve(Context.from_settings(), args.address, args.port)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -290,10 +303,16 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--no-demo", dest="demo", action="store_false", help="do not seed demo data")
     s.add_argument("--flower-port", type=int, default=5555)
+    s.add_argument("--metrics-port", type=int, default=9808, help="port of `crm exporter`")
     s.add_argument("--embedded-redis", action="store_true",
                    help="start the embedded redis-server even when one answers on 127.0.0.1:6379")
     s.add_argument("--embedded-redis-port", type=int, default=6390)
     s.set_defaults(fn=cmd_run)
+    s = sub.add_parser("exporter", help="serve the service's metrics for Prometheus",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--address", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=9808)
+    s.set_defaults(fn=cmd_exporter)
     s = sub.add_parser("bench", help="measure against every peer, in one run")
     from bench.run import add_arguments
     add_arguments(s)

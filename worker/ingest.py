@@ -14,7 +14,7 @@ import time
 
 import sqlalchemy as sa
 
-from worker import redis_index
+from worker import metrics, redis_index
 from worker.db import COLUMNS, StoredRow, locking, meetings, run_transaction
 from worker.errors import InvalidArgument
 from worker.mirror import new_write_id, once, sync_sources, sync_written
@@ -178,6 +178,7 @@ def ingest(ctx, records, chunk_size: int | None = None, now_us: int | None = Non
                 mirror.write(installation_id, lambda t: sync_sources(ctx, installation_id, t, sources, write_id), token)
             else:
                 mirror.write(installation_id, lambda t: sync_written(ctx, installation_id, t, stored, write_id), token)
+    metrics.count(ctx.redis, {"ingest:accepted": len(valid), "ingest:rejected": len(rejected)})
     return {"accepted": len(valid), "updated": updated, "unchanged": unchanged, "rejected": rejected}
 
 

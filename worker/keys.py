@@ -22,6 +22,8 @@ SORT_LETTER = {"meeting_date": DATE, "updated_at": UPDATED}
 INSTALLATIONS = "crm:installations"
 #: String (global): the ``database_id`` of the database this Redis mirrors.
 DATABASE = "crm:database"
+#: Hash (global): the service's counters for Prometheus, field -> count (worker/metrics.py).
+METRICS = "crm:metrics"
 
 
 def tick(task: str, number: int) -> str:

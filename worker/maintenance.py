@@ -6,12 +6,14 @@ repair racing a delete, an ingest or an access change cannot undo it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 
 import redis
 import sqlalchemy as sa
 
-from worker import keys, redis_index
+from worker import keys, metrics, redis_index
+from worker.errors import REDIS_FAULTS
 from worker.access import load_access_locked
 from worker.precompute import drop_user, list_views
 from worker.query import SORTS, sql_conditions, view_query
@@ -103,7 +105,7 @@ def reconcile(ctx, only: int | None = None, now: float | None = None) -> dict:
             continue
         ready = r.get(keys.ready(installation_id))
         if ready is None or ready.decode() != token:
-            rebuild_installation(ctx, installation_id)
+            rebuild_installation(ctx, installation_id, cause="not_ready")
             rebuilt.append(installation_id)
             continue
         report["installations"] += 1
@@ -111,6 +113,10 @@ def reconcile(ctx, only: int | None = None, now: float | None = None) -> dict:
         _reconcile_meetings(ctx, installation_id, token, report)
         _reconcile_views(ctx, installation_id, report)
     report["writes_pruned"] = prune_writes(engine, time.time() if now is None else now)
+    metrics.count(r, {f"repair:{kind}": report[kind] for kind in (
+        "access_repaired", "meetings_repaired", "meetings_removed", "orphan_entries_removed", "views_dropped")})
+    with contextlib.suppress(*REDIS_FAULTS):
+        r.hset(keys.METRICS, "reconcile:last_run", int(time.time()))
     return {"rebuilt": rebuilt, **{k: report[k] for k in (
         "installations", "users_checked", "access_repaired", "meetings_checked", "meetings_repaired",
         "meetings_removed", "orphan_entries_removed", "views_checked", "views_dropped", "writes_pruned")}}

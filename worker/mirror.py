@@ -39,7 +39,7 @@ import time
 import redis
 import sqlalchemy as sa
 
-from worker import keys, redis_index
+from worker import keys, metrics, redis_index
 from worker.db import COLUMNS, StoredRow, applied_writes, crm_meta, installations, locking, meetings, run_transaction
 from worker.errors import REDIS_FAULTS
 
@@ -146,6 +146,7 @@ class Mirror:
         log.warning("the index of installation %d holds %d write(s) this database does not have (restored "
                     "from an older backup?): it answers no more and will be rebuilt",
                     installation_id, len(wanted - found))
+        metrics.count(self.r, {"rebuild:restore_detected": 1})
         fresh = new_generation()
         with self.engine.begin() as conn:
             conn.execute(installations.update().where(installations.c.id == installation_id,
@@ -174,7 +175,7 @@ class Mirror:
             return True
         if run_transaction(self.engine, work):
             try:
-                rebuild_installation(self.ctx, installation_id)
+                rebuild_installation(self.ctx, installation_id, cause="new_installation")
             except IndexOwnedElsewhere as exc:
                 log.warning("installation %d: %s", installation_id, exc)
         return self.refresh(installation_id)
@@ -308,7 +309,7 @@ def _wipe(r, installation_id: int, keep: set[bytes]) -> None:
         r.unlink(*batch)
 
 
-def rebuild_installation(ctx, installation_id: int) -> dict:
+def rebuild_installation(ctx, installation_id: int, cause: str = "requested") -> dict:
     """Give the installation a new generation and rebuild its index from the database.
 
     Queries answer from the database meanwhile.  Writers keep writing (they learn the new
@@ -319,6 +320,7 @@ def rebuild_installation(ctx, installation_id: int) -> dict:
     from worker.access import load_access_locked  # access.py imports this module
     engine, r = ctx.engine, ctx.redis
     require_index(ctx)
+    metrics.count(r, {f"rebuild:{cause}": 1})
     generation = new_generation()
 
     def work(conn):

@@ -12,7 +12,7 @@ import secrets
 
 import redis
 
-from worker import keys
+from worker import keys, metrics
 
 #: build.lua's replies besides a count.
 TOO_BROAD, CANCELLED, NOT_MIRRORED = -2, -1, -3
@@ -183,6 +183,7 @@ def precompute_active(ctx, tokens: dict, idle: int, budget: int, now: int) -> di
         drop_user(r, info.installation_id, info.user_id, [info.view])
         total -= info.size
         evicted += 1
+    metrics.count(r, {"drop:idle": dropped_idle, "drop:budget": evicted})
     return {"refreshed_users": refreshed, "dropped_idle_views": dropped_idle, "evicted_views": evicted,
             "bytes": total, "views": len(every) - evicted}
 

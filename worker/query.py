@@ -17,7 +17,7 @@ import time
 
 import sqlalchemy as sa
 
-from worker import keys
+from worker import keys, metrics
 from worker.db import meetings, user_clients
 from worker.errors import REDIS_FAULTS, InvalidArgument, is_transient
 from worker.mirror import owns_index
@@ -346,6 +346,8 @@ def run(ctx, query: Query, now: int | None = None) -> tuple[dict, set]:
         with ctx.engine.connect() as conn:
             total, members, items = from_database(conn, query)
         source = "database"
+        if answer is not None:  # Redis answered, so it can count
+            metrics.count_answer(ctx.redis, query.installation_id, "database")
     else:
         source, total, members, items = answer
     more = len(items) > query.limit

@@ -257,6 +257,7 @@ end
 if #clients * #pairs_ > tonumber(max_merge) then
   return {"toobig"}
 end
+redis.call("HINCRBY", KEYS[8], "answer:index", 1)
 local keys = {}
 for _, c in ipairs(clients) do
   for _, pair in ipairs(pairs_) do
