@@ -23,12 +23,16 @@ OUT = os.path.join(os.path.dirname(__file__), "out")
 
 
 def add_arguments(p) -> None:
+    p.add_argument("what", nargs="?", choices=["queries", "load"], default="queries",
+                   help="queries: every path against every peer; load: the service under concurrent "
+                        "ingestion, access changes and queries, checked for losses and leaks")
     p.add_argument("--quick", action="store_true", help="a reduced run (under a minute); JSON on the last line")
     p.add_argument("--meetings", type=int, default=500_000)
     p.add_argument("--clients", type=int, default=5000)
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--samples", type=int, default=300, help="queries per path and page (time-boxed)")
-    p.add_argument("--seconds", type=float, default=20, help="time box per path and page")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="time box per path and page (default 20); with `load`, how long the load runs (default 180)")
     p.add_argument("--ingest-rows", type=int, default=20_000)
     p.add_argument("--database-url", default=os.environ.get("CRM_BENCH_DATABASE_URL", DEFAULT_DB))
     p.add_argument("--redis-url", default=os.environ.get("CRM_BENCH_REDIS_URL", DEFAULT_REDIS),
@@ -92,6 +96,11 @@ def redis_url_db(url: str, db: int) -> str:
 
 
 def main(args) -> int:
+    if args.what == "load":
+        from bench.load import main as load
+        args.seconds = 180 if args.seconds is None else args.seconds
+        return load(args)
+    args.seconds = 20 if args.seconds is None else args.seconds
     if args.quick:
         args.meetings, args.clients, args.users = min(args.meetings, 20_000), min(args.clients, 500), \
             min(args.users, 200)

@@ -26,3 +26,33 @@ def test_quick_bench_on_a_tiny_data_set(tmp_path):
     assert result["ingest"]["crm_ingest_rows_per_s"] > 0 and result["memory"]["index_bytes_per_meeting"] > 0
     assert set(result["targets"]) and set(result["ratios"])
     assert (tmp_path / "bench.json").exists() and (tmp_path / "latency.png").stat().st_size > 1000
+
+
+def test_load_run_on_a_tiny_scale(tmp_path):
+    """`crm bench load` checks itself (nothing lost, nothing leaked): a short run must pass."""
+    base, db = REDIS_URL.rsplit("/", 1)
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "bench", "load", "--seconds", "4",
+         "--database-url", DATABASE_URL.rsplit("/", 1)[0] + "/crm_bench_smoke",
+         "--redis-url", f"{base}/{int(db) - 9}", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ok"] and result["queries"] > 0 and result["answers_checked"] == result["queries"]
+    assert result["lost"] == result["leaked_answers"] == 0 and result["meetings_sent"] > 0
+
+
+def test_the_load_checker_knows_which_clients_were_allowed_when():
+    """A change may take effect at any instant between its sending and its return: an
+    answer may show what any change under way allowed, and what the last finished one
+    allowed, nothing else."""
+    from bench.load import AccessHistory
+    history = AccessHistory()
+    history.set(1, {1, 2}, 0.0, 0.0)
+    history.set(1, {1}, 10.0, 11.0)      # revoke 2
+    history.set(1, {1, 3}, 20.0, 21.0)   # grant 3
+    assert history.allowed(1, 5.0, 6.0) == {1, 2}
+    assert history.allowed(1, 10.5, 10.6) == {1, 2}     # the revoke was under way
+    assert history.allowed(1, 12.0, 13.0) == {1}        # the revoke had returned
+    assert history.allowed(1, 19.0, 20.5) == {1, 3}     # the grant may have taken effect
+    assert history.allowed(2, 0.0, 30.0) == set()
