@@ -266,10 +266,8 @@ def cmd_run(args) -> int:
 def cmd_exporter(args) -> int:
     from worker.metrics import serve
     print(f"metrics on http://{args.address}:{args.port}/metrics", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how it stops
         serve(Context.from_settings(), args.address, args.port)
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
