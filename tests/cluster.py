@@ -47,6 +47,9 @@ class LocalCluster:
         self.procs[port] = subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "1000",
+             # Each node its own snapshot file: replicas sync through it, and nodes sharing
+             # one folder would overwrite each other's (a replica out of sync never fails over).
+             "--dbfilename", f"dump-{port}.rdb", "--cluster-replica-validity-factor", "0",
              "--save", "", "--appendonly", "no", "--dir", self.dir],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
