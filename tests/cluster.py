@@ -50,6 +50,8 @@ class LocalCluster:
              # Each node its own snapshot file: replicas sync through it, and nodes sharing
              # one folder would overwrite each other's (a replica out of sync never fails over).
              "--dbfilename", f"dump-{port}.rdb", "--cluster-replica-validity-factor", "0",
+             # Replicas sync at once (the default waits 5 s to batch them).
+             "--repl-diskless-sync-delay", "0",
              "--save", "", "--appendonly", "no", "--dir", self.dir],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -62,6 +64,8 @@ class LocalCluster:
                         "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         self.wait_ok()
+        for port in self.ports:
+            self.wait_replicated(port)
         return self
 
     def wait_ok(self, timeout: float = 30) -> None:
@@ -87,6 +91,17 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise RuntimeError("the local Redis Cluster did not come up")
             time.sleep(0.1)
+
+    def wait_replicated(self, port: int, timeout: float = 30) -> None:
+        """Until every replica of the master on ``port`` holds all its writes (replication
+        is asynchronous: a master killed before would take the last writes with it)."""
+        def caught_up():
+            info = redis.Redis(host="127.0.0.1", port=port).info("replication")
+            if info["role"] != "master":
+                return True
+            offsets = [info[f"slave{n}"]["offset"] for n in range(info["connected_slaves"])]
+            return len(offsets) == self.replicas and all(o >= info["master_repl_offset"] for o in offsets)
+        self._wait(caught_up, timeout)
 
     def master_of(self, key: str) -> int:
         """The port of the master that holds ``key``'s slot."""
