@@ -60,6 +60,9 @@ meetings = sa.Table(
     sa.Column("updated_us", BigInt, nullable=False),  # microseconds, orders versions
     sa.Column("subject", sa.String(998)),
     sa.Column("details", LongText),  # compact JSON text
+    # Who else may see it, for the index: "<secondary clients>/<mailbox users>", comma
+    # separated; null when only client_id makes it visible (see meeting_reach).
+    sa.Column("reach", sa.Text),
     sa.UniqueConstraint("installation_id", "source_id", name="uq_meetings_source"),
     # The secured query: one range per (client, type, status), ordered by the sort key.
     sa.Index("ix_meetings_client_date", "installation_id", "client_id", "type", "status", "meeting_s", "id"),
@@ -67,7 +70,8 @@ meetings = sa.Table(
 )
 
 StoredRow = collections.namedtuple(
-    "StoredRow", "id installation_id source_id client_id type status meeting_s updated_s updated_us subject details")
+    "StoredRow", "id installation_id source_id client_id type status meeting_s updated_s updated_us subject details reach",
+    defaults=(None,))
 #: The columns of :data:`meetings` in :class:`StoredRow` order.
 COLUMNS = [meetings.c[name] for name in StoredRow._fields]
 
@@ -87,6 +91,20 @@ users = sa.Table(
     sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
     sa.Column("user_id", BigInt, primary_key=True, autoincrement=False),
     sa.Column("access_version", BigInt, nullable=False),
+    sa.Column("name", sa.String(255)),  # crm.upsert_users
+    sa.Column("emails", sa.Text),       # crm.upsert_users: JSON list of addresses as given
+)
+
+#: Who besides ``meetings.client_id`` makes a meeting visible: one row per linked client
+#: (``user_id`` 0) and per mailbox it was read from (``client_id`` 0).  Emails only.
+meeting_reach = sa.Table(
+    "meeting_reach", metadata,
+    sa.Column("installation_id", BigInt, nullable=False),
+    sa.Column("meeting_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("client_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("user_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Index("ix_meeting_reach_client", "installation_id", "client_id", "meeting_id"),
+    sa.Index("ix_meeting_reach_user", "installation_id", "user_id", "meeting_id"),
 )
 
 #: Installations seen by ingestion or access changes.  ``generation`` is the token the

@@ -15,7 +15,7 @@ import time
 import sqlalchemy as sa
 
 from worker import metrics, redis_index
-from worker.db import COLUMNS, StoredRow, locking, meetings, run_transaction
+from worker.db import COLUMNS, StoredRow, locking, meeting_reach, meetings, run_transaction
 from worker.errors import InvalidArgument
 from worker.mirror import new_write_id, once, sync_sources, sync_written
 from worker.records import MAX_BATCH, Meeting, meeting_id, positive_int, validate
@@ -74,7 +74,10 @@ def _write_chunk(conn, installation_id: int, chunk: list[Meeting], given: set[in
             meetings.update().where(meetings.c.id == sa.bindparam("b_id")),
             [{"b_id": m.id, "client_id": m.client_id, "type": m.type, "status": m.status,
               "meeting_s": m.meeting_s, "updated_s": m.updated_s, "updated_us": m.updated_us,
-              "subject": m.subject, "details": m.details} for m in updates])
+              "subject": m.subject, "details": m.details, "reach": None} for m in updates])
+        # A meeting record replaces whatever an email of the same key stored: from now on
+        # only its client makes it visible.
+        conn.execute(meeting_reach.delete().where(meeting_reach.c.meeting_id.in_([m.id for m in updates])))
     return stored, updated, unchanged
 
 

@@ -48,9 +48,30 @@ def client_set(installation_id: int, client_id: int, type_: str, status: str) ->
     return f"{prefix(installation_id)}z:{client_id}:{type_}:{status}"
 
 
+def extra_set(installation_id: int, user_id: int, type_: str, status: str) -> str:
+    """Sorted set, members as :func:`client_set`: the emails of one (type, status) that the
+    user may see although they may not see its ``client_id``: read from the user's own
+    mailbox, or linked to another client of theirs.  Kept by the writers (views.lua) and
+    recomputed by every change of the user's access (access.lua), so that the user's
+    client sets and this set never hold the same meeting: totals are sums."""
+    return f"{prefix(installation_id)}x:{user_id}:{type_}:{status}"
+
+
+def mailbox(installation_id: int, user_id: int) -> str:
+    """Set of 7-byte meeting ids: the emails read from the user's mailbox."""
+    return f"{prefix(installation_id)}mb:{user_id}"
+
+
+def secondary(installation_id: int, client_id: int) -> str:
+    """Set of 7-byte meeting ids: the emails linked to the client besides their own
+    ``client_id``."""
+    return f"{prefix(installation_id)}sc:{client_id}"
+
+
 def payloads(installation_id: int) -> str:
     """Hash, lifetime of the data: 7-byte meeting id -> ``"client type status meeting_s
-    updated_s updated_us|<item JSON>"``.  The space-separated head lets the scripts find
+    updated_s updated_us[ reach]|<item JSON>"``; ``reach`` (emails only) is
+    ``<secondary clients>/<mailbox users>``, comma separated.  The space-separated head lets the scripts find
     a meeting's index entries without decoding JSON."""
     return f"{prefix(installation_id)}m"
 
@@ -153,6 +174,12 @@ def stats(installation_id: int) -> str:
 def scratch(installation_id: int) -> str:
     """Sorted set used inside one script call and deleted before it returns."""
     return f"{prefix(installation_id)}tmp"
+
+
+def scratch_extra(installation_id: int) -> str:
+    """Sorted set used inside one query and deleted before it returns: the emails of a
+    user's extra sets whose client the query's client filter names."""
+    return f"{prefix(installation_id)}tmpx"
 
 
 def view_id(sort: str, types, statuses) -> str:

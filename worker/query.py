@@ -18,7 +18,7 @@ import time
 import sqlalchemy as sa
 
 from worker import keys, metrics
-from worker.db import meetings, user_clients
+from worker.db import meeting_reach, meetings, user_clients
 from worker.errors import REDIS_FAULTS, InvalidArgument, is_transient
 from worker.mirror import owns_index
 from worker.precompute import fill_view
@@ -273,7 +273,13 @@ def sql_conditions(query: Query, with_cursor: bool):
     m = meetings.c
     allowed = sa.select(user_clients.c.client_id).where(
         user_clients.c.installation_id == query.installation_id, user_clients.c.user_id == query.user_id)
-    conds = [m.installation_id == query.installation_id, m.client_id.in_(allowed)]
+    # Visible: the user may see its client, or (emails) another client it links to, or it
+    # was read from the user's own mailbox.
+    reach = meeting_reach.c
+    reached = sa.select(reach.meeting_id).where(
+        reach.installation_id == query.installation_id,
+        sa.or_(reach.client_id.in_(allowed), reach.user_id == query.user_id))
+    conds = [m.installation_id == query.installation_id, sa.or_(m.client_id.in_(allowed), m.id.in_(reached))]
     if query.client_ids is not None:
         conds.append(m.client_id.in_(query.client_ids))
     if query.types is not None:

@@ -171,12 +171,12 @@ def meeting_id(installation_id: int, source_id: str, salt: int = 0) -> int:
 
 def item_json(row) -> str:
     """The meeting item of the contract, as JSON text.  ``row`` has the columns of
-    :data:`worker.db.meetings`.  Both query paths build items with this one function."""
+    :data:`worker.db.meetings`; ``client_id`` 0 (an email linked to no client) is null.  Both query paths build items with this one function."""
     details = row.details
     return (
-        '{"id":%d,"source_id":%s,"client_id":%d,"type":"%s","status":"%s","meeting_date":"%s",'
+        '{"id":%d,"source_id":%s,"client_id":%s,"type":"%s","status":"%s","meeting_date":"%s",'
         '"updated_at":"%s","subject":%s,"details":%s}'
-        % (row.id, json.dumps(row.source_id, ensure_ascii=False), row.client_id, row.type, row.status,
+        % (row.id, json.dumps(row.source_id, ensure_ascii=False), row.client_id or "null", row.type, row.status,
            iso_seconds(row.meeting_s), iso_micros(row.updated_us),
            json.dumps(row.subject, ensure_ascii=False), details if details is not None else "null")
     )

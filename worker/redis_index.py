@@ -72,8 +72,12 @@ class Scripts:
 
 
 def head(row) -> str:
-    return "%d %s %s %d %d %d" % (row.client_id, row.type, row.status, row.meeting_s,
+    """The space-separated head of a payload (worker/keys.py payloads); ``reach`` only
+    for a meeting that others than its client's users may see (emails)."""
+    text = "%d %s %s %d %d %d" % (row.client_id, row.type, row.status, row.meeting_s,
                                   row.updated_s, row.updated_us)
+    reach = getattr(row, "reach", None)
+    return f"{text} {reach}" if reach else text
 
 
 class NotMirrored(Exception):

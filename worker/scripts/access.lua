@@ -1,4 +1,6 @@
--- access.lua: change the clients one user may see, and drop the user's precomputed sets.
+-- access.lua: change the clients one user may see, recompute the emails the user sees
+-- without seeing their client (x:<user>:*, views.lua), and drop the user's precomputed sets.
+-- requires: views
 --
 -- KEYS[1]  {i:N}:uc:<user>  set   client ids the user may see
 -- KEYS[2]  {i:N}:av         hash  user -> access version now in Redis
@@ -6,7 +8,7 @@
 -- KEYS[4]  {i:N}:gen        string "<database_id>:<generation>" the index is written for
 -- KEYS[5]  {i:N}:w          list  ids of the last writes applied
 -- ARGV[1]  the installation's key prefix "{i:N}:" (derives cu:<client>, p:<user>:<view>,
---          ph:<user>:<view>, vu:<view>)
+--          ph:<user>:<view>, vu:<view>, x:<user>:<pair>, mb:<user>, sc:<client>, m, ts)
 -- ARGV[2]  token: the caller's "<database_id>:<generation>"; nothing is written unless
 --          KEYS[4] holds it
 -- ARGV[3]  user id
@@ -41,6 +43,7 @@ if mode == "remove" then
     redis.call("SREM", KEYS[1], ARGV[i])
     redis.call("SREM", K.client_users(prefix, ARGV[i]), user)
   end
+  rebuild_extra(prefix, user, K.payloads(prefix))
   drop_views()
   return 1
 end
@@ -62,6 +65,7 @@ for i = FIRST_CLIENT, #ARGV do
   redis.call("SADD", K.client_users(prefix, ARGV[i]), user)
 end
 redis.call("HSET", KEYS[2], user, version)
+rebuild_extra(prefix, user, K.payloads(prefix))
 drop_views()
 remember_write(KEYS[5], write_id)
 return 1

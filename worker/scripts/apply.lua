@@ -13,7 +13,8 @@
 --          KEYS[3] holds it
 -- ARGV[3]  write id to remember in KEYS[4], or ""
 -- ARGV[4], ARGV[5], ARGV[6], then the same for each further meeting:
---          7-byte id, head "client type status meeting_s updated_s updated_us", item JSON
+--          7-byte id, head "client type status meeting_s updated_s updated_us[ reach]",
+--          item JSON (reach: an email's "<secondary clients>/<mailbox users>", views.lua)
 -- Reply:   {written, fanned_out}: meetings written (a meeting whose stored version is newer
 --          or identical is left alone) and precomputed-set entries touched; {-1, 0} when
 --          the index is not written for the caller's token.
@@ -27,17 +28,18 @@ for i = 4, #ARGV, 3 do
   local id, head, json = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local value = head .. "|" .. json
   local old = redis.call("HGET", KEYS[1], id)
-  local client, typ, status, meeting_s, updated_s, updated_us =
-    string.match(head, "^(%d+) (%S+) (%S+) (%d+) (%d+) (%d+)$")
+  local client, typ, status, meeting_s, updated_s, updated_us, reach =
+    parse_head(head)
   local skip = false
   if old then
-    local oc, ot, os, oms, ous, ouus = parse_head(old)
+    local oc, ot, os, oms, ous, ouus, oreach = parse_head(old)
     if old == value or tonumber(ouus) > tonumber(updated_us) then
       skip = true
     else
       local gone = members_of(id, oms, ous)
       redis.call("ZREM", K.client_set(prefix, oc, ot .. ":" .. os), gone.d, gone.u)
       fanned = fanned + fan_out(prefix, oc, ot, os, gone, "rem")
+      fanned = fanned + reach_write(prefix, id, oc, ot, os, gone, oreach, "rem")
     end
   end
   if not skip then
@@ -50,6 +52,7 @@ for i = 4, #ARGV, 3 do
       pairs_added[pair] = true
     end
     fanned = fanned + fan_out(prefix, client, typ, status, new, "add")
+    fanned = fanned + reach_write(prefix, id, client, typ, status, new, reach, "add")
     written = written + 1
   end
 end

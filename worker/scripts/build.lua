@@ -52,26 +52,38 @@ end
 
 -- Copy the members of the view's letter from the sets of clients[from..to] into the
 -- set, a few hundred per ZADD; returns the sets read.
-local function copy(clients, pairs_, from, to)
-  local batch, merged = {}, 0
+local function copy_sets(sets)
+  local batch = {}
   local function flush()
     if #batch > 0 then
       redis.call("ZADD", KEYS[4], unpack(batch))
       batch = {}
     end
   end
-  for i = from, to do
-    for _, pair in ipairs(pairs_) do
-      for _, m in ipairs(redis.call("ZRANGEBYLEX", K.client_set(prefix, clients[i], pair), lo, hi)) do
-        batch[#batch + 1] = 0
-        batch[#batch + 1] = m
-        if #batch >= 1000 then flush() end
-      end
-      merged = merged + 1
+  for _, key in ipairs(sets) do
+    for _, m in ipairs(redis.call("ZRANGEBYLEX", key, lo, hi)) do
+      batch[#batch + 1] = 0
+      batch[#batch + 1] = m
+      if #batch >= 1000 then flush() end
     end
   end
   flush()
-  return merged
+  return #sets
+end
+
+local function copy(clients, pairs_, from, to)
+  local sets = {}
+  for i = from, to do
+    for _, pair in ipairs(pairs_) do sets[#sets + 1] = K.client_set(prefix, clients[i], pair) end
+  end
+  return copy_sets(sets)
+end
+
+-- The emails the user sees without seeing their client (x:<user>:<pair>, views.lua).
+local function copy_extra(pairs_)
+  local sets = {}
+  for _, pair in ipairs(pairs_) do sets[#sets + 1] = K.extra_set(prefix, user, pair) end
+  return copy_sets(sets)
 end
 
 local function register(last_use)
@@ -82,11 +94,12 @@ end
 
 if step == "whole" then
   local clients, pairs_ = redis.call("SMEMBERS", KEYS[1]), view_pairs()
-  if #clients * #pairs_ > tonumber(max_sets) then
+  if (#clients + 1) * #pairs_ > tonumber(max_sets) then
     return -2
   end
   redis.call("DEL", KEYS[4], K.view_head(prefix, user, view))
   copy(clients, pairs_, 1, #clients)
+  copy_extra(pairs_)
   -- Registered with the writers (apply.lua, delete.lua) in this same step: from now on
   -- every write to the user's clients reaches this set.
   register(now)
@@ -96,6 +109,8 @@ end
 if step == "begin" then
   redis.call("DEL", KEYS[4], K.view_head(prefix, user, view))
   register(build)
+  -- The user's extra sets now; from here on their writers (views.lua) reach the set too.
+  copy_extra(view_pairs())
   return redis.call("SCARD", KEYS[1])
 end
 

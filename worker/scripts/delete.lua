@@ -18,10 +18,11 @@ for i = 3, #ARGV do
   local id = ARGV[i]
   local old = redis.call("HGET", KEYS[1], id)
   if old then
-    local oc, ot, os, oms, ous = parse_head(old)
+    local oc, ot, os, oms, ous, _, oreach = parse_head(old)
     local gone = members_of(id, oms, ous)
     redis.call("ZREM", K.client_set(prefix, oc, ot .. ":" .. os), gone.d, gone.u)
     fanned = fanned + fan_out(prefix, oc, ot, os, gone, "rem")
+    fanned = fanned + reach_write(prefix, id, oc, ot, os, gone, oreach, "rem")
     redis.call("HDEL", KEYS[1], id)
     removed = removed + 1
   end

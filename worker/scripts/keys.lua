@@ -16,3 +16,17 @@ function K.view_head(prefix, user, view) return prefix .. "ph:" .. user .. ":" .
 function K.view_users(prefix, view) return prefix .. "vu:" .. view end
 -- set: the view ids ever precomputed in the installation
 function K.views(prefix) return prefix .. "views" end
+-- sorted set: the emails a user sees without seeing their client (mailbox, other links)
+function K.extra_set(prefix, user, pair) return prefix .. "x:" .. user .. ":" .. pair end
+-- set: the emails read from a user's mailbox
+function K.mailbox(prefix, user) return prefix .. "mb:" .. user end
+-- set: the emails linked to a client besides their own client_id
+function K.secondary(prefix, client) return prefix .. "sc:" .. client end
+-- set: the client ids a user may see
+function K.user_clients(prefix, user) return prefix .. "uc:" .. user end
+-- set: the "type:status" pairs present
+function K.pairs(prefix) return prefix .. "ts" end
+-- sorted set: scratch of one query (the extra sets' members a client filter selects)
+function K.scratch_extra(prefix) return prefix .. "tmpx" end
+-- hash: meeting id -> "head|item JSON"
+function K.payloads(prefix) return prefix .. "m" end

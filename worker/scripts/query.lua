@@ -15,6 +15,10 @@
 -- KEYS[7]  {i:N}:active     zset  user -> last query time
 -- KEYS[8]  {i:N}:stats      hash  hit / miss counters of the precomputed sets
 --
+-- Further keys derived from the prefix (keys.lua): z:<client>:<pair>, x:<user>:<pair>,
+-- p:<user>:<view>, ph:<user>:<view>, tmpx.
+-- requires: views
+--
 -- ARGV (worker/query.py QueryArgs):
 local prefix = ARGV[1]         -- the installation's key prefix "{i:N}:" (worker/scripts/keys.lua)
 local token = ARGV[2]          -- the caller's "<database_id>:<generation>": answer only when KEYS[3] holds it
@@ -231,14 +235,20 @@ if view ~= "" then
 end
 redis.call("ZADD", KEYS[7], now, user)
 
--- The user's clients, narrowed by the caller's filter.
+-- The user's clients, narrowed by the caller's filter; `outside`: filtered clients the
+-- user may not see, whose emails the user may still see (own mailbox, other links).
 local clients = redis.call("SMEMBERS", KEYS[2])
+local outside, any_outside = {}, false
 if client_filter ~= "" then
   local allowed = {}
   for _, c in ipairs(clients) do allowed[c] = true end
   clients = {}
   for _, c in ipairs(split(client_filter)) do
-    if allowed[c] then clients[#clients + 1] = c end
+    if allowed[c] then
+      clients[#clients + 1] = c
+    elseif not outside[c] then
+      outside[c], any_outside = true, true
+    end
   end
 end
 
@@ -265,6 +275,44 @@ for _, c in ipairs(clients) do
   end
 end
 
+-- The emails the user sees without seeing their client: disjoint from the client sets
+-- (views.lua), so totals stay sums.  Under a client filter, only those whose client_id
+-- the filter names, copied into a scratch set.
+local scratch_extra = K.scratch_extra(prefix)
+if client_filter == "" then
+  for _, pair in ipairs(pairs_) do
+    local xkey = K.extra_set(prefix, user, pair)
+    if redis.call("EXISTS", xkey) == 1 then keys[#keys + 1] = xkey end
+  end
+elseif any_outside then
+  redis.call("DEL", scratch_extra)
+  local found = 0
+  for _, pair in ipairs(pairs_) do
+    local members = redis.call("ZRANGEBYLEX", K.extra_set(prefix, user, pair), "[d", "(e")
+    for first = 1, #members, SLICE do
+      local ids = {}
+      for i = first, math.min(first + SLICE - 1, #members) do ids[#ids + 1] = string.sub(members[i], 6) end
+      local heads = redis.call("HMGET", KEYS[1], unpack(ids))
+      for i, value in ipairs(heads) do
+        if value then
+          local client, _, _, meeting_s, updated_s = parse_head(value)
+          if outside[client] then
+            redis.call("ZADD", scratch_extra, 0, "d" .. struct.pack(">I4", tonumber(meeting_s)) .. ids[i],
+                       0, "u" .. struct.pack(">I4", tonumber(updated_s)) .. ids[i])
+            found = found + 1
+          end
+        end
+      end
+    end
+  end
+  if found > 0 then keys[#keys + 1] = scratch_extra end
+end
+
+local function respond(reply)
+  redis.call("DEL", scratch_extra)
+  return reply
+end
+
 if dmin ~= "" then
   -- Sorted by updated_at, filtered on meeting_date: collect the matches from the date
   -- range and re-key them by their updated_at.
@@ -289,19 +337,19 @@ if dmin ~= "" then
   end
   local reply = answer("index", tmp)
   redis.call("DEL", tmp)
-  return reply
+  return respond(reply)
 end
 
 -- A missing view (not one being built) is worth building: build.lua's job, asked for by
 -- the source.
 local source = (view ~= "" and not used) and "index:fill" or "index"
 if #keys == 1 then
-  return answer(source, keys[1])
+  return respond(answer(source, keys[1]))
 end
 if #keys <= 8 or offset + limit > 2000 then
   union_into(KEYS[5], keys)
   local reply = answer(source, KEYS[5])
   redis.call("DEL", KEYS[5])
-  return reply
+  return respond(reply)
 end
-return merged(source, keys)
+return respond(merged(source, keys))

@@ -49,11 +49,96 @@ local function fan_out(prefix, client, typ, status, members, op)
   return touched
 end
 
+-- client, type, status, meeting_s, updated_s, updated_us, reach ("" when none) of a
+-- payload "head|json" (or of a head alone).
 local function parse_head(value)
-  return string.match(value, "^(%d+) (%S+) (%S+) (%d+) (%d+) (%d+)|")
+  return string.match(value, "^(%d+) (%S+) (%S+) (%d+) (%d+) (%d+) ?([%d,/]*)[|]?")
 end
 
 local function members_of(id, meeting_s, updated_s)
   return {d = "d" .. struct.pack(">I4", tonumber(meeting_s)) .. id,
           u = "u" .. struct.pack(">I4", tonumber(updated_s)) .. id}
+end
+
+-- An email's reach "<clients>/<users>": the clients it links to besides its own and the
+-- users from whose mailboxes it was read.
+local function split_reach(reach)
+  local clients, users = {}, {}
+  local cs, us = string.match(reach or "", "^([%d,]*)/([%d,]*)$")
+  for c in string.gmatch(cs or "", "%d+") do clients[#clients + 1] = c end
+  for u in string.gmatch(us or "", "%d+") do users[#users + 1] = u end
+  return clients, users
+end
+
+-- Op "add": remember the email in mb:<user> and sc:<client> of its reach, and put it in
+-- x:<user>:<type>:<status> (and the matching precomputed views) of every user it reaches
+-- who may not see its own client, so that each user sees it through exactly one set.
+-- Op "rem": undo all of that for every user it reached.  Returns the view entries touched.
+local function reach_write(prefix, id, client, typ, status, members, reach, op)
+  local clients, users = split_reach(reach)
+  if #clients == 0 and #users == 0 then return 0 end
+  local add = op == "add"
+  for _, u in ipairs(users) do redis.call(add and "SADD" or "SREM", K.mailbox(prefix, u), id) end
+  for _, c in ipairs(clients) do redis.call(add and "SADD" or "SREM", K.secondary(prefix, c), id) end
+  local reached, seen = {}, {}
+  local function reach_user(u)
+    if not seen[u] then seen[u] = true; reached[#reached + 1] = u end
+  end
+  for _, u in ipairs(users) do reach_user(u) end
+  for _, c in ipairs(clients) do
+    for _, u in ipairs(redis.call("SMEMBERS", K.client_users(prefix, c))) do reach_user(u) end
+  end
+  local views = views_for(prefix, typ, status)
+  local touched = 0
+  for _, u in ipairs(reached) do
+    if not add or redis.call("SISMEMBER", K.user_clients(prefix, u), client) == 0 then
+      local key = K.extra_set(prefix, u, typ .. ":" .. status)
+      if add then
+        redis.call("ZADD", key, 0, members.d, 0, members.u)
+      else
+        redis.call("ZREM", key, members.d, members.u)
+      end
+      for _, view in ipairs(views) do
+        if redis.call("SISMEMBER", K.view_users(prefix, view), u) == 1 then
+          local vkey, m = K.view_set(prefix, u, view), members[string.sub(view, 1, 1)]
+          if add then redis.call("ZADD", vkey, 0, m) else redis.call("ZREM", vkey, m) end
+          redis.call("DEL", K.view_head(prefix, u, view))
+          touched = touched + 1
+        end
+      end
+    end
+  end
+  return touched
+end
+
+-- Recompute x:<user>:* from the user's mailbox and the secondary links of the clients
+-- the user may see now (after any change of the user's access list).
+local function rebuild_extra(prefix, user, payloads_key)
+  local pairs_ = redis.call("SMEMBERS", K.pairs(prefix))
+  for _, pair in ipairs(pairs_) do redis.call("DEL", K.extra_set(prefix, user, pair)) end
+  local allowed = {}
+  local clients = redis.call("SMEMBERS", K.user_clients(prefix, user))
+  for _, c in ipairs(clients) do allowed[c] = true end
+  local ids, seen = {}, {}
+  local function take(list)
+    for _, id in ipairs(list) do
+      if not seen[id] then seen[id] = true; ids[#ids + 1] = id end
+    end
+  end
+  take(redis.call("SMEMBERS", K.mailbox(prefix, user)))
+  for _, c in ipairs(clients) do take(redis.call("SMEMBERS", K.secondary(prefix, c))) end
+  for first = 1, #ids, 500 do
+    local batch = {}
+    for i = first, math.min(first + 499, #ids) do batch[#batch + 1] = ids[i] end
+    local heads = redis.call("HMGET", payloads_key, unpack(batch))
+    for i, value in ipairs(heads) do
+      if value then
+        local client, typ, status, meeting_s, updated_s = parse_head(value)
+        if not allowed[client] then
+          local members = members_of(batch[i], meeting_s, updated_s)
+          redis.call("ZADD", K.extra_set(prefix, user, typ .. ":" .. status), 0, members.d, 0, members.u)
+        end
+      end
+    end
+  end
 end
