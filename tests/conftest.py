@@ -28,7 +28,7 @@ os.environ.update({
 os.environ.pop("CRM_CURSOR_SECRET", None)
 
 from worker.context import Context, Limits  # noqa: E402
-from worker.db import applied_writes, installations, make_engine, meetings, user_clients, users  # noqa: E402
+from worker.db import make_engine, metadata  # noqa: E402
 from worker.redis_index import connect  # noqa: E402
 from worker.schema import create_database, upgrade  # noqa: E402
 from worker.settings import Settings  # noqa: E402
@@ -87,9 +87,11 @@ def make_context(engine, r, limits: Limits = Limits(), **settings) -> Context:
 
 
 def wipe(engine, r) -> None:
+    import worker.email.tables  # noqa: F401  (registers the email tables in the metadata)
     with engine.begin() as conn:
-        for table in (meetings, user_clients, users, installations, applied_writes):
-            conn.execute(table.delete())
+        for table in metadata.sorted_tables:
+            if table.name != "crm_meta":
+                conn.execute(table.delete())
     r.flushdb()
 
 

@@ -24,7 +24,14 @@ ROUTES = {
     "crm.set_user_clients": "ingest",
     "crm.grant_clients": "ingest",
     "crm.revoke_clients": "ingest",
+    "crm.upsert_clients": "ingest",
+    "crm.upsert_users": "ingest",
+    "crm.upsert_contacts": "ingest",
+    "crm.ingest_emails": "ingest",
     "crm.query_meetings": "query",
+    "crm.query_threads": "query",
+    "crm.get_thread": "query",
+    "crm.search_contacts": "query",
     "crm.precompute_user": "precompute",
     "crm.precompute_active": "precompute",
     "crm.rebuild_index": "maintenance",
@@ -126,7 +133,7 @@ def configure(app: Celery, settings) -> None:
 
 logs.install()
 app = Celery("crm", task_cls=CrmTask, include=[
-    "tasks.ingest", "tasks.access", "tasks.query", "tasks.precompute", "tasks.maintenance"])
+    "tasks.ingest", "tasks.access", "tasks.query", "tasks.precompute", "tasks.maintenance", "tasks.email"])
 try:
     configure(app, Settings.from_env())
 except SettingsError as exc:

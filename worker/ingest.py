@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from worker import metrics, redis_index
 from worker.db import COLUMNS, StoredRow, locking, meeting_reach, meetings, run_transaction
+from worker.email.tables import PER_MESSAGE
 from worker.errors import InvalidArgument
 from worker.mirror import new_write_id, once, sync_sources, sync_written
 from worker.records import MAX_BATCH, Meeting, meeting_id, positive_int, validate
@@ -215,6 +216,9 @@ def delete(ctx, installation_id, source_ids, chunk_size: int | None = None, task
                 # the rows in the database, and the redelivered task deletes them again.
                 mirror.write(installation_id, lambda t: redis_index.delete_meetings(ctx, installation_id, ids, t))
                 count = conn.execute(meetings.delete().where(meetings.c.id.in_(ids))).rowcount
+                # A deleted email goes with its rows; its thread keeps the ids it named.
+                for table in (meeting_reach, *PER_MESSAGE):
+                    conn.execute(table.delete().where(table.c.meeting_id.in_(ids)))
             return count
         deleted += run_transaction(locking(ctx.engine), lambda conn: once(conn, write_id, installation_id, remove),
                                    retry_duplicates=True)[0]

@@ -280,6 +280,23 @@ def sync_sources(ctx, installation_id: int, token: str, source_ids: list[str], w
     run_transaction(locking(ctx.engine), work)
 
 
+def sync_ids(ctx, installation_id: int, token: str, ids: list[int], write_id: str = "") -> None:
+    """Lock the meetings ``ids`` and write them into the index as the database holds them
+    now (gone ones removed); a newer or identical version in the index is kept."""
+    ids = sorted(set(ids))
+    for start in range(0, max(len(ids), 1), BATCH):
+        chunk = ids[start:start + BATCH]
+
+        def work(conn):
+            rows = [StoredRow(*row) for row in conn.execute(
+                sa.select(*COLUMNS).where(meetings.c.id.in_(chunk)).with_for_update())] if chunk else []
+            gone = sorted(set(chunk) - {row.id for row in rows})
+            if gone:
+                redis_index.delete_meetings(ctx, installation_id, gone, token)
+            apply_locked(ctx, installation_id, token, rows, write_id if start == 0 else "")
+        run_transaction(locking(ctx.engine), work)
+
+
 def repair_ids(ctx, installation_id: int, token: str, ids: list[int]) -> None:
     """Lock the meetings ``ids`` and make their index entries exactly what the database
     holds now: removed when gone, replaced otherwise."""

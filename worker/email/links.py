@@ -1,0 +1,185 @@
+"""Who an email links to, which way it went, and who may see it — derived in one place
+from its stored participants, its mailboxes and the directory as it stands, so that new
+messages and re-linked ones (after a client, contact or user change) follow one rule.
+
+The rule (contract, "Links"): participants in role order (from, to, cc, reply-to), then
+header order; an address of a contact that has a client links to that client through the
+contact; otherwise the address's registrable domain links to the client that owns it,
+unless it is a free-mail domain or one of the installation's own.  The installation's own
+users link nothing.  ``client_id`` is the first link's client (0, shown as null, when
+none); the email is visible to the users of any linked client and to the users from whose
+mailboxes it was read.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+
+import sqlalchemy as sa
+
+from worker.db import meeting_reach, meetings
+from worker.email.addresses import domain_of, is_freemail
+from worker.email.tables import (client_domains, contact_addresses, contacts, email_links, email_mailboxes,
+                                 email_participants, emails, user_addresses)
+
+CONTACT = "contact_address"
+DOMAIN = "client_domain"
+
+
+@dataclasses.dataclass
+class Directory:
+    """The part of the directory that a set of messages needs."""
+    users: set            # canonical addresses of the installation's users
+    own_domains: set      # their registrable domains, free-mail aside
+    contacts: dict        # address -> [(source_id, contact_id, client_id)], by source_id
+    domains: dict         # registrable domain -> client_id
+
+
+def own_domains_of(addresses) -> set:
+    return {d for d in (domain_of(a) for a in addresses) if not is_freemail(d)}
+
+
+def load_directory(conn, installation_id: int, addresses: set) -> Directory:
+    users = set(conn.execute(sa.select(user_addresses.c.address).where(
+        user_addresses.c.installation_id == installation_id)).scalars())
+    found = collections.defaultdict(list)
+    wanted = sorted(addresses)
+    for start in range(0, len(wanted), 500):
+        for address, source_id, contact_id, client_id in conn.execute(
+                sa.select(contact_addresses.c.address, contacts.c.source_id, contacts.c.id, contacts.c.client_id)
+                .join(contacts, contacts.c.id == contact_addresses.c.contact_id)
+                .where(contact_addresses.c.installation_id == installation_id,
+                       contact_addresses.c.address.in_(wanted[start:start + 500]))):
+            found[address].append((source_id, contact_id, client_id))
+    for entries in found.values():
+        entries.sort()
+    domains = sorted({domain_of(a) for a in addresses})
+    owners = {}
+    for start in range(0, len(domains), 500):
+        owners.update(conn.execute(sa.select(client_domains.c.domain, client_domains.c.client_id).where(
+            client_domains.c.installation_id == installation_id,
+            client_domains.c.domain.in_(domains[start:start + 500]))).all())
+    return Directory(users, own_domains_of(users), dict(found), owners)
+
+
+def derive_links(participants, directory: Directory) -> list[tuple[int, int | None, str, int]]:
+    """[(client_id, contact_id or None, reason, participant position)] in link order."""
+    links = []
+    for position, (_role, address, _name) in enumerate(participants):
+        if address in directory.users:
+            continue
+        linked = False
+        for _source_id, contact_id, client_id in directory.contacts.get(address, ()):
+            if client_id:
+                links.append((client_id, contact_id, CONTACT, position))
+                linked = True
+                break
+        if linked:
+            continue
+        domain = domain_of(address)
+        if domain in directory.own_domains or is_freemail(domain):
+            continue
+        owner = directory.domains.get(domain)
+        if owner:
+            links.append((owner, None, DOMAIN, position))
+    return links
+
+
+def direction_of(from_address: str | None, directory: Directory) -> str:
+    if from_address and (from_address in directory.users or domain_of(from_address) in directory.own_domains):
+        return "outbound"
+    return "inbound"
+
+
+def details_json(participants, thread_id: str, direction: str) -> str:
+    by_role = collections.defaultdict(list)
+    for role, address, name in participants:
+        by_role[role].append({"address": address, "name": name or None})
+    details = {"thread_id": thread_id, "direction": direction,
+               "from": by_role["from"][0] if by_role["from"] else None,
+               "to": by_role["to"], "cc": by_role["cc"], "reply_to": by_role["reply_to"]}
+    return json.dumps(details, ensure_ascii=False, separators=(",", ":"))
+
+
+def reach_text(primary: int, links, mailbox_users) -> str | None:
+    secondary = sorted({c for c, *_ in links} - {primary})
+    users = sorted(set(mailbox_users))
+    if not secondary and not users:
+        return None
+    return "%s/%s" % (",".join(map(str, secondary)), ",".join(map(str, users)))
+
+
+def materialize(conn, installation_id: int, ids, now_us: int) -> list[int]:
+    """Derive links, direction, visibility and details of the emails ``ids`` from what is
+    stored now, and write what differs (meeting row, links, reach).  The caller holds the
+    installation's email lock.  Returns the meeting ids whose row changed."""
+    ids = sorted(set(ids))
+    if not ids:
+        return []
+    stored = {}
+    for start in range(0, len(ids), 500):
+        part = ids[start:start + 500]
+        for row in conn.execute(
+                sa.select(emails.c.meeting_id, emails.c.participants, emails.c.thread_id, emails.c.from_address,
+                          meetings.c.client_id, meetings.c.status, meetings.c.details, meetings.c.reach,
+                          meetings.c.updated_us)
+                .join(meetings, meetings.c.id == emails.c.meeting_id)
+                .where(emails.c.meeting_id.in_(part))):
+            stored[row.meeting_id] = row
+    mailboxes = collections.defaultdict(list)
+    old_links = collections.defaultdict(list)
+    for start in range(0, len(ids), 500):
+        part = ids[start:start + 500]
+        for meeting_id, user_id in conn.execute(sa.select(email_mailboxes.c.meeting_id, email_mailboxes.c.user_id)
+                                                .where(email_mailboxes.c.meeting_id.in_(part))):
+            mailboxes[meeting_id].append(user_id)
+        for link in conn.execute(sa.select(email_links.c.meeting_id, email_links.c.client_id, email_links.c.contact_id,
+                                           email_links.c.reason, email_links.c.position)
+                                 .where(email_links.c.meeting_id.in_(part))
+                                 .order_by(email_links.c.meeting_id, email_links.c.position)):
+            old_links[link.meeting_id].append((link.client_id, link.contact_id, link.reason, link.position))
+    parts = {i: [tuple(p) for p in json.loads(row.participants)] for i, row in stored.items()}
+    directory = load_directory(conn, installation_id, {a for ps in parts.values() for _, a, _ in ps})
+    changed = []
+    for meeting_id, row in stored.items():
+        links = derive_links(parts[meeting_id], directory)
+        primary = links[0][0] if links else 0
+        direction = direction_of(row.from_address, directory)
+        details = details_json(parts[meeting_id], row.thread_id, direction)
+        reach = reach_text(primary, links, mailboxes[meeting_id])
+        if links != old_links[meeting_id]:
+            conn.execute(email_links.delete().where(email_links.c.meeting_id == meeting_id))
+            if links:
+                conn.execute(email_links.insert(), [
+                    {"installation_id": installation_id, "meeting_id": meeting_id, "position": position,
+                     "client_id": client_id, "contact_id": contact_id, "reason": reason}
+                    for client_id, contact_id, reason, position in links])
+        if (primary, direction, details, reach) == (row.client_id, row.status, row.details, row.reach):
+            continue
+        if reach != row.reach or primary != row.client_id:
+            conn.execute(meeting_reach.delete().where(meeting_reach.c.meeting_id == meeting_id))
+            rows = [{"installation_id": installation_id, "meeting_id": meeting_id, "client_id": c, "user_id": 0}
+                    for c in sorted({c for c, *_ in links})]
+            rows += [{"installation_id": installation_id, "meeting_id": meeting_id, "client_id": 0, "user_id": u}
+                     for u in sorted(set(mailboxes[meeting_id]))]
+            if rows:
+                conn.execute(meeting_reach.insert(), rows)
+        updated_us = max(now_us, row.updated_us + 1)
+        conn.execute(meetings.update().where(meetings.c.id == meeting_id).values(
+            client_id=primary, status=direction, details=details, reach=reach,
+            updated_us=updated_us, updated_s=updated_us // 1_000_000))
+        changed.append(meeting_id)
+    return changed
+
+
+def affected_messages(conn, installation_id: int, addresses=(), domains=()) -> list[int]:
+    """The stored messages in which one of ``addresses`` or an address on one of
+    ``domains`` takes part."""
+    found = set()
+    p = email_participants.c
+    for column, values in ((p.address, sorted(set(addresses))), (p.domain, sorted(set(domains)))):
+        for start in range(0, len(values), 500):
+            found.update(conn.execute(sa.select(p.meeting_id).where(
+                p.installation_id == installation_id, column.in_(values[start:start + 500]))).scalars())
+    return sorted(found)

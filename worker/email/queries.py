@@ -1,0 +1,291 @@
+"""``crm.query_threads``, ``crm.get_thread``, ``crm.search_contacts``: answered from the
+database, with client security applied before anything is grouped, counted or listed.
+
+A thread is made only of the messages the user may see: its dates, count, direction,
+subject, participants and clients come from those alone.
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import hashlib
+import hmac
+import json
+
+import sqlalchemy as sa
+
+from worker.db import meeting_reach, meetings, user_clients
+from worker.email.addresses import fold
+from worker.email.tables import contact_terms, contacts, email_links, email_participants, emails
+from worker.errors import InvalidArgument
+from worker.records import item_json, iso_seconds, parse_time, positive_int, to_seconds
+
+MAX_LIMIT = 200
+MAX_CURSOR = 2048
+
+
+def _limit(value) -> int:
+    if type(value) is not int or not 1 <= value <= MAX_LIMIT:
+        raise InvalidArgument("limit", f"must be an integer from 1 to {MAX_LIMIT}, got {value!r:.40}")
+    return value
+
+
+def _client_filter(value):
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > 10_000:
+        raise InvalidArgument("client_ids", "must be a list of at most 10000 client ids")
+    return sorted({positive_int("client_ids[]", c) for c in value})
+
+
+def _optional_seconds(field, value):
+    return None if value is None else to_seconds(parse_time(field, value))
+
+
+# -- cursors: the last item's position, signed and bound to the query ------------------
+
+def _mac(secret: bytes, fingerprint: str, position: str) -> str:
+    return hmac.new(secret, f"{fingerprint}\x00{position}".encode(), hashlib.sha256).hexdigest()[:24]
+
+
+def encode_cursor(secret: bytes, fingerprint: str, position: list) -> str:
+    text = json.dumps(position, separators=(",", ":"), ensure_ascii=False)
+    blob = json.dumps([text, _mac(secret, fingerprint, text)], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(blob).decode().rstrip("=")
+
+
+def decode_cursor(secret: bytes, fingerprint: str, cursor) -> list:
+    problem = InvalidArgument("cursor", "is malformed, was altered, or belongs to another query "
+                                        "(a cursor only continues the query that returned it)")
+    if not isinstance(cursor, str) or not 0 < len(cursor) <= MAX_CURSOR:
+        raise InvalidArgument("cursor", "must be the next_cursor string of an earlier page")
+    try:
+        text, mac = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not hmac.compare_digest(mac, _mac(secret, fingerprint, text)):
+            raise problem
+        return json.loads(text)
+    except InvalidArgument:
+        raise
+    except Exception:
+        raise problem from None
+
+
+def _fingerprint(*parts) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+# -- visibility --------------------------------------------------------------------------
+
+def visible_condition(installation_id: int, user_id: int):
+    """Meetings the user may see: their client is the user's, another linked client is, or
+    they were read from the user's own mailbox."""
+    allowed = sa.select(user_clients.c.client_id).where(
+        user_clients.c.installation_id == installation_id, user_clients.c.user_id == user_id)
+    reached = sa.select(meeting_reach.c.meeting_id).where(
+        meeting_reach.c.installation_id == installation_id,
+        sa.or_(meeting_reach.c.client_id.in_(allowed), meeting_reach.c.user_id == user_id))
+    return sa.and_(meetings.c.installation_id == installation_id,
+                   sa.or_(meetings.c.client_id.in_(allowed), meetings.c.id.in_(reached)))
+
+
+def _visible_messages(conn, installation_id: int, user_id: int, thread_id: str | None = None):
+    q = (sa.select(emails.c.thread_id, meetings.c.id, meetings.c.meeting_s, meetings.c.status, meetings.c.subject)
+         .join(meetings, meetings.c.id == emails.c.meeting_id)
+         .where(emails.c.installation_id == installation_id, visible_condition(installation_id, user_id)))
+    if thread_id is not None:
+        q = q.where(emails.c.thread_id == thread_id)
+    return conn.execute(q.order_by(emails.c.thread_id, meetings.c.meeting_s, meetings.c.id)).all()
+
+
+def _chunks(values, size=500):
+    values = sorted(values)
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def summarize(messages) -> dict:
+    """A thread's figures from its visible messages, in date order."""
+    first, last = messages[0], messages[-1]
+    awaiting = None
+    if last.status == "inbound":
+        for m in reversed(messages):
+            if m.status == "outbound":
+                break
+            awaiting = m.meeting_s
+    return {"subject": first.subject, "messages": len(messages), "first_at": first.meeting_s,
+            "last_at": last.meeting_s, "last_direction": last.status, "awaiting_reply_since": awaiting}
+
+
+def query_threads(ctx, installation_id, user_id, client_ids=None, contact_source_id=None, awaiting_reply=None,
+                  date_from=None, date_to=None, order="desc", limit=20, cursor=None) -> dict:
+    installation_id = positive_int("installation_id", installation_id)
+    user_id = positive_int("user_id", user_id)
+    client_ids = _client_filter(client_ids)
+    if contact_source_id is not None and (not isinstance(contact_source_id, str) or not 0 < len(contact_source_id) <= 255):
+        raise InvalidArgument("contact_source_id", "must be a string of 1 to 255 characters")
+    if awaiting_reply is not None and not isinstance(awaiting_reply, bool):
+        raise InvalidArgument("awaiting_reply", f"must be true, false or null, got {awaiting_reply!r:.40}")
+    date_from, date_to = _optional_seconds("date_from", date_from), _optional_seconds("date_to", date_to)
+    if order not in ("asc", "desc"):
+        raise InvalidArgument("order", f"must be 'asc' or 'desc', got {order!r:.40}")
+    limit = _limit(limit)
+    secret = ctx.cursor_secret()
+    fingerprint = _fingerprint("threads", installation_id, user_id, client_ids, contact_source_id, awaiting_reply,
+                               date_from, date_to, order)
+    after = decode_cursor(secret, fingerprint, cursor) if cursor is not None else None
+    with ctx.engine.connect() as conn:
+        by_thread = collections.defaultdict(list)
+        for row in _visible_messages(conn, installation_id, user_id):
+            by_thread[row.thread_id].append(row)
+        ids = {row.id for rows in by_thread.values() for row in rows}
+        if client_ids is not None or contact_source_id is not None:
+            keep = set()
+            q = sa.select(email_links.c.meeting_id).where(email_links.c.installation_id == installation_id)
+            if client_ids is not None:
+                q = q.where(email_links.c.client_id.in_(client_ids))
+            if contact_source_id is not None:
+                q = q.join(contacts, contacts.c.id == email_links.c.contact_id).where(
+                    contacts.c.installation_id == installation_id, contacts.c.source_id == contact_source_id)
+            linked = set(conn.execute(q).scalars()) & ids
+            for tid, rows in by_thread.items():
+                if any(r.id in linked for r in rows):
+                    keep.add(tid)
+            by_thread = {t: rows for t, rows in by_thread.items() if t in keep}
+        threads = []
+        for tid, rows in by_thread.items():
+            s = summarize(rows)
+            if date_from is not None and s["last_at"] < date_from or date_to is not None and s["last_at"] >= date_to:
+                continue
+            if awaiting_reply is not None and (s["awaiting_reply_since"] is not None) != awaiting_reply:
+                continue
+            threads.append((s["last_at"], tid, s, rows))
+        desc = order == "desc"
+        threads.sort(key=lambda t: (t[0], t[1]), reverse=desc)
+        total = len(threads)
+        if after is not None:
+            position = (after[0], after[1])
+            threads = [t for t in threads if ((t[0], t[1]) < position if desc else (t[0], t[1]) > position)]
+        page, more = threads[:limit], len(threads) > limit
+        items = _thread_items(conn, installation_id, page)
+    next_cursor = encode_cursor(secret, fingerprint, [page[-1][0], page[-1][1]]) if more else None
+    return {"total": total, "items": items, "next_cursor": next_cursor}
+
+
+def _thread_items(conn, installation_id: int, page) -> list[dict]:
+    ids = [r.id for _, _, _, rows in page for r in rows]
+    participants, links = {}, collections.defaultdict(set)
+    for part in _chunks(ids):
+        participants.update(conn.execute(sa.select(emails.c.meeting_id, emails.c.participants)
+                                         .where(emails.c.meeting_id.in_(part))).all())
+        for meeting_id, client_id in conn.execute(sa.select(email_links.c.meeting_id, email_links.c.client_id)
+                                                  .where(email_links.c.meeting_id.in_(part))):
+            links[meeting_id].add(client_id)
+    items = []
+    for _, tid, s, rows in page:
+        people, clients = {}, set()
+        for r in rows:
+            for _role, address, name in json.loads(participants.get(r.id, "[]")):
+                if address not in people or (not people[address] and name):
+                    people[address] = name
+            clients |= links[r.id]
+        items.append({
+            "thread_id": tid, "subject": s["subject"], "messages": s["messages"],
+            "first_at": iso_seconds(s["first_at"]), "last_at": iso_seconds(s["last_at"]),
+            "last_direction": s["last_direction"],
+            "awaiting_reply_since": iso_seconds(s["awaiting_reply_since"]) if s["awaiting_reply_since"] is not None else None,
+            "participants": [{"address": a, "name": n or None} for a, n in people.items()],
+            "client_ids": sorted(clients)})
+    return items
+
+
+def get_thread(ctx, installation_id, user_id, thread_id) -> dict:
+    installation_id = positive_int("installation_id", installation_id)
+    user_id = positive_int("user_id", user_id)
+    if not isinstance(thread_id, str) or not 0 < len(thread_id) <= 64:
+        raise InvalidArgument("thread_id", "must be a thread_id string")
+    with ctx.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(meetings, emails.c.participants)
+            .join(emails, emails.c.meeting_id == meetings.c.id)
+            .where(emails.c.installation_id == installation_id, emails.c.thread_id == thread_id,
+                   visible_condition(installation_id, user_id))
+            .order_by(meetings.c.meeting_s, meetings.c.id)).all()
+        links = collections.defaultdict(list)
+        for part in _chunks([r.id for r in rows]):
+            for link in conn.execute(
+                    sa.select(email_links.c.meeting_id, email_links.c.client_id, contacts.c.source_id,
+                              email_links.c.reason)
+                    .outerjoin(contacts, contacts.c.id == email_links.c.contact_id)
+                    .where(email_links.c.meeting_id.in_(part)).order_by(email_links.c.position)):
+                links[link.meeting_id].append({"client_id": link.client_id, "contact_source_id": link.source_id,
+                                               "reason": link.reason})
+    messages = []
+    for row in rows:
+        item = json.loads(item_json(row))
+        item["direction"] = row.status
+        item["participants"] = [{"role": role, "address": a, "name": n or None}
+                                for role, a, n in json.loads(row.participants)]
+        item["links"] = links[row.id]
+        messages.append(item)
+    return {"thread_id": thread_id, "messages": messages}
+
+
+def search_contacts(ctx, installation_id, user_id, q=None, client_ids=None, job_title=None, limit=20,
+                    cursor=None) -> dict:
+    installation_id = positive_int("installation_id", installation_id)
+    user_id = positive_int("user_id", user_id)
+    if q is not None and (not isinstance(q, str) or len(q) > 255):
+        raise InvalidArgument("q", "must be a string of at most 255 characters")
+    if job_title is not None and (not isinstance(job_title, str) or len(job_title) > 255):
+        raise InvalidArgument("job_title", "must be a string of at most 255 characters")
+    client_ids = _client_filter(client_ids)
+    limit = _limit(limit)
+    secret = ctx.cursor_secret()
+    fingerprint = _fingerprint("contacts", installation_id, user_id, q, client_ids, job_title)
+    after = decode_cursor(secret, fingerprint, cursor) if cursor is not None else None
+    c = contacts.c
+    allowed = sa.select(user_clients.c.client_id).where(
+        user_clients.c.installation_id == installation_id, user_clients.c.user_id == user_id)
+    conds = [c.installation_id == installation_id, c.client_id.in_(allowed)]
+    if client_ids is not None:
+        conds.append(c.client_id.in_(client_ids))
+    if job_title is not None:
+        conds.append(c.job_key == fold(job_title.strip()))
+    prefix = fold(q.strip()) if q is not None else ""
+    if prefix:
+        conds.append(c.id.in_(sa.select(contact_terms.c.contact_id).where(
+            contact_terms.c.installation_id == installation_id,
+            contact_terms.c.term.startswith(prefix, autoescape=True))))
+    with ctx.engine.connect() as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(contacts).where(*conds)).scalar()
+        if after is not None:
+            conds.append(sa.or_(c.sort_name > after[0], sa.and_(c.sort_name == after[0], c.source_id > after[1])))
+        rows = conn.execute(sa.select(c.id, c.source_id, c.name, c.sort_name, c.emails, c.client_id, c.job_title)
+                            .where(*conds).order_by(c.sort_name, c.source_id).limit(limit + 1)).all()
+        page, more = rows[:limit], len(rows) > limit
+        last_at = _last_email_at(conn, installation_id, user_id, page)
+    items = [{"source_id": r.source_id, "name": r.name, "emails": json.loads(r.emails), "client_id": r.client_id,
+              "job_title": r.job_title,
+              "last_email_at": iso_seconds(last_at[r.id]) if last_at.get(r.id) is not None else None} for r in page]
+    next_cursor = encode_cursor(secret, fingerprint, [page[-1].sort_name, page[-1].source_id]) if more else None
+    return {"total": total, "items": items, "next_cursor": next_cursor}
+
+
+def _last_email_at(conn, installation_id: int, user_id: int, page) -> dict:
+    """contact id -> the latest Date of a visible email one of its addresses takes part in."""
+    owners = collections.defaultdict(set)
+    for r in page:
+        for address in json.loads(r.emails):
+            owners[address].add(r.id)
+    latest: dict = {}
+    for part in _chunks(owners):
+        for address, when in conn.execute(
+                sa.select(email_participants.c.address, sa.func.max(meetings.c.meeting_s))
+                .join(meetings, meetings.c.id == email_participants.c.meeting_id)
+                .where(email_participants.c.installation_id == installation_id, email_participants.c.address.in_(part),
+                       visible_condition(installation_id, user_id))
+                .group_by(email_participants.c.address)):
+            for contact in owners[address]:
+                if latest.get(contact) is None or when > latest[contact]:
+                    latest[contact] = when
+    return latest

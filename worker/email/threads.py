@@ -1,0 +1,140 @@
+"""Threads: the connected components of messages and the ids they mention.
+
+Nodes are message keys (stored messages) and the ids their ``References`` and
+``In-Reply-To`` name (ghosts until stored); each message is joined to every id it names.
+A message with neither header, and referenced by no stored message, is joined instead to
+a subject node: its normalized subject (localized prefixes gone) with the unordered pair
+of its sender and first recipient, in a 30-day window — so a subject never merges threads
+that headers keep apart, and a message leaves its subject thread as soon as a stored
+message references it.
+
+The edges are a function of the stored messages alone, and a thread's id is derived from
+its smallest key, so any arrival order of the same messages gives the same threads.
+Threads merge when a message links two, and split again only when a subject edge goes.
+The caller holds the installation's email lock (store.py): components are read and
+rewritten by one writer at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import sqlalchemy as sa
+
+from worker.email.tables import email_refs, emails
+
+SUBJECT_WINDOW_S = 30 * 86400
+#: Subject nodes hold a space, which no message key does (parse.message_key).
+SUBJECT_PREFIX = "subject "
+
+
+def thread_id(installation_id: int, smallest_key: str) -> str:
+    return "t" + hashlib.blake2b(f"{installation_id}\x00{smallest_key}".encode(), digest_size=12).hexdigest()
+
+
+def subject_node(subject_key: str | None, participants, date_s: int) -> str | None:
+    if not subject_key:
+        return None
+    sender = [a for role, a, _ in participants if role == "from"]
+    to = [a for role, a, _ in participants if role in ("to", "cc")]
+    pair = sorted(set(sender[:1] + to[:1]))
+    digest = hashlib.blake2b("\x00".join([subject_key, *pair, str(date_s // SUBJECT_WINDOW_S)]).encode(),
+                             digest_size=16).hexdigest()
+    return SUBJECT_PREFIX + digest
+
+
+def _chunks(values, size=500):
+    values = sorted(values)
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def link_new(conn, installation_id: int, new: list) -> set:
+    """Write the edges of newly stored messages ``new`` ([(meeting_id, key, refs,
+    subject node or None)]) and drop the subject edges of stored messages they reference.
+    Returns the nodes whose components must be recomputed."""
+    start = set()
+    keys = {key for _, key, _, _ in new}
+    referenced = set()
+    for part in _chunks(keys):
+        referenced.update(conn.execute(sa.select(email_refs.c.ref_key).where(
+            email_refs.c.installation_id == installation_id, email_refs.c.ref_key.in_(part))).scalars())
+    named = {ref for _, _, refs, _ in new for ref in refs}
+    rows = []
+    for meeting_id, key, refs, subject in new:
+        start.add(key)
+        for ref in refs:
+            rows.append({"installation_id": installation_id, "meeting_id": meeting_id, "ref_key": ref})
+            start.add(ref)
+        if not refs and subject and key not in referenced and key not in named:
+            rows.append({"installation_id": installation_id, "meeting_id": meeting_id, "ref_key": subject})
+            start.add(subject)
+    if rows:
+        conn.execute(email_refs.insert(), rows)
+    # Stored messages that a new one references leave their subject threads.
+    for part in _chunks(named):
+        for meeting_id, key in conn.execute(sa.select(emails.c.meeting_id, emails.c.message_key).where(
+                emails.c.installation_id == installation_id, emails.c.message_key.in_(part))):
+            gone = conn.execute(email_refs.delete().where(
+                email_refs.c.meeting_id == meeting_id, email_refs.c.ref_key.like(SUBJECT_PREFIX + "%"))).rowcount
+            if gone:
+                start.add(key)
+    return start
+
+
+def recompute(conn, installation_id: int, start: set) -> dict[int, str]:
+    """Walk the components of the nodes ``start`` and give each message its thread id;
+    returns {meeting_id: thread id} for the messages whose id changed."""
+    message_nodes: dict[int, set] = {}  # meeting id -> the nodes it joins (its key, its refs)
+    current: dict[int, str] = {}
+    seen, frontier = set(), set(start)
+    while frontier:
+        seen |= frontier
+        found = set()
+        for part in _chunks(frontier):
+            found.update(conn.execute(sa.select(emails.c.meeting_id).where(
+                emails.c.installation_id == installation_id, emails.c.message_key.in_(part))).scalars())
+            found.update(conn.execute(sa.select(email_refs.c.meeting_id).where(
+                email_refs.c.installation_id == installation_id, email_refs.c.ref_key.in_(part))).scalars())
+        found -= set(message_nodes)
+        if not found:
+            break
+        for part in _chunks(found):
+            for meeting_id, key, tid in conn.execute(sa.select(emails.c.meeting_id, emails.c.message_key,
+                                                               emails.c.thread_id).where(emails.c.meeting_id.in_(part))):
+                message_nodes.setdefault(meeting_id, set()).add(key)
+                current[meeting_id] = tid
+            for meeting_id, ref in conn.execute(sa.select(email_refs.c.meeting_id, email_refs.c.ref_key)
+                                                .where(email_refs.c.meeting_id.in_(part))):
+                message_nodes.setdefault(meeting_id, set()).add(ref)
+        frontier = {n for i in found for n in message_nodes.get(i, ())} - seen
+    # Union-find over nodes, each message joining its nodes.
+    parent: dict[str, str] = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+    for nodes in message_nodes.values():
+        first, *rest = sorted(nodes)
+        for other in rest:
+            a, b = find(first), find(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    smallest: dict[str, str] = {}
+    for node in parent:
+        if node.startswith(SUBJECT_PREFIX):
+            continue
+        root = find(node)
+        if root not in smallest or node < smallest[root]:
+            smallest[root] = node
+    changed = {}
+    for meeting_id, nodes in message_nodes.items():
+        root = find(next(iter(nodes)))
+        tid = thread_id(installation_id, smallest[root])
+        if current.get(meeting_id) != tid:
+            changed[meeting_id] = tid
+    for meeting_id, tid in changed.items():
+        conn.execute(emails.update().where(emails.c.meeting_id == meeting_id).values(thread_id=tid))
+    return changed
