@@ -125,10 +125,12 @@ def index_snapshot(r, installation_id):
     from worker import keys
     prefix = keys.prefix(installation_id)
     zsets = {k.decode(): set(r.zrange(k, 0, -1)) for k in r.scan_iter(match=prefix + "z:*")}
+    extra = {k.decode(): set(r.zrange(k, 0, -1)) for k in r.scan_iter(match=prefix + "x:*")}
     payload = {int.from_bytes(f, "big"): v for f, v in r.hgetall(keys.payloads(installation_id)).items()}
     access = {int(k.rsplit(b":", 1)[1]): {int(c) for c in r.smembers(k)} for k in r.scan_iter(match=prefix + "uc:*")}
     reverse = {int(k.rsplit(b":", 1)[1]): {int(u) for u in r.smembers(k)} for k in r.scan_iter(match=prefix + "cu:*")}
-    return {"z": {k: v for k, v in zsets.items() if v}, "payload": payload, "access": access, "reverse": reverse}
+    return {"z": {k: v for k, v in zsets.items() if v}, "payload": payload, "access": access, "reverse": reverse,
+            "x": {k: v for k, v in extra.items() if v}}
 
 
 def expected_snapshot(engine, installation_id):
@@ -138,22 +140,36 @@ def expected_snapshot(engine, installation_id):
     from worker import keys
     from worker.db import meetings, user_clients
     from worker.records import item_json
-    z, payload, access, reverse = {}, {}, {}, {}
+    z, payload, access, reverse, extra = {}, {}, {}, {}, {}
     with engine.connect() as conn:
-        for row in conn.execute(sa.select(meetings).where(meetings.c.installation_id == installation_id)):
-            key = keys.client_set(installation_id, row.client_id, row.type, row.status)
-            z.setdefault(key, set()).update({member(b"d", row.meeting_s, row.id), member(b"u", row.updated_s, row.id)})
-            head = "%d %s %s %d %d %d|" % (row.client_id, row.type, row.status, row.meeting_s, row.updated_s,
-                                           row.updated_us)
-            payload[row.id] = (head + item_json(row)).encode()
+        rows = conn.execute(sa.select(meetings).where(meetings.c.installation_id == installation_id)).all()
         for u, c in conn.execute(sa.select(user_clients.c.user_id, user_clients.c.client_id)
                                  .where(user_clients.c.installation_id == installation_id)):
             access.setdefault(u, set()).add(c)
             reverse.setdefault(c, set()).add(u)
-    return {"z": z, "payload": payload, "access": access, "reverse": reverse}
+    for row in rows:
+        key = keys.client_set(installation_id, row.client_id, row.type, row.status)
+        members = {member(b"d", row.meeting_s, row.id), member(b"u", row.updated_s, row.id)}
+        z.setdefault(key, set()).update(members)
+        head = "%d %s %s %d %d %d" % (row.client_id, row.type, row.status, row.meeting_s, row.updated_s,
+                                      row.updated_us)
+        if row.reach:
+            head += " " + row.reach
+            # The users it reaches besides its client's: mailbox owners and the users of
+            # its other clients; those who may not see its client hold it in x:<user>:*.
+            secondary, mailbox_users = row.reach.split("/")
+            reached = {int(u) for u in mailbox_users.split(",") if u}
+            for c in secondary.split(","):
+                if c:
+                    reached |= reverse.get(int(c), set())
+            for u in reached:
+                if row.client_id not in access.get(u, set()):
+                    extra.setdefault(keys.extra_set(installation_id, u, row.type, row.status), set()).update(members)
+        payload[row.id] = (head + "|" + item_json(row)).encode()
+    return {"z": z, "payload": payload, "access": access, "reverse": reverse, "x": extra}
 
 
 def assert_index_matches(engine, r, installation_id=1):
     got, want = index_snapshot(r, installation_id), expected_snapshot(engine, installation_id)
-    for part in ("z", "payload", "access", "reverse"):
+    for part in ("z", "payload", "access", "reverse", "x"):
         assert got[part] == want[part], f"index and database differ in {part}"

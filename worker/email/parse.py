@@ -156,14 +156,16 @@ def parse(data: bytes) -> Parsed:
         raise Unusable("raw: the message has no headers")
     participants = []
     for role in ROLES:
-        values = [_text(v) for v in msg.get_all(_HEADERS[role], [])]
+        # The structure is read before encoded words are decoded: a display name that
+        # decodes to "Evil\r\nBcc: x@y" stays a name and adds no address.
+        values = [_CONTROL.sub(" ", str(v)) for v in msg.get_all(_HEADERS[role], [])]
         seen = set()
         for name, address in email.utils.getaddresses(values)[:10 * MAX_PER_ROLE]:
             canonical = canonical_address(address)
             if canonical is None or canonical in seen:
                 continue
             seen.add(canonical)
-            participants.append((role, canonical, _CONTROL.sub(" ", name).strip()[:255]))
+            participants.append((role, canonical, _text(name)[:255]))
             if len(seen) >= MAX_PER_ROLE:
                 break
         if role == "from":

@@ -118,6 +118,7 @@ def recompute(conn, installation_id: int, start: set) -> dict[int, str]:
         return x
     for nodes in message_nodes.values():
         first, *rest = sorted(nodes)
+        find(first)
         for other in rest:
             a, b = find(first), find(other)
             if a != b:

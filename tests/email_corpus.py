@@ -1,0 +1,145 @@
+"""A synthetic mail world for the email tests, and a brute-force oracle of what each user
+must see, written independently of worker/email (its own linking rule, its own threads).
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import email.utils
+import random
+
+CLIENTS = {1: ["c1.com"], 2: ["c2.com"], 3: ["c3.co.uk"]}
+USERS = {1: ["u1@ours.com"], 2: ["u2@ours.com"], 3: ["u3@gmail.com"]}
+OWN = {"ours.com"}
+FREE = {"gmail.com", "yahoo.com", "hotmail.com"}
+# source_id -> (name, addresses, client, job title)
+CONTACTS = {
+    "k1": ("Pat Quinn", ["pat@gmail.com"], 2, "CTO"),
+    "k2": ("Sam Ödegaard", ["sam@c1.com", "sam.alt@yahoo.com"], 3, "Buyer"),
+    "k3": ("Lee Park", ["lee@hotmail.com"], None, None),
+}
+OUTSIDERS = ["a@c1.com", "b@sub.c1.com", "c@c2.com", "d@mail.c3.co.uk", "pat@gmail.com", "sam@c1.com",
+             "sam.alt@yahoo.com", "lee@hotmail.com", "x@unknown.org", "y@c4.com"]
+INSIDERS = [a for addresses in USERS.values() for a in addresses]
+
+
+def registrable(domain: str) -> str:
+    parts = domain.split(".")
+    return ".".join(parts[-3:]) if domain.endswith(".co.uk") else ".".join(parts[-2:])
+
+
+def links_of(participants) -> list[int]:
+    """The contract's link rule, by brute force: the clients in link order."""
+    by_address = {a: c for _, (_, addresses, c, _) in CONTACTS.items() for a in addresses}
+    owners = {d: c for c, domains in CLIENTS.items() for d in domains}
+    out = []
+    for _role, address in participants:
+        if address in INSIDERS:
+            continue
+        if by_address.get(address):
+            out.append(by_address[address])
+            continue
+        domain = registrable(address.split("@")[1])
+        if domain in OWN or domain in FREE:
+            continue
+        if domain in owners:
+            out.append(owners[domain])
+    return out
+
+
+@dataclasses.dataclass
+class Message:
+    key: str              # the expected message key
+    conversation: int     # the expected thread
+    raw: bytes
+    date_s: int
+    sender: str
+    participants: list    # [(role, address)]
+    mailboxes: list       # users it is read from
+    inbound: bool
+    subject: str
+
+    @property
+    def links(self):
+        return links_of(self.participants)
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _raw(headers: list[tuple[str, str]]) -> bytes:
+    return ("".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\nbody\r\n").encode()
+
+
+def corpus(seed: int = 1, conversations: int = 12) -> list[Message]:
+    """Conversations of 1-6 messages (replies carry In-Reply-To and References, some
+    localized prefixes), each message in 1-2 mailboxes; two headerless messages that
+    join by subject; a message without Message-ID."""
+    rng = random.Random(seed)
+    base = 1_700_000_000
+    out = []
+    for conv in range(conversations):
+        outsider = rng.choice(OUTSIDERS)
+        insider = rng.choice(INSIDERS)
+        cc = rng.choice([None, rng.choice(OUTSIDERS)])
+        subject = f"Deal {conv}"
+        ids = []
+        for n in range(rng.randint(1, 6)):
+            inbound = n % 2 == 0 if rng.random() < 0.8 else n % 2 == 1
+            sender, to = (outsider, insider) if inbound else (insider, outsider)
+            key = f"m{conv}.{n}@{sender.split('@')[1]}"
+            date_s = base + conv * 86400 + n * 3600 + rng.randint(0, 600)
+            prefix = rng.choice(["Re: ", "AW: ", "SV: ", "Re[2]: ", "RE: "]) if n else ""
+            headers = [("Message-ID", f"<{key}>"), ("From", f"Person <{sender}>"), ("To", to),
+                       ("Subject", prefix + subject), ("Date", email.utils.formatdate(date_s))]
+            participants = [("from", sender), ("to", to)]
+            if cc:
+                headers.append(("Cc", cc))
+                participants.append(("cc", cc))
+            if ids:
+                headers += [("In-Reply-To", f"<{ids[-1]}>"), ("References", " ".join(f"<{i}>" for i in ids))]
+            ids.append(key)
+            mailboxes = sorted(rng.sample(sorted(USERS), rng.randint(1, 2)))
+            out.append(Message(key, conv, _raw(headers), date_s, sender, participants, mailboxes,
+                               sender not in INSIDERS, prefix + subject))
+    # Headerless, same subject and correspondents, a day apart: one thread by subject.
+    for n, (sender, to) in enumerate([("c@c2.com", "u1@ours.com"), ("u1@ours.com", "c@c2.com")]):
+        date_s = base + 40 * 86400 + n * 86400
+        key = f"plain{n}@x"
+        subject = ("Re: " if n else "") + "Catch up"
+        headers = [("Message-ID", f"<{key}>"), ("From", sender), ("To", to), ("Subject", subject),
+                   ("Date", email.utils.formatdate(date_s))]
+        out.append(Message(key, 1000, _raw(headers), date_s, sender, [("from", sender), ("to", to)], [1],
+                           sender not in INSIDERS, subject))
+    # No Message-ID: keyed by content.
+    headers = [("From", "y@c4.com"), ("To", "u2@ours.com"), ("Subject", "no id"),
+               ("Date", email.utils.formatdate(base + 50 * 86400))]
+    raw = _raw(headers)
+    import hashlib
+    out.append(Message("sha256:" + hashlib.sha256(raw).hexdigest(), 2000, raw, base + 50 * 86400, "y@c4.com",
+                       [("from", "y@c4.com"), ("to", "u2@ours.com")], [2], True, "no id"))
+    return out
+
+
+def visible(message: Message, user_clients: set, user_id: int) -> bool:
+    return bool(set(message.links) & user_clients) or user_id in message.mailboxes
+
+
+def expected_threads(messages, user_clients: set, user_id: int) -> dict:
+    """conversation -> figures of the thread made of the user's visible messages."""
+    groups = {}
+    for m in sorted(messages, key=lambda m: (m.date_s, m.key)):
+        if visible(m, user_clients, user_id):
+            groups.setdefault(m.conversation, []).append(m)
+    out = {}
+    for conv, ms in groups.items():
+        awaiting = None
+        if ms[-1].inbound:
+            for m in reversed(ms):
+                if not m.inbound:
+                    break
+                awaiting = m.date_s
+        out[conv] = {"messages": len(ms), "last_at": ms[-1].date_s, "first_at": ms[0].date_s,
+                     "awaiting": awaiting, "keys": {m.key for m in ms}}
+    return out

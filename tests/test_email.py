@@ -1,0 +1,361 @@
+"""Email insight against real Redis and the real database: keys, duplicates across
+mailboxes, threads in any arrival order, links and their changes, and client security
+checked against a brute-force oracle for every query that shows email."""
+from __future__ import annotations
+
+import base64
+import glob
+import os
+import random
+import sysconfig
+
+import pytest
+import sqlalchemy as sa
+
+from tests.email_corpus import CLIENTS, CONTACTS, USERS, b64, corpus, expected_threads, visible
+from tests.helpers import assert_index_matches, query
+from worker.access import change
+from worker.email import directory, queries, store
+from worker.email.tables import email_links, email_refs, emails
+
+I = 1
+
+
+def setup_directory(ctx):
+    directory.upsert_clients(ctx, I, [{"client_id": c, "name": f"Client {c}", "domains": d} for c, d in CLIENTS.items()])
+    directory.upsert_users(ctx, I, [{"user_id": u, "name": f"User {u}", "emails": a} for u, a in USERS.items()])
+    directory.upsert_contacts(ctx, I, [{"source_id": s, "name": n, "emails": e, "client_id": c, "job_title": j}
+                                       for s, (n, e, c, j) in CONTACTS.items()])
+
+
+def ingest_corpus(ctx, messages, rng=None, chunk=7):
+    """Each message from each of its mailboxes, in the given order, in small tasks."""
+    deliveries = [(u, m) for m in messages for u in m.mailboxes]
+    if rng is not None:
+        rng.shuffle(deliveries)
+    for start in range(0, len(deliveries), chunk):
+        part = deliveries[start:start + chunk]
+        for user in sorted({u for u, _ in part}):
+            batch = [{"raw": b64(m.raw)} for u, m in part if u == user]
+            result = store.ingest_emails(ctx, I, user, batch)
+            assert result["rejected"] == []
+
+
+def stored_state(engine):
+    with engine.connect() as conn:
+        threads = dict(conn.execute(sa.select(emails.c.message_key, emails.c.thread_id)).all())
+        links = {}
+        for key, client, reason in conn.execute(
+                sa.select(emails.c.message_key, email_links.c.client_id, email_links.c.reason)
+                .join(email_links, email_links.c.meeting_id == emails.c.meeting_id)
+                .order_by(emails.c.message_key, email_links.c.position)):
+            links.setdefault(key, []).append((client, reason))
+    return threads, links
+
+
+def test_keys_duplicates_across_mailboxes_and_counts(clean):
+    ctx = clean
+    setup_directory(ctx)
+    messages = corpus()
+    m = messages[0]
+    first = store.ingest_emails(ctx, I, 1, [{"raw": b64(m.raw)}, {"raw": b64(m.raw)}])
+    assert (first["accepted"], first["new"], first["duplicates"]) == (2, 1, 1)
+    again = store.ingest_emails(ctx, I, 2, [{"raw": b64(m.raw)}])
+    assert (again["new"], again["duplicates"]) == (0, 1)
+    # Same Message-ID, another sender: another message, key#2.
+    other = m.raw.replace(b"From: Person <", b"From: Someone <z", 1)
+    assert store.ingest_emails(ctx, I, 1, [{"raw": b64(other)}])["new"] == 1
+    with ctx.engine.connect() as conn:
+        keys_ = sorted(conn.execute(sa.select(emails.c.message_key)).scalars())
+    assert keys_ == [m.key, m.key + "#2"]
+    # Both mailbox owners see the message, whatever their clients.
+    for user in (1, 2):
+        assert m.key in {i["source_id"] for i in query(ctx, installation_id=I, user_id=user)["items"]}
+    assert_index_matches(ctx.engine, ctx.redis, I)
+
+
+def test_any_arrival_order_gives_the_same_threads_and_links(engine, redis_client):
+    from tests.conftest import make_context, wipe
+    messages = corpus(seed=3, conversations=10)
+    states = []
+    for seed in range(4):
+        wipe(engine, redis_client)
+        ctx = make_context(engine, redis_client)
+        setup_directory(ctx)
+        ingest_corpus(ctx, messages, rng=random.Random(seed) if seed else None, chunk=3 + seed)
+        states.append(stored_state(engine))
+    assert all(s == states[0] for s in states[1:])
+    threads, links = states[0]
+    # The threads are the conversations: same thread id exactly within a conversation.
+    by_conv = {}
+    for m in messages:
+        by_conv.setdefault(m.conversation, set()).add(threads[m.key])
+    assert all(len(ids) == 1 for ids in by_conv.values())
+    assert len({next(iter(ids)) for ids in by_conv.values()}) == len(by_conv)
+    for m in messages:
+        assert [c for c, _ in links.get(m.key, [])] == m.links, m.key
+
+
+def test_a_reply_arriving_first_and_a_message_joining_two_threads_merge(clean):
+    ctx = clean
+    setup_directory(ctx)
+
+    def msg(key, refs="", subject="S", date="Mon, 02 Jan 2023 10:00:00 +0000"):
+        text = f"Message-ID: <{key}>\r\nFrom: a@c1.com\r\nTo: u1@ours.com\r\nSubject: {subject}\r\nDate: {date}\r\n"
+        if refs:
+            text += f"References: {refs}\r\n"
+        return {"raw": b64((text + "\r\nx").encode())}
+    store.ingest_emails(ctx, I, 1, [msg("c@x", "<a@x> <b@x>", subject="one")])  # reply first
+    store.ingest_emails(ctx, I, 1, [msg("e@x", "<d@x>", subject="two")])
+    threads, _ = stored_state(ctx.engine)
+    assert threads["c@x"] != threads["e@x"]
+    store.ingest_emails(ctx, I, 1, [msg("f@x", "<b@x> <d@x>", subject="three")])  # joins both
+    store.ingest_emails(ctx, I, 1, [msg("a@x", subject="zero")])  # the root, last
+    threads, _ = stored_state(ctx.engine)
+    assert len({threads[k] for k in ("a@x", "c@x", "e@x", "f@x")}) == 1
+    # Ghost ids are edges of the stored messages, not messages.
+    with ctx.engine.connect() as conn:
+        ghosts = set(conn.execute(sa.select(email_refs.c.ref_key)).scalars()) - set(threads)
+    assert {"b@x", "d@x"} <= ghosts
+    # The thread as a user sees it, and the same through the index of meetings.
+    tid = threads["a@x"]
+    thread = queries.get_thread(ctx, I, 1, tid)
+    assert {m["source_id"] for m in thread["messages"]} == {"a@x", "c@x", "e@x", "f@x"}
+    assert [m["id"] for m in thread["messages"]] == sorted(m["id"] for m in thread["messages"])  # one second: by id
+    assert all(m["details"]["thread_id"] == tid for m in thread["messages"])
+    items = query(ctx, installation_id=I, user_id=1)["items"]
+    assert {i["details"]["thread_id"] for i in items} == {tid}
+
+
+def _random_access(rng):
+    return {u: set(rng.sample(sorted(CLIENTS) + [4, 5], rng.randint(0, 3))) for u in (1, 2, 3, 4)}
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_visibility_matches_the_oracle_in_every_query(clean, seed):
+    """Random access lists, changed several times: every user's meetings, threads,
+    single threads and contacts equal the brute force, with exact totals, from the index
+    (precomputed and not) and from the database."""
+    ctx = clean
+    rng = random.Random(seed)
+    setup_directory(ctx)
+    messages = corpus(seed=seed)
+    ingest_corpus(ctx, messages, rng=rng)
+    by_key = {m.key: m for m in messages}
+    for _round in range(3):
+        access = _random_access(rng)
+        for user, clients in access.items():
+            change(ctx, I, user, sorted(clients), "set")
+        assert_index_matches(ctx.engine, ctx.redis, I)
+        for user, clients in access.items():
+            want = sorted((m for m in messages if visible(m, clients, user)), key=lambda m: (m.date_s, m.key),
+                          reverse=True)
+            for views in (None, ()):
+                got = query(ctx, views=views, installation_id=I, user_id=user, types=["email"], limit=200)
+                assert got["total"] == len(want)
+                assert sorted(i["source_id"] for i in got["items"]) == sorted(m.key for m in want)
+            for client in (1, 2, 3):
+                got = query(ctx, installation_id=I, user_id=user, client_ids=[client], limit=200)
+                expect = [m for m in want if (m.links[:1] or [None])[0] == client]
+                assert got["total"] == len(expect), (user, client)
+            # Threads: figures from visible messages only.
+            expect_threads = expected_threads(messages, clients, user)
+            got = queries.query_threads(ctx, I, user, limit=200)
+            assert got["total"] == len(expect_threads)
+            for item in got["items"]:
+                thread = queries.get_thread(ctx, I, user, item["thread_id"])
+                keys_ = {m["source_id"] for m in thread["messages"]}
+                conv = by_key[next(iter(keys_))].conversation
+                e = expect_threads[conv]
+                assert keys_ == e["keys"] and item["messages"] == e["messages"]
+                assert item["awaiting_reply_since"] == (queries.iso_seconds(e["awaiting"]) if e["awaiting"] else None)
+            # Contacts: only those of clients the user may see.
+            got = queries.search_contacts(ctx, I, user, limit=200)
+            assert {c["source_id"] for c in got["items"]} == {s for s, (_, _, c, _) in CONTACTS.items() if c in clients}
+
+
+def test_threads_page_with_cursors_and_filters(clean):
+    ctx = clean
+    setup_directory(ctx)
+    messages = corpus(seed=5, conversations=15)
+    ingest_corpus(ctx, messages)
+    change(ctx, I, 9, [1, 2, 3], "set")
+    whole = queries.query_threads(ctx, I, 9, limit=200)
+    seen, cursor = [], None
+    while True:
+        page = queries.query_threads(ctx, I, 9, limit=4, cursor=cursor)
+        assert page["total"] == whole["total"]
+        seen += [t["thread_id"] for t in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [t["thread_id"] for t in whole["items"]]
+    lasts = [t["last_at"] for t in whole["items"]]
+    assert lasts == sorted(lasts, reverse=True)
+    waiting = queries.query_threads(ctx, I, 9, awaiting_reply=True, limit=200)
+    assert all(t["awaiting_reply_since"] for t in waiting["items"])
+    k1 = queries.query_threads(ctx, I, 9, contact_source_id="k1", limit=200)
+    assert all(any(a["address"] == "pat@gmail.com" for a in t["participants"]) for t in k1["items"])
+    with pytest.raises(ValueError, match="^cursor"):
+        queries.query_threads(ctx, I, 9, limit=5, cursor=page_cursor_of_other(ctx))
+
+
+def page_cursor_of_other(ctx):
+    return queries.query_threads(ctx, I, 9, order="asc", limit=1)["next_cursor"]
+
+
+def test_links_follow_domain_and_contact_changes_everywhere(clean):
+    ctx = clean
+    setup_directory(ctx)
+    raw = (b"Message-ID: <new@c5.com>\r\nFrom: Nia <nia@c5.com>\r\nTo: u1@ours.com\r\nSubject: hi\r\n"
+           b"Date: Mon, 02 Jan 2023 10:00:00 +0000\r\n\r\nx")
+    store.ingest_emails(ctx, I, 1, [{"raw": b64(raw)}])
+    change(ctx, I, 2, [5], "set")
+    change(ctx, I, 3, [6], "set")
+    query(ctx, installation_id=I, user_id=2)  # user 2 now holds a precomputed view
+    assert query(ctx, installation_id=I, user_id=2)["total"] == 0
+    directory.upsert_clients(ctx, I, [{"client_id": 5, "name": "Five", "domains": ["c5.com"]}])
+    got = query(ctx, installation_id=I, user_id=2)
+    assert got["total"] == 1 and got["source"] == "precomputed" and got["items"][0]["client_id"] == 5
+    assert queries.query_threads(ctx, I, 2)["total"] == 1
+    # A contact with that address at another client: the link moves through the contact.
+    directory.upsert_contacts(ctx, I, [{"source_id": "nia", "name": "Nia", "emails": ["nia@c5.com"], "client_id": 6}])
+    assert query(ctx, installation_id=I, user_id=2)["total"] == 0
+    assert queries.query_threads(ctx, I, 2)["total"] == 0
+    got = query(ctx, installation_id=I, user_id=3)
+    assert got["total"] == 1 and got["items"][0]["client_id"] == 6
+    assert queries.search_contacts(ctx, I, 3, q="NI")["items"][0]["last_email_at"] == "2023-01-02T10:00:00Z"
+    # The mailbox owner sees it throughout.
+    assert query(ctx, installation_id=I, user_id=1)["total"] == 1
+    # A user address makes its messages outbound.
+    directory.upsert_users(ctx, I, [{"user_id": 7, "name": "Nia", "emails": ["nia@c5.com"]}])
+    assert query(ctx, installation_id=I, user_id=1)["items"][0]["status"] == "outbound"
+    assert_index_matches(ctx.engine, ctx.redis, I)
+
+
+def test_revocation_hides_linked_email_but_not_the_own_mailbox(clean):
+    ctx = clean
+    setup_directory(ctx)
+    messages = corpus(seed=2)
+    ingest_corpus(ctx, messages)
+    change(ctx, I, 1, [1, 2, 3], "set")
+    before = query(ctx, installation_id=I, user_id=1, limit=200)["total"]
+    change(ctx, I, 1, [1, 2, 3], "revoke")
+    got = query(ctx, installation_id=I, user_id=1, limit=200)
+    assert got["total"] == sum(1 for m in messages if 1 in m.mailboxes) <= before
+    assert all(queries.get_thread(ctx, I, 1, t["thread_id"])["messages"] for t in
+               queries.query_threads(ctx, I, 1, limit=200)["items"])
+    assert_index_matches(ctx.engine, ctx.redis, I)
+
+
+def _message(**headers):
+    base = {"Message-ID": "<h@x>", "From": "a@c1.com", "To": "u1@ours.com", "Subject": "s",
+            "Date": "Mon, 02 Jan 2023 10:00:00 +0000"}
+    base.update(headers)
+    return "".join(f"{k}: {v}\r\n" for k, v in base.items() if v is not None).encode() + b"\r\nbody"
+
+
+def test_hostile_input_is_rejected_one_by_one_or_contained(clean):
+    ctx = clean
+    setup_directory(ctx)
+    long_id = "<" + "x" * 2000 + "@y>"
+    refs = " ".join(f"<r{i}@x>" for i in range(10_000))
+    batch = [
+        {"raw": "not base64 at all!"},
+        {"raw": ""},
+        {"raw": b64(b"x" * (11 * 1024 * 1024))},
+        {"raw": b64(_message(**{"Message-ID": long_id}))},
+        {"raw": b64(_message(**{"Message-ID": "<refs@x>", "References": refs}))},
+        {"raw": b64(_message(**{"Message-ID": "<inj@x>", "From": "=?utf-8?q?Evil=0D=0ABcc=3A_x=40y=2Ez?= <a@c1.com>"}))},
+        {"raw": b64(_message(**{"Message-ID": "<cs@x>", "Subject": "=?x-unknown?q?abc?=", "From": "=?bogus?b?!!?= <a@c1.com>"}))},
+        {"raw": b64(_message(**{"Message-ID": "<nodate@x>", "Date": "yesterday"})), "received_at": "2024-05-01T00:00:00Z"},
+        {"raw": b64(b"no headers here, just text")},
+        {"raw": b64(_message()), "unknown": 1},
+        "not an object",
+    ]
+    result = store.ingest_emails(ctx, I, 1, batch)
+    errors = {r["index"]: r["error"] for r in result["rejected"]}
+    assert set(errors) == {0, 1, 2, 8, 9, 10}
+    assert "base64" in errors[0] and "empty" in errors[1] and "10 MiB" in errors[2] and "headers" in errors[8]
+    assert result["accepted"] == 5
+    threads, _ = stored_state(ctx.engine)
+    assert any(k.startswith("sha256:") for k in threads)  # the 2,000-character id
+    with ctx.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(email_refs)).scalar() <= 100 + 4
+    items = {i["source_id"]: i for i in query(ctx, installation_id=I, user_id=1, limit=200)["items"]}
+    sender = items["inj@x"]["details"]["from"]
+    assert sender["address"] == "a@c1.com" and sender["name"] == "Evil Bcc: x@y.z"  # a name, not a recipient
+    assert [p["address"] for p in queries.get_thread(ctx, I, 1, items["inj@x"]["details"]["thread_id"])
+            ["messages"][0]["participants"]] == ["a@c1.com", "u1@ours.com"]
+    assert items["nodate@x"]["meeting_date"] == "2024-05-01T00:00:00Z"
+    for bad in ({"installation_id": 0}, {"messages": "x"}, {"messages": [{}] * 501}):
+        args = {"installation_id": I, "mailbox_user_id": 1, "messages": [], **bad}
+        with pytest.raises(ValueError, match="^" + next(iter(bad))):
+            store.ingest_emails(ctx, args["installation_id"], args["mailbox_user_id"], args["messages"])
+
+
+def test_directory_rules(clean):
+    ctx = clean
+    got = directory.upsert_clients(ctx, I, [
+        {"client_id": 1, "name": "A", "domains": ["Sub.Acme.com"]},
+        {"client_id": 2, "name": "B", "domains": ["acme.com"]},
+        {"client_id": 3, "name": "C", "domains": ["gmail.com"]},
+        {"client_id": 4, "name": "", "domains": []}])
+    errors = {r["index"]: r["error"] for r in got["rejected"]}
+    assert errors[1] == "domains: acme.com belongs to client 1"
+    assert "free-mail" in errors[2] and errors[3].startswith("name")
+    assert got["accepted"] == 1
+    again = directory.upsert_clients(ctx, I, [{"client_id": 1, "name": "A", "domains": ["acme.com"]}])
+    assert (again["accepted"], again["updated"], again["unchanged"]) == (1, 0, 1)
+    users = directory.upsert_users(ctx, I, [{"user_id": 1, "name": "U", "emails": ["U@Ours.com"]}])
+    assert users["accepted"] == 1
+    assert directory.upsert_users(ctx, I, [{"user_id": 1, "name": "U", "emails": ["u@ours.com"]}])["unchanged"] == 1
+
+
+def test_real_world_messages_from_the_python_corpus(clean):
+    """CPython's own email test corpus: every message is stored or rejected alone with a
+    reason; none fails the batch."""
+    ctx = clean
+    folder = os.path.join(sysconfig.get_paths()["stdlib"], "test", "test_email", "data")
+    paths = sorted(glob.glob(os.path.join(folder, "msg_*.txt")))
+    if not paths:
+        pytest.skip("this Python ships without its email test corpus")
+    batch = [{"raw": base64.urlsafe_b64encode(open(p, "rb").read()).decode()} for p in paths]
+    result = store.ingest_emails(ctx, I, 1, batch)
+    assert result["accepted"] + len(result["rejected"]) == len(paths)
+    assert result["accepted"] >= len(paths) - 2
+    assert query(ctx, installation_id=I, user_id=1, limit=200)["total"] == result["new"]
+    assert_index_matches(ctx.engine, ctx.redis, I)
+
+
+def test_email_tasks_through_a_worker(worker_env):
+    """The seven tasks by name, as a web app without project code sends them."""
+    _engine, _r, webapp = worker_env
+
+    def call(name, queue, **kwargs):
+        return webapp.send_task(name, kwargs=kwargs, queue=queue).get(timeout=30)
+    assert call("crm.upsert_clients", "ingest", installation_id=I, clients=[
+        {"client_id": c, "name": f"C{c}", "domains": d} for c, d in CLIENTS.items()])["accepted"] == len(CLIENTS)
+    assert call("crm.upsert_users", "ingest", installation_id=I, users=[
+        {"user_id": u, "name": f"U{u}", "emails": a} for u, a in USERS.items()])["accepted"] == len(USERS)
+    assert call("crm.upsert_contacts", "ingest", installation_id=I, contacts=[
+        {"source_id": k, "name": n, "emails": e, "client_id": c, "job_title": j}
+        for k, (n, e, c, j) in CONTACTS.items()])["accepted"] == len(CONTACTS)
+    messages = corpus(seed=4, conversations=3)
+    for m in messages:
+        m.mailboxes = [1]
+    got = call("crm.ingest_emails", "ingest", installation_id=I, mailbox_user_id=1,
+               messages=[{"raw": b64(m.raw)} for m in messages])
+    assert got["new"] == len(messages)
+    call("crm.set_user_clients", "ingest", installation_id=I, user_id=2, client_ids=[1])
+    threads = call("crm.query_threads", "query", installation_id=I, user_id=2)
+    expect = expected_threads([m for m in messages], {1}, 2)
+    assert threads["total"] == len(expect)
+    if threads["items"]:
+        thread = call("crm.get_thread", "query", installation_id=I, user_id=2, thread_id=threads["items"][0]["thread_id"])
+        assert thread["messages"] and all("links" in m for m in thread["messages"])
+    assert call("crm.search_contacts", "query", installation_id=I, user_id=2, q="le")["total"] == 0  # k3 has no client
+    call("crm.set_user_clients", "ingest", installation_id=I, user_id=2, client_ids=[2, 3])
+    assert call("crm.search_contacts", "query", installation_id=I, user_id=2, q="ODE")["items"][0]["source_id"] == "k2"
+    with pytest.raises(ValueError, match="^limit"):
+        call("crm.query_threads", "query", installation_id=I, user_id=2, limit=0)
