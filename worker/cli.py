@@ -70,6 +70,14 @@ def cmd_seed(args) -> int:
             print(f"seeding a demo CRM: {DEMO.clients} clients, {DEMO.users} users, {DEMO.meetings:,} meetings")
         mark_demo(engine, "started")
     start = time.monotonic()
+    if args.emails and not args.demo:
+        from worker.email.synthetic import seed_emails
+        for installation_id in range(1, shape.installations + 1):
+            got = seed_emails(ctx, installation_id, args.emails, shape.clients, shape.users, shape.seed)
+            print(f"installation {installation_id}: {got['new']:,} messages stored, {got['duplicates']:,} copies "
+                  f"in further mailboxes, {got['rejected']:,} rejected, in {time.monotonic() - start:.1f}s")
+        if not args.meetings:
+            return 0
     totals = seed(ctx, shape)
     if args.demo:
         mark_demo(engine, "complete")
@@ -290,6 +298,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--users", type=int, default=2000, help="users per installation")
     s.add_argument("--meetings", type=int, default=500_000, help="meetings per installation")
     s.add_argument("--seed", type=int, default=42, help="random seed: the same seed gives the same CRM")
+    s.add_argument("--emails", type=int, default=0,
+                   help="also this many raw email messages per installation, through crm.ingest_emails' code "
+                        "(with --meetings 0: only emails)")
     s.add_argument("--demo", action="store_true",
                    help="the demo CRM of `crm run` (300 clients, 60 users, 20,000 meetings), once: resumed when "
                         "interrupted, skipped when done or when the database holds data of its own")
