@@ -359,3 +359,26 @@ def test_email_tasks_through_a_worker(worker_env):
     assert call("crm.search_contacts", "query", installation_id=I, user_id=2, q="ODE")["items"][0]["source_id"] == "k2"
     with pytest.raises(ValueError, match="^limit"):
         call("crm.query_threads", "query", installation_id=I, user_id=2, limit=0)
+
+
+def test_rebuild_and_reconcile_restore_the_email_index(clean):
+    """Rebuilt from the database, the index holds the same client, extra and mailbox
+    sets; reconcile repairs a lost extra set."""
+    from worker import keys
+    from worker.maintenance import rebuild, reconcile
+    ctx = clean
+    setup_directory(ctx)
+    ingest_corpus(ctx, corpus(seed=8))
+    change(ctx, I, 1, [2], "set")
+    change(ctx, I, 4, [1, 3], "set")
+    before = {u: query(ctx, views=(), installation_id=I, user_id=u, limit=200)["total"] for u in (1, 2, 3, 4)}
+    rebuild(ctx, I)
+    assert_index_matches(ctx.engine, ctx.redis, I)
+    assert {u: query(ctx, views=(), installation_id=I, user_id=u, limit=200)["total"] for u in (1, 2, 3, 4)} == before
+    # A payload whose head lost its reach (drift) is repaired from the database.
+    field = next(iter(ctx.redis.hkeys(keys.payloads(I))))
+    value = ctx.redis.hget(keys.payloads(I), field)
+    head, _, item = value.partition(b"|")
+    ctx.redis.hset(keys.payloads(I), field, b" ".join(head.split(b" ")[:6]) + b"|" + item)
+    assert reconcile(ctx, I)["meetings_repaired"] == 1
+    assert_index_matches(ctx.engine, ctx.redis, I)
