@@ -142,6 +142,7 @@ def materialize(conn, installation_id: int, ids, now_us: int) -> list[int]:
     parts = {i: [tuple(p) for p in json.loads(row.participants)] for i, row in stored.items()}
     directory = load_directory(conn, installation_id, {a for ps in parts.values() for _, a, _ in ps})
     changed = []
+    relinked, link_rows, reach_ids, reach_rows, updates = [], [], [], [], []
     for meeting_id, row in stored.items():
         links = derive_links(parts[meeting_id], directory)
         primary = links[0][0] if links else 0
@@ -149,27 +150,30 @@ def materialize(conn, installation_id: int, ids, now_us: int) -> list[int]:
         details = details_json(parts[meeting_id], row.thread_id, direction)
         reach = reach_text(primary, links, mailboxes[meeting_id])
         if links != old_links[meeting_id]:
-            conn.execute(email_links.delete().where(email_links.c.meeting_id == meeting_id))
-            if links:
-                conn.execute(email_links.insert(), [
-                    {"installation_id": installation_id, "meeting_id": meeting_id, "position": position,
-                     "client_id": client_id, "contact_id": contact_id, "reason": reason}
-                    for client_id, contact_id, reason, position in links])
+            relinked.append(meeting_id)
+            link_rows += [{"installation_id": installation_id, "meeting_id": meeting_id, "position": position,
+                           "client_id": client_id, "contact_id": contact_id, "reason": reason}
+                          for client_id, contact_id, reason, position in links]
         if (primary, direction, details, reach) == (row.client_id, row.status, row.details, row.reach):
             continue
         if reach != row.reach or primary != row.client_id:
-            conn.execute(meeting_reach.delete().where(meeting_reach.c.meeting_id == meeting_id))
-            rows = [{"installation_id": installation_id, "meeting_id": meeting_id, "client_id": c, "user_id": 0}
-                    for c in sorted({c for c, *_ in links})]
-            rows += [{"installation_id": installation_id, "meeting_id": meeting_id, "client_id": 0, "user_id": u}
-                     for u in sorted(set(mailboxes[meeting_id]))]
-            if rows:
-                conn.execute(meeting_reach.insert(), rows)
+            reach_ids.append(meeting_id)
+            reach_rows += [{"installation_id": installation_id, "meeting_id": meeting_id, "client_id": c, "user_id": 0}
+                           for c in sorted({c for c, *_ in links})]
+            reach_rows += [{"installation_id": installation_id, "meeting_id": meeting_id, "client_id": 0, "user_id": u}
+                           for u in sorted(set(mailboxes[meeting_id]))]
         updated_us = max(now_us, row.updated_us + 1)
-        conn.execute(meetings.update().where(meetings.c.id == meeting_id).values(
-            client_id=primary, status=direction, details=details, reach=reach,
-            updated_us=updated_us, updated_s=updated_us // 1_000_000))
+        updates.append({"b_id": meeting_id, "client_id": primary, "status": direction, "details": details,
+                        "reach": reach, "updated_us": updated_us, "updated_s": updated_us // 1_000_000})
         changed.append(meeting_id)
+    # A few statements per chunk, not per message.
+    for table, ids_, rows in ((email_links, relinked, link_rows), (meeting_reach, reach_ids, reach_rows)):
+        for start in range(0, len(ids_), 500):
+            conn.execute(table.delete().where(table.c.meeting_id.in_(ids_[start:start + 500])))
+        if rows:
+            conn.execute(table.insert(), rows)
+    if updates:
+        conn.execute(meetings.update().where(meetings.c.id == sa.bindparam("b_id")), updates)
     return changed
 
 

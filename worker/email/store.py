@@ -83,15 +83,25 @@ def _same_message(stored, m: Incoming) -> bool:
         m.parsed.date_s is None or stored.date_s == m.date_s)
 
 
-def _free_id(conn, installation_id: int, key: str, taken: set) -> int:
-    salt = 0
-    while True:
-        candidate = meeting_id(installation_id, key, salt)
-        if candidate not in taken and conn.execute(
-                sa.select(meetings.c.id).where(meetings.c.id == candidate)).first() is None:
-            taken.add(candidate)
-            return candidate
-        salt += 1
+def _free_ids(conn, installation_id: int, keys: list[str]) -> list[int]:
+    """Derived meeting ids for new keys, salted where one is taken (by a stored meeting
+    or another key of the chunk)."""
+    out: list = [None] * len(keys)
+    taken: set = set()
+    pending, salt = list(range(len(keys))), 0
+    while pending:
+        wanted = {i: meeting_id(installation_id, keys[i], salt) for i in pending}
+        stored = set(conn.execute(sa.select(meetings.c.id).where(meetings.c.id.in_(sorted(set(wanted.values())))))
+                     .scalars())
+        again = []
+        for i in pending:
+            if wanted[i] in stored or wanted[i] in taken:
+                again.append(i)
+            else:
+                taken.add(wanted[i])
+                out[i] = wanted[i]
+        pending, salt = again, salt + 1
+    return out
 
 
 def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming], now_us: int):
@@ -106,37 +116,45 @@ def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming]
         variants.setdefault(row.base_key, []).append(row)
     new_count = duplicates = 0
     touched: set[int] = set()
-    mailbox_rows, new_edges, taken = [], [], set()
+    mailbox_rows, new_edges = [], []
+    fresh = []  # (message, key) of the messages new to the store, in chunk order
     for m in chunk:
         p = m.parsed
         known = variants.setdefault(p.base_key, [])
         same = next((v for v in known if _same_message(v, m)), None)
         if same is not None:
             duplicates += 1
-            target = same.meeting_id
-        else:
-            new_count += 1
-            key = p.base_key if not known else f"{p.base_key}#{len(known) + 1}"
-            target = _free_id(conn, installation_id, key, taken)
-            participants = [list(x) for x in p.participants]
-            conn.execute(meetings.insert().values(
-                id=target, installation_id=installation_id, source_id=key, client_id=0, type="email",
-                status="inbound", meeting_s=m.date_s, updated_s=now_us // 1_000_000, updated_us=now_us,
-                subject=p.subject, details="{}", reach=None))
-            conn.execute(emails.insert().values(
-                meeting_id=target, installation_id=installation_id, message_key=key, base_key=p.base_key,
-                from_address=p.from_address, date_s=m.date_s, thread_id="", subject_key=p.subject_key,
-                threading=bool(p.refs), participants=json.dumps(participants, ensure_ascii=False)))
-            if p.participants:
-                conn.execute(email_participants.insert(), [
-                    {"installation_id": installation_id, "meeting_id": target, "position": i, "role": role,
-                     "address": address, "domain": domain_of(address)}
-                    for i, (role, address, _name) in enumerate(p.participants)])
-            subject = None if p.refs else threads.subject_node(p.subject_key, p.participants, m.date_s)
-            new_edges.append((target, key, p.refs, subject))
-            known.append(_Variant(target, key, p.base_key, p.from_address, m.date_s))
-        touched.add(target)
-        mailbox_rows.append((target, m))
+            mailbox_rows.append((same, m))
+            continue
+        new_count += 1
+        variant = _Variant(0, p.base_key if not known else f"{p.base_key}#{len(known) + 1}", p.base_key,
+                           p.from_address, m.date_s)
+        known.append(variant)
+        fresh.append((m, variant))
+        mailbox_rows.append((variant, m))
+    ids = _free_ids(conn, installation_id, [v.message_key for _, v in fresh])
+    meeting_rows, email_rows, participant_rows = [], [], []
+    for (m, variant), target in zip(fresh, ids):
+        p = m.parsed
+        variant.meeting_id = target
+        meeting_rows.append({"id": target, "installation_id": installation_id, "source_id": variant.message_key,
+                             "client_id": 0, "type": "email", "status": "inbound", "meeting_s": m.date_s,
+                             "updated_s": now_us // 1_000_000, "updated_us": now_us, "subject": p.subject,
+                             "details": "{}", "reach": None})
+        email_rows.append({"meeting_id": target, "installation_id": installation_id, "message_key": variant.message_key,
+                           "base_key": p.base_key, "from_address": p.from_address, "date_s": m.date_s,
+                           "thread_id": "", "subject_key": p.subject_key, "threading": bool(p.refs),
+                           "participants": json.dumps([list(x) for x in p.participants], ensure_ascii=False)})
+        participant_rows += [{"installation_id": installation_id, "meeting_id": target, "position": i, "role": role,
+                              "address": address, "domain": domain_of(address)}
+                             for i, (role, address, _name) in enumerate(p.participants)]
+        subject = None if p.refs else threads.subject_node(p.subject_key, p.participants, m.date_s)
+        new_edges.append((target, variant.message_key, p.refs, subject))
+    for table, rows in ((meetings, meeting_rows), (emails, email_rows), (email_participants, participant_rows)):
+        if rows:
+            conn.execute(table.insert(), rows)
+    mailbox_rows = [(v.meeting_id, m) for v, m in mailbox_rows]
+    touched = {t for t, _ in mailbox_rows}
     present = set()
     ids = sorted({t for t, _ in mailbox_rows})
     for start in range(0, len(ids), 500):
