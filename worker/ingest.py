@@ -95,22 +95,30 @@ def _insert_all(conn, chunk: list[Meeting]) -> bool:
 
 
 def _assign_ids(conn, new: list[Meeting]) -> None:
-    """Give each new meeting its derived id, salting the rare one that collides with an
-    id already taken by another meeting."""
-    salt = 0
-    pending = new
-    taken_here: set[int] = set()
+    """Give each new meeting its derived id (all of one installation)."""
+    for m, id_ in zip(new, free_ids(conn, new[0].installation_id, [m.source_id for m in new])):
+        m.id = id_
+
+
+def free_ids(conn, installation_id: int, source_ids: list[str]) -> list[int]:
+    """The derived ids of new meetings ``source_ids``, salting the rare one that collides
+    with an id already taken by another meeting (stored, or earlier in the list)."""
+    out: list = [0] * len(source_ids)
+    taken: set = set()
+    pending, salt = list(range(len(source_ids))), 0
     while pending:
-        for m in pending:
-            m.id = meeting_id(m.installation_id, m.source_id, salt)
-        taken = set(conn.execute(sa.select(meetings.c.id).where(meetings.c.id.in_([m.id for m in pending]))).scalars())
+        wanted = {i: meeting_id(installation_id, source_ids[i], salt) for i in pending}
+        stored = set(conn.execute(sa.select(meetings.c.id).where(meetings.c.id.in_(sorted(set(wanted.values())))))
+                     .scalars())
         again = []
-        for m in pending:
-            if m.id in taken or m.id in taken_here:
-                again.append(m)
+        for i in pending:
+            if wanted[i] in stored or wanted[i] in taken:
+                again.append(i)
             else:
-                taken_here.add(m.id)
+                taken.add(wanted[i])
+                out[i] = wanted[i]
         pending, salt = again, salt + 1
+    return out
 
 
 def validate_batch(records) -> tuple[list[tuple[int, Meeting]], list[dict]]:

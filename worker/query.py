@@ -68,7 +68,8 @@ class Query:
         return self.types == () or self.statuses == () or self.client_ids == ()
 
 
-def _token_list(field, value, maker):
+def token_list(field, value, maker):
+    """An optional list argument, validated item by item, as a sorted tuple."""
     if value is None:
         return None
     if not isinstance(value, list):
@@ -78,7 +79,7 @@ def _token_list(field, value, maker):
     return tuple(sorted({maker(f"{field}[]", v) for v in value}))
 
 
-def _bounded_int(field, value, lo, hi):
+def bounded_int(field, value, lo, hi):
     if type(value) is not int:
         raise InvalidArgument(field, f"must be an integer, got {type(value).__name__} {value!r:.40}")
     if not lo <= value <= hi:
@@ -107,13 +108,13 @@ def parse(args: dict, secret: bytes) -> Query:
     query = Query(
         installation_id=positive_int("installation_id", args["installation_id"]),
         user_id=positive_int("user_id", args["user_id"]),
-        types=_token_list("types", args.get("types"), token),
-        statuses=_token_list("statuses", args.get("statuses"), token),
-        client_ids=_token_list("client_ids", args.get("client_ids"), positive_int),
+        types=token_list("types", args.get("types"), token),
+        statuses=token_list("statuses", args.get("statuses"), token),
+        client_ids=token_list("client_ids", args.get("client_ids"), positive_int),
         date_from=dates["date_from"], date_to=dates["date_to"],
         sort=sort, order=order,
-        offset=_bounded_int("offset", args.get("offset", 0), 0, MAX_OFFSET),
-        limit=_bounded_int("limit", args.get("limit", 20), 1, MAX_LIMIT),
+        offset=bounded_int("offset", args.get("offset", 0), 0, MAX_OFFSET),
+        limit=bounded_int("limit", args.get("limit", 20), 1, MAX_LIMIT),
     )
     cursor = args.get("cursor")
     if cursor is not None:
@@ -269,17 +270,22 @@ def from_index(ctx, query: Query, now: int, token: str):
     return source, int(reply[1]), members, items
 
 
+def visible_condition(installation_id: int, user_id: int):
+    """Client security in SQL: the meetings the user may see — their client is the user's,
+    or (emails) another client they link to is, or they were read from the user's own
+    mailbox."""
+    allowed = sa.select(user_clients.c.client_id).where(
+        user_clients.c.installation_id == installation_id, user_clients.c.user_id == user_id)
+    reached = sa.select(meeting_reach.c.meeting_id).where(
+        meeting_reach.c.installation_id == installation_id,
+        sa.or_(meeting_reach.c.client_id.in_(allowed), meeting_reach.c.user_id == user_id))
+    return sa.and_(meetings.c.installation_id == installation_id,
+                   sa.or_(meetings.c.client_id.in_(allowed), meetings.c.id.in_(reached)))
+
+
 def sql_conditions(query: Query, with_cursor: bool):
     m = meetings.c
-    allowed = sa.select(user_clients.c.client_id).where(
-        user_clients.c.installation_id == query.installation_id, user_clients.c.user_id == query.user_id)
-    # Visible: the user may see its client, or (emails) another client it links to, or it
-    # was read from the user's own mailbox.
-    reach = meeting_reach.c
-    reached = sa.select(reach.meeting_id).where(
-        reach.installation_id == query.installation_id,
-        sa.or_(reach.client_id.in_(allowed), reach.user_id == query.user_id))
-    conds = [m.installation_id == query.installation_id, sa.or_(m.client_id.in_(allowed), m.id.in_(reached))]
+    conds = [visible_condition(query.installation_id, query.user_id)]
     if query.client_ids is not None:
         conds.append(m.client_id.in_(query.client_ids))
     if query.types is not None:

@@ -31,26 +31,27 @@ def canonical_address(text: str) -> str | None:
     if not _ADDRESS.match(text):
         return None
     local, _, domain = text.rpartition("@")
-    domain = domain.rstrip(".").lower()
-    try:
-        domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        if not domain.isascii():
-            return None
-    if "." not in domain:
+    domain = _ascii_domain(domain)
+    if domain is None or "." not in domain:
         return None
     return f"{local.lower()}@{domain}"
+
+
+def _ascii_domain(domain: str) -> str | None:
+    """``domain`` lower-cased in IDNA form; as it is when already ASCII but not valid
+    IDNA (an over-long label); None when it cannot be made ASCII."""
+    domain = domain.strip().rstrip(".").lower()
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain if domain.isascii() else None
 
 
 @functools.lru_cache(maxsize=65536)
 def registrable_domain(domain: str) -> str:
     """The registrable domain of ``domain`` (lower-cased); the domain itself when the
     public suffix list knows no registrable part (a bare suffix, a local name)."""
-    domain = domain.strip().rstrip(".").lower()
-    try:
-        domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        pass
+    domain = _ascii_domain(domain) or domain.strip().rstrip(".").lower()
     return _PSL.privatesuffix(domain) or domain
 
 

@@ -10,9 +10,9 @@ import time
 
 import sqlalchemy as sa
 
-from worker.db import installations, locking, run_transaction, users
+from worker.db import locking, run_transaction, users
 from worker.email.addresses import canonical_address, fold, is_freemail, name_terms, registrable_domain
-from worker.email.links import affected_messages, materialize, own_domains_of
+from worker.email.links import affected_messages, lock_installation, materialize, own_domains_of
 from worker.email.tables import (client_domains, clients, contact_addresses, contact_terms, contacts,
                                  user_addresses)
 from worker.errors import InvalidArgument
@@ -70,10 +70,6 @@ def _check_fields(row, allowed: set, required: set):
         raise InvalidArgument(sorted(missing)[0], "is required")
 
 
-def _lock(conn, installation_id: int) -> None:
-    conn.execute(sa.select(installations.c.id).where(installations.c.id == installation_id).with_for_update())
-
-
 def _relink(ctx, installation_id: int, token: str, ids: list[int], now_us: int) -> int:
     """Re-derive the links of ``ids`` in chunks, each its own transaction, and bring the
     index up to date with each chunk before the next.  Returns the messages changed."""
@@ -82,7 +78,7 @@ def _relink(ctx, installation_id: int, token: str, ids: list[int], now_us: int) 
         part = ids[start:start + RELINK_CHUNK]
 
         def work(conn):
-            _lock(conn, installation_id)
+            lock_installation(conn, installation_id)
             return materialize(conn, installation_id, part, now_us)
         changed = run_transaction(locking(ctx.engine), work)
         if changed:
@@ -107,7 +103,7 @@ def _upsert(ctx, installation_id, rows, field: str, validate, write, task_id) ->
     write_id = new_write_id(task_id)
 
     def work(conn):
-        _lock(conn, installation_id)
+        lock_installation(conn, installation_id)
         return write(conn, installation_id, valid)
     result, _ = run_transaction(locking(ctx.engine), lambda conn: once(conn, write_id, installation_id, work),
                                 retry_duplicates=True)

@@ -18,7 +18,7 @@ import json
 
 import sqlalchemy as sa
 
-from worker.db import meeting_reach, meetings
+from worker.db import installations, meeting_reach, meetings
 from worker.email.addresses import domain_of, is_freemail
 from worker.email.tables import (client_domains, contact_addresses, contacts, email_links, email_mailboxes,
                                  email_participants, emails, user_addresses)
@@ -108,6 +108,12 @@ def reach_text(primary: int, links, mailbox_users) -> str | None:
     if not secondary and not users:
         return None
     return "%s/%s" % (",".join(map(str, secondary)), ",".join(map(str, users)))
+
+
+def lock_installation(conn, installation_id: int) -> None:
+    """The installation's email lock: stored messages, their threads and links have one
+    writer at a time (ingestion, re-linking)."""
+    conn.execute(sa.select(installations.c.id).where(installations.c.id == installation_id).with_for_update())
 
 
 def materialize(conn, installation_id: int, ids, now_us: int) -> list[int]:

@@ -14,28 +14,22 @@ import json
 
 import sqlalchemy as sa
 
-from worker.db import meeting_reach, meetings, user_clients
+from worker.db import meetings, user_clients
 from worker.email.addresses import fold
 from worker.email.tables import contact_terms, contacts, email_links, email_participants, emails
 from worker.errors import InvalidArgument
+from worker.query import MAX_LIMIT, bounded_int, token_list, visible_condition
 from worker.records import item_json, iso_seconds, parse_time, positive_int, to_seconds
 
-MAX_LIMIT = 200
 MAX_CURSOR = 2048
 
 
 def _limit(value) -> int:
-    if type(value) is not int or not 1 <= value <= MAX_LIMIT:
-        raise InvalidArgument("limit", f"must be an integer from 1 to {MAX_LIMIT}, got {value!r:.40}")
-    return value
+    return bounded_int("limit", value, 1, MAX_LIMIT)
 
 
 def _client_filter(value):
-    if value is None:
-        return None
-    if not isinstance(value, list) or len(value) > 10_000:
-        raise InvalidArgument("client_ids", "must be a list of at most 10000 client ids")
-    return sorted({positive_int("client_ids[]", c) for c in value})
+    return token_list("client_ids", value, positive_int)
 
 
 def _optional_seconds(field, value):
@@ -72,20 +66,6 @@ def decode_cursor(secret: bytes, fingerprint: str, cursor) -> list:
 
 def _fingerprint(*parts) -> str:
     return json.dumps(parts, sort_keys=True, default=str)
-
-
-# -- visibility --------------------------------------------------------------------------
-
-def visible_condition(installation_id: int, user_id: int):
-    """Meetings the user may see: their client is the user's, another linked client is, or
-    they were read from the user's own mailbox."""
-    allowed = sa.select(user_clients.c.client_id).where(
-        user_clients.c.installation_id == installation_id, user_clients.c.user_id == user_id)
-    reached = sa.select(meeting_reach.c.meeting_id).where(
-        meeting_reach.c.installation_id == installation_id,
-        sa.or_(meeting_reach.c.client_id.in_(allowed), meeting_reach.c.user_id == user_id))
-    return sa.and_(meetings.c.installation_id == installation_id,
-                   sa.or_(meetings.c.client_id.in_(allowed), meetings.c.id.in_(reached)))
 
 
 def _visible_messages(conn, installation_id: int, user_id: int, thread_id: str | None = None):

@@ -17,15 +17,16 @@ import time
 import sqlalchemy as sa
 
 from worker import metrics
-from worker.db import installations, locking, meetings, run_transaction
+from worker.db import locking, meetings, run_transaction
 from worker.email import threads
 from worker.email.addresses import domain_of
-from worker.email.links import materialize
+from worker.email.links import lock_installation, materialize
 from worker.email.parse import Parsed, Unusable, decode_raw, parse
 from worker.email.tables import email_mailboxes, email_participants, emails
 from worker.errors import InvalidArgument
+from worker.ingest import free_ids
 from worker.mirror import new_write_id, once, sync_ids
-from worker.records import meeting_id, parse_time, positive_int, to_seconds
+from worker.records import parse_time, positive_int, to_seconds
 
 MAX_MESSAGES = 500
 CHUNK = 100
@@ -83,30 +84,9 @@ def _same_message(stored, m: Incoming) -> bool:
         m.parsed.date_s is None or stored.date_s == m.date_s)
 
 
-def _free_ids(conn, installation_id: int, keys: list[str]) -> list[int]:
-    """Derived meeting ids for new keys, salted where one is taken (by a stored meeting
-    or another key of the chunk)."""
-    out: list = [None] * len(keys)
-    taken: set = set()
-    pending, salt = list(range(len(keys))), 0
-    while pending:
-        wanted = {i: meeting_id(installation_id, keys[i], salt) for i in pending}
-        stored = set(conn.execute(sa.select(meetings.c.id).where(meetings.c.id.in_(sorted(set(wanted.values())))))
-                     .scalars())
-        again = []
-        for i in pending:
-            if wanted[i] in stored or wanted[i] in taken:
-                again.append(i)
-            else:
-                taken.add(wanted[i])
-                out[i] = wanted[i]
-        pending, salt = again, salt + 1
-    return out
-
-
 def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming], now_us: int):
     """Returns ({"new", "duplicates"}, meeting ids whose rows changed)."""
-    conn.execute(sa.select(installations.c.id).where(installations.c.id == installation_id).with_for_update())
+    lock_installation(conn, installation_id)
     bases = sorted({m.parsed.base_key for m in chunk})
     variants: dict[str, list] = {}
     for row in conn.execute(sa.select(emails.c.meeting_id, emails.c.message_key, emails.c.base_key,
@@ -115,7 +95,6 @@ def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming]
                             .order_by(emails.c.message_key)):
         variants.setdefault(row.base_key, []).append(row)
     new_count = duplicates = 0
-    touched: set[int] = set()
     mailbox_rows, new_edges = [], []
     fresh = []  # (message, key) of the messages new to the store, in chunk order
     for m in chunk:
@@ -132,7 +111,7 @@ def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming]
         known.append(variant)
         fresh.append((m, variant))
         mailbox_rows.append((variant, m))
-    ids = _free_ids(conn, installation_id, [v.message_key for _, v in fresh])
+    ids = free_ids(conn, installation_id, [v.message_key for _, v in fresh])
     meeting_rows, email_rows, participant_rows = [], [], []
     for (m, variant), target in zip(fresh, ids):
         p = m.parsed
