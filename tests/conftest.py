@@ -88,6 +88,7 @@ def make_context(engine, r, limits: Limits = Limits(), **settings) -> Context:
 
 def wipe(engine, r) -> None:
     import worker.email.tables  # noqa: F401  (registers the email tables in the metadata)
+    import worker.rollups  # noqa: F401  (and the rollup)
     with engine.begin() as conn:
         for table in metadata.sorted_tables:
             if table.name != "crm_meta":

@@ -36,6 +36,6 @@ def test_ingest_query_and_fallback_on_sqlite(sqlite_engine, redis_client):
 
 def test_schema_upgrade_is_idempotent(sqlite_engine):
     from worker.schema import upgrade
-    assert upgrade(sqlite_engine) == upgrade(sqlite_engine) == "0003"
+    assert upgrade(sqlite_engine) == upgrade(sqlite_engine) == "0004"
     tables = set(sa.inspect(sqlite_engine).get_table_names())
     assert {"meetings", "user_clients", "users", "installations", "crm_meta", "alembic_version"} <= tables

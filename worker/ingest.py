@@ -14,7 +14,7 @@ import time
 
 import sqlalchemy as sa
 
-from worker import metrics, redis_index
+from worker import metrics, redis_index, rollups
 from worker.db import COLUMNS, StoredRow, locking, meeting_reach, meetings, run_transaction
 from worker.email.tables import PER_MESSAGE
 from worker.errors import InvalidArgument
@@ -38,6 +38,7 @@ def _write_chunk(conn, installation_id: int, chunk: list[Meeting], given: set[in
     for m in chunk:
         m.id = meeting_id(installation_id, m.source_id)
     if _insert_all(conn, chunk):
+        rollups.apply(conn, installation_id, added=chunk)
         return [_row(m) for m in chunk], 0, 0
     by_source = {m.source_id: m for m in chunk}
     existing = {
@@ -79,6 +80,7 @@ def _write_chunk(conn, installation_id: int, chunk: list[Meeting], given: set[in
         # A meeting record replaces whatever an email of the same key stored: from now on
         # only its client makes it visible.
         conn.execute(meeting_reach.delete().where(meeting_reach.c.meeting_id.in_([m.id for m in updates])))
+    rollups.apply(conn, installation_id, removed=[existing[m.source_id] for m in updates], added=inserts + updates)
     return stored, updated, unchanged
 
 
@@ -214,16 +216,18 @@ def delete(ctx, installation_id, source_ids, chunk_size: int | None = None, task
         write_id = f"{base}:{n}"
 
         def remove(conn):
-            ids = list(conn.execute(
-                sa.select(meetings.c.id)
+            gone = conn.execute(
+                sa.select(meetings.c.id, meetings.c.client_id, meetings.c.type, meetings.c.status, meetings.c.meeting_s)
                 .where(meetings.c.installation_id == installation_id, meetings.c.source_id.in_(chunk))
-                .with_for_update()).scalars())
+                .with_for_update()).all()
+            ids = [row.id for row in gone]
             count = 0
             if ids:
                 # Out of every query at once, before the rows go: a crash in between leaves
                 # the rows in the database, and the redelivered task deletes them again.
                 mirror.write(installation_id, lambda t: redis_index.delete_meetings(ctx, installation_id, ids, t))
                 count = conn.execute(meetings.delete().where(meetings.c.id.in_(ids))).rowcount
+                rollups.apply(conn, installation_id, removed=gone)
                 # A deleted email goes with its rows; its thread keeps the ids it named.
                 for table in (meeting_reach, *PER_MESSAGE):
                     conn.execute(table.delete().where(table.c.meeting_id.in_(ids)))

@@ -18,6 +18,7 @@ import json
 
 import sqlalchemy as sa
 
+from worker import rollups
 from worker.db import installations, meeting_reach, meetings
 from worker.email.addresses import domain_of, is_freemail
 from worker.email.tables import (client_domains, contact_addresses, contacts, email_links, email_mailboxes,
@@ -128,8 +129,8 @@ def materialize(conn, installation_id: int, ids, now_us: int) -> list[int]:
         part = ids[start:start + 500]
         for row in conn.execute(
                 sa.select(emails.c.meeting_id, emails.c.participants, emails.c.thread_id, emails.c.from_address,
-                          meetings.c.client_id, meetings.c.status, meetings.c.details, meetings.c.reach,
-                          meetings.c.updated_us)
+                          meetings.c.client_id, meetings.c.type, meetings.c.status, meetings.c.meeting_s,
+                          meetings.c.details, meetings.c.reach, meetings.c.updated_us)
                 .join(meetings, meetings.c.id == emails.c.meeting_id)
                 .where(emails.c.meeting_id.in_(part))):
             stored[row.meeting_id] = row
@@ -147,7 +148,7 @@ def materialize(conn, installation_id: int, ids, now_us: int) -> list[int]:
             old_links[link.meeting_id].append((link.client_id, link.contact_id, link.reason, link.position))
     parts = {i: [tuple(p) for p in json.loads(row.participants)] for i, row in stored.items()}
     directory = load_directory(conn, installation_id, {a for ps in parts.values() for _, a, _ in ps})
-    changed = []
+    changed, removed, added = [], [], []
     relinked, link_rows, reach_ids, reach_rows, updates = [], [], [], [], []
     for meeting_id, row in stored.items():
         links = derive_links(parts[meeting_id], directory)
@@ -168,6 +169,9 @@ def materialize(conn, installation_id: int, ids, now_us: int) -> list[int]:
                            for c in sorted({c for c, *_ in links})]
             reach_rows += [{"installation_id": installation_id, "meeting_id": meeting_id, "client_id": 0, "user_id": u}
                            for u in sorted(set(mailboxes[meeting_id]))]
+        if (primary, direction) != (row.client_id, row.status):
+            removed.append(rollups.cell(row))
+            added.append(rollups.Cell(primary, row.type, direction, row.meeting_s))
         updated_us = max(now_us, row.updated_us + 1)
         updates.append({"b_id": meeting_id, "client_id": primary, "status": direction, "details": details,
                         "reach": reach, "updated_us": updated_us, "updated_s": updated_us // 1_000_000})
@@ -180,6 +184,7 @@ def materialize(conn, installation_id: int, ids, now_us: int) -> list[int]:
             conn.execute(table.insert(), rows)
     if updates:
         conn.execute(meetings.update().where(meetings.c.id == sa.bindparam("b_id")), updates)
+    rollups.apply(conn, installation_id, removed, added)
     return changed
 
 

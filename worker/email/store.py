@@ -16,7 +16,7 @@ import time
 
 import sqlalchemy as sa
 
-from worker import metrics
+from worker import metrics, rollups
 from worker.db import locking, meetings, run_transaction
 from worker.email import threads
 from worker.email.addresses import domain_of
@@ -132,6 +132,7 @@ def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming]
     for table, rows in ((meetings, meeting_rows), (emails, email_rows), (email_participants, participant_rows)):
         if rows:
             conn.execute(table.insert(), rows)
+    rollups.apply(conn, installation_id, added=[rollups.Cell(0, "email", "inbound", r["meeting_s"]) for r in meeting_rows])
     mailbox_rows = [(v.meeting_id, m) for v, m in mailbox_rows]
     touched = {t for t, _ in mailbox_rows}
     present = set()
