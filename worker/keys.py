@@ -182,6 +182,18 @@ def scratch_extra(installation_id: int) -> str:
     return f"{prefix(installation_id)}tmpx"
 
 
+def data_version(installation_id: int) -> str:
+    """Counter: bumped by every script that writes the installation's index (meetings,
+    emails, access).  A cached report carries the version it was computed at."""
+    return f"{prefix(installation_id)}dv"
+
+
+def report_cache(installation_id: int, user_id: int, digest: str) -> str:
+    """String ``<token>|<data version>\n<report JSON>``: one user's report for one
+    (name, params) digest, served while both still hold (worker/reports.py)."""
+    return f"{prefix(installation_id)}rc:{user_id}:{digest}"
+
+
 def view_id(sort: str, types, statuses) -> str:
     """The id of a precomputable view: sort letter, sorted types, sorted statuses, ``*``
     for any: ``d:email:open``, ``d:*:*``, ``u:email,sms:*``."""

@@ -29,6 +29,7 @@ if redis.call("GET", KEYS[4]) ~= token then
   return -1
 end
 
+redis.call("INCR", K.data_version(prefix))  -- cached reports of the installation are stale
 local function drop_views()
   local views = redis.call("HKEYS", KEYS[3])
   for _, view in ipairs(views) do

@@ -22,6 +22,7 @@ local prefix, token, write_id = ARGV[1], ARGV[2], ARGV[3]
 if redis.call("GET", KEYS[3]) ~= token then
   return {-1, 0}
 end
+redis.call("INCR", K.data_version(prefix))  -- cached reports of the installation are stale
 local written, fanned = 0, 0
 local pairs_added = {}
 for i = 4, #ARGV, 3 do

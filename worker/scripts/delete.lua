@@ -13,6 +13,7 @@ local prefix = ARGV[1]
 if redis.call("GET", KEYS[2]) ~= ARGV[2] then
   return {-1, 0}
 end
+redis.call("INCR", K.data_version(prefix))  -- cached reports of the installation are stale
 local removed, fanned = 0, 0
 for i = 3, #ARGV do
   local id = ARGV[i]

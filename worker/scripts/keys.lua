@@ -26,6 +26,8 @@ function K.secondary(prefix, client) return prefix .. "sc:" .. client end
 function K.user_clients(prefix, user) return prefix .. "uc:" .. user end
 -- set: the "type:status" pairs present
 function K.pairs(prefix) return prefix .. "ts" end
+-- counter: bumped by every write to the installation's index (cached reports compare it)
+function K.data_version(prefix) return prefix .. "dv" end
 -- sorted set: scratch of one query (the extra sets' members a client filter selects)
 function K.scratch_extra(prefix) return prefix .. "tmpx" end
 -- hash: meeting id -> "head|item JSON"
