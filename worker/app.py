@@ -17,7 +17,7 @@ from worker.settings import Settings, SettingsError, redact
 
 log = logging.getLogger(__name__)
 
-QUEUES = ("ingest", "query", "precompute", "maintenance")
+QUEUES = ("ingest", "query", "precompute", "maintenance", "reports")
 ROUTES = {
     "crm.ingest_meetings": "ingest",
     "crm.delete_meetings": "ingest",
@@ -36,6 +36,7 @@ ROUTES = {
     "crm.precompute_active": "precompute",
     "crm.rebuild_index": "maintenance",
     "crm.reconcile_index": "maintenance",
+    "crm.report": "reports",
     "crm.noop": "query",
 }
 
@@ -133,7 +134,8 @@ def configure(app: Celery, settings) -> None:
 
 logs.install()
 app = Celery("crm", task_cls=CrmTask, include=[
-    "tasks.ingest", "tasks.access", "tasks.query", "tasks.precompute", "tasks.maintenance", "tasks.email"])
+    "tasks.ingest", "tasks.access", "tasks.query", "tasks.precompute", "tasks.maintenance", "tasks.email",
+    "tasks.reports"])
 try:
     configure(app, Settings.from_env())
 except SettingsError as exc:

@@ -270,17 +270,28 @@ def from_index(ctx, query: Query, now: int, token: str):
     return source, int(reply[1]), members, items
 
 
+def own_clients(installation_id: int, user_id: int):
+    """Subquery: the client ids the user is assigned."""
+    return sa.select(user_clients.c.client_id).where(
+        user_clients.c.installation_id == installation_id, user_clients.c.user_id == user_id)
+
+
+def reached_meetings(installation_id: int, user_id: int):
+    """Subquery: the meetings (emails) the user sees besides their client's: another
+    client they link to is the user's, or they were read from the user's own mailbox."""
+    return sa.select(meeting_reach.c.meeting_id).where(
+        meeting_reach.c.installation_id == installation_id,
+        sa.or_(meeting_reach.c.client_id.in_(own_clients(installation_id, user_id)),
+               meeting_reach.c.user_id == user_id))
+
+
 def visible_condition(installation_id: int, user_id: int):
     """Client security in SQL: the meetings the user may see — their client is the user's,
     or (emails) another client they link to is, or they were read from the user's own
     mailbox."""
-    allowed = sa.select(user_clients.c.client_id).where(
-        user_clients.c.installation_id == installation_id, user_clients.c.user_id == user_id)
-    reached = sa.select(meeting_reach.c.meeting_id).where(
-        meeting_reach.c.installation_id == installation_id,
-        sa.or_(meeting_reach.c.client_id.in_(allowed), meeting_reach.c.user_id == user_id))
     return sa.and_(meetings.c.installation_id == installation_id,
-                   sa.or_(meetings.c.client_id.in_(allowed), meetings.c.id.in_(reached)))
+                   sa.or_(meetings.c.client_id.in_(own_clients(installation_id, user_id)),
+                          meetings.c.id.in_(reached_meetings(installation_id, user_id))))
 
 
 def sql_conditions(query: Query, with_cursor: bool):

@@ -1,0 +1,407 @@
+"""crm.report against the real database and Redis, each report equal to a brute-force
+oracle written from the contract alone, for random data and random access lists (no
+clients, a few, thousands); the rollup equal to a recount after every kind of write;
+revocation reaching the cache at once; hostile params; SQLite as well as MariaDB."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+import random
+import statistics
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import make_context
+from tests.email_corpus import USERS, corpus, visible
+from tests.helpers import record
+from tests.test_email import ingest_corpus, setup_directory
+from worker import rollups
+from worker.access import change
+from worker.email import directory
+from worker.email.tables import emails
+from worker.ingest import delete, ingest
+from worker.records import iso_seconds
+from worker.reports import NAMES, report
+
+I = 1
+BASE = 1_700_000_000
+NOW = BASE + 90 * 86_400
+TYPES = ("email", "call", "sms")
+
+
+@dataclasses.dataclass
+class Item:
+    """One meeting as the oracle knows it: from the records and messages it was sent."""
+    key: str
+    client_id: int | None
+    type: str
+    status: str
+    date_s: int
+    message: object = None  # the corpus Message of a stored email
+
+
+def iso(seconds: int) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build_world(ctx, seed: int) -> dict:
+    """Emails of the corpus, plain meetings, then updates and deletions: the oracle's
+    items by key."""
+    rng = random.Random(seed)
+    setup_directory(ctx)
+    messages = corpus(seed=seed, conversations=14)
+    ingest_corpus(ctx, messages, rng=rng)
+    items = {}
+    for m in messages:
+        items[m.key] = Item(m.key, (m.links or [None])[0], "email", "inbound" if m.inbound else "outbound",
+                            m.date_s, m)
+    plain = []
+    for n in range(160):
+        when = BASE + rng.randrange(0, 80 * 86_400)
+        if n % 17 == 0:
+            when = BASE + 20 * 86_400  # the same instant several times: gaps of zero
+        plain.append(record(installation_id=I, source_id=f"p{n:03d}", client_id=rng.randint(1, 5),
+                            type=rng.choice(TYPES), status=rng.choice(["open", "closed"]), meeting_date=iso(when),
+                            updated_at=iso(BASE)))
+    assert ingest(ctx, plain)["accepted"] == len(plain)
+    # Newer versions move some meetings to another client, type and day.
+    moved = []
+    for r in rng.sample(plain, 30):
+        moved.append({**r, "client_id": rng.randint(1, 5), "type": rng.choice(TYPES),
+                      "meeting_date": iso(BASE + rng.randrange(0, 80 * 86_400)), "updated_at": iso(BASE + 1)})
+    assert ingest(ctx, moved)["updated"] == len(moved)
+    final = {r["source_id"]: r for r in plain}
+    final.update({r["source_id"]: r for r in moved})
+    gone = rng.sample(sorted(final), 15)
+    assert delete(ctx, I, gone)["deleted"] == len(gone)
+    for key in gone:
+        del final[key]
+    for r in final.values():
+        when = int(dt.datetime.fromisoformat(r["meeting_date"].replace("Z", "+00:00")).timestamp())
+        items[r["source_id"]] = Item(r["source_id"], r["client_id"], r["type"], r["status"], when)
+    return items
+
+
+def assert_rollup_is_a_recount(engine):
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(rollups.meeting_days).where(rollups.meeting_days.c["count"] != 0)).all()
+    with engine.begin() as conn:
+        rollups.recount(conn, I)
+        fresh = conn.execute(sa.select(rollups.meeting_days)).all()
+        conn.rollback()
+    assert sorted(rows) == sorted(fresh)
+
+
+# -- the oracle ------------------------------------------------------------------------
+
+def seen(items, clients: set, user: int, params: dict) -> list[Item]:
+    out = []
+    lo = params.get("date_from")
+    hi = params.get("date_to")
+    lo = None if lo is None else int(dt.datetime.fromisoformat(lo.replace("Z", "+00:00")).timestamp())
+    hi = None if hi is None else int(dt.datetime.fromisoformat(hi.replace("Z", "+00:00")).timestamp())
+    for it in items.values():
+        ok = visible(it.message, clients, user) if it.message else it.client_id in clients
+        if not ok:
+            continue
+        if params.get("client_ids") is not None and it.client_id not in params["client_ids"]:
+            continue
+        if lo is not None and it.date_s < lo or hi is not None and it.date_s >= hi:
+            continue
+        out.append(it)
+    return out
+
+
+def bucket_of(seconds: int, bucket: str) -> str:
+    day = dt.datetime.fromtimestamp(seconds, dt.timezone.utc).date()
+    if bucket == "week":
+        return (day - dt.timedelta(days=day.weekday())).isoformat()
+    return f"{day.year:04d}-{day.month:02d}"
+
+
+def oracle_activity(visible_items, params):
+    counts = collections.Counter((it.client_id, it.type, bucket_of(it.date_s, params.get("bucket") or "month"))
+                                 for it in visible_items)
+    rows, running = [], collections.Counter()
+    for (client, type_, bucket), n in sorted(counts.items(), key=lambda kv: (kv[0][0] is not None, kv[0][0] or 0,
+                                                                            kv[0][1], kv[0][2])):
+        running[(client, type_)] += n
+        rows.append({"client_id": client, "type": type_, "bucket": bucket, "count": n,
+                     "running_total": running[(client, type_)]})
+    return rows
+
+
+def conversations(visible_items):
+    out = collections.defaultdict(list)
+    for it in sorted((i for i in visible_items if i.message), key=lambda i: i.date_s):
+        out[it.message.conversation].append(it)
+    return out
+
+
+def pairs_of(thread):
+    """(inbound, reply) for each inbound message and the next outbound one."""
+    out = []
+    for k, it in enumerate(thread):
+        if it.status == "inbound":
+            reply = next((r for r in thread[k + 1:] if r.status == "outbound"), None)
+            if reply is not None:
+                out.append((it, reply))
+    return out
+
+
+def awaiting_since(thread):
+    if thread[-1].status != "inbound":
+        return None
+    since = None
+    for it in reversed(thread):
+        if it.status == "outbound":
+            break
+        since = it.date_s
+    return since
+
+
+def p90(values):
+    if len(values) == 1:
+        return float(values[0])
+    return statistics.quantiles(values, n=10, method="inclusive")[8]
+
+
+def oracle_response_times(visible_items):
+    convs = conversations(visible_items)
+    waits = [r.date_s - i.date_s for t in convs.values() for i, r in pairs_of(t)]
+    labels = [("<1h", 3600), ("1-4h", 4 * 3600), ("4-24h", 86400), ("1-3d", 3 * 86400), ("3-7d", 7 * 86400),
+              (">7d", float("inf"))]
+    histogram = {label: sum(1 for w in waits if lower <= w < upper)
+                 for (label, upper), lower in zip(labels, [0] + [u for _, u in labels[:-1]])}
+    return [{"threads": sum(1 for t in convs.values() if any(i.status == "inbound" for i in t)),
+             "answered": len(waits),
+             "median_s": statistics.median(waits) if waits else None,
+             "p90_s": p90(sorted(waits)) if waits else None,
+             "within_1h_share": sum(1 for w in waits if w < 3600) / len(waits) if waits else None,
+             "histogram": histogram}]
+
+
+def oracle_awaiting(visible_items, thread_of):
+    rows = []
+    for thread in conversations(visible_items).values():
+        since = awaiting_since(thread)
+        if since is None:
+            continue
+        rows.append({"thread_id": thread_of[thread[0].key], "subject": thread[0].message.subject,
+                     "awaiting_reply_since": iso(since),
+                     "client_ids": sorted({c for it in thread for c in it.message.links})})
+    return sorted(rows, key=lambda r: (r["awaiting_reply_since"], r["thread_id"]))
+
+
+def oracle_workload(visible_items):
+    convs = conversations(visible_items)
+    figures = collections.defaultdict(lambda: {"received": 0, "sent": 0, "awaiting": 0, "waits": []})
+    for thread in convs.values():
+        for it in thread:
+            for u in it.message.mailboxes:
+                figures[u]["received" if it.status == "inbound" else "sent"] += 1
+        if awaiting_since(thread) is not None:
+            for u in {u for it in thread for u in it.message.mailboxes}:
+                figures[u]["awaiting"] += 1
+        for i, r in pairs_of(thread):
+            for u in r.message.mailboxes:
+                figures[u]["waits"].append(r.date_s - i.date_s)
+    return [{"user_id": u, "received": f["received"], "sent": f["sent"], "awaiting": f["awaiting"],
+             "median_reply_s": statistics.median(f["waits"]) if f["waits"] else None}
+            for u, f in sorted(figures.items())]
+
+
+def oracle_going_cold(visible_items, now):
+    dates = collections.defaultdict(list)
+    for it in visible_items:
+        if it.client_id is not None:
+            dates[it.client_id].append(it.date_s)
+    rows = []
+    for client, ds in dates.items():
+        if len(ds) < 2:
+            continue
+        ds.sort()
+        median = statistics.median([b - a for a, b in zip(ds, ds[1:])])
+        if now - ds[-1] > 2 * median:
+            rows.append({"client_id": client, "last_at": iso(ds[-1]), "median_gap_s": median,
+                         "silence_s": now - ds[-1]})
+    return sorted(rows, key=lambda r: (-r["silence_s"], r["client_id"]))
+
+
+def expected(name, items, clients, user, params, thread_of):
+    v = seen(items, clients, user, params)
+    if name == "activity":
+        return oracle_activity(v, params)
+    if name == "response_times":
+        return oracle_response_times(v)
+    if name == "awaiting_reply":
+        return oracle_awaiting(v, thread_of)
+    if name == "workload":
+        return oracle_workload(v)
+    return oracle_going_cold(v, NOW)
+
+
+def approx(rows):
+    """Floats compared to the last bits: two interpolation formulas may round apart."""
+    return [{k: pytest.approx(v) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
+
+
+def random_params(rng) -> dict:
+    params = {}
+    if rng.random() < 0.4:
+        params["client_ids"] = sorted(rng.sample(range(1, 7), rng.randint(1, 3)))
+    if rng.random() < 0.5:
+        # Mid-day edges: the rollup's whole days and the raw partial days must add up.
+        start = BASE + rng.randrange(0, 40 * 86_400)
+        params["date_from"] = iso(start)
+        params["date_to"] = iso(start + rng.randrange(86_400, 45 * 86_400))
+    if rng.random() < 0.5:
+        params["bucket"] = rng.choice(["week", "month"])
+    return params
+
+
+# -- the tests -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [21, 22])
+def test_every_report_equals_the_oracle_for_random_access(clean, seed):
+    ctx = clean
+    rng = random.Random(seed)
+    items = build_world(ctx, seed)
+    assert_rollup_is_a_recount(ctx.engine)
+    with ctx.engine.connect() as conn:
+        thread_of = dict(conn.execute(sa.select(emails.c.message_key, emails.c.thread_id)).all())
+    thousands = set(range(1, 3001))
+    for _round in range(3):
+        access = {u: set(rng.sample(range(1, 7), rng.randint(0, 4))) for u in (1, 2, 3, 4)}
+        access[5] = thousands
+        access[6] = set()
+        for user, clients in access.items():
+            change(ctx, I, user, sorted(clients), "set")
+        for user, clients in access.items():
+            for params in [{}] + [random_params(rng) for _ in range(3)]:
+                for name in NAMES:
+                    got = report(ctx, I, user, name, params, now=NOW)
+                    want = expected(name, items, clients, user, params, thread_of)
+                    assert got["rows"] == approx(want), (name, user, params)
+                    assert got["name"] == name and got["generated_at"] == iso_seconds(NOW)
+
+
+def test_rollup_follows_every_writer(clean):
+    """Inserts, newer versions, deletions, emails and their re-linking all keep the
+    rollup equal to a recount of the rows."""
+    ctx = clean
+    build_world(ctx, 5)
+    assert_rollup_is_a_recount(ctx.engine)
+    # A new domain re-links stored emails (their client_id changes).
+    directory.upsert_clients(ctx, I, [{"client_id": 4, "name": "Unknown Org", "domains": ["unknown.org"]},
+                                      {"client_id": 5, "name": "C4", "domains": ["c4.com"]}])
+    assert_rollup_is_a_recount(ctx.engine)
+    # A meeting record replacing an email's row.
+    with ctx.engine.connect() as conn:
+        key = conn.execute(sa.select(emails.c.message_key).limit(1)).scalar()
+    ingest(ctx, [record(installation_id=I, source_id=key, client_id=2, type="call", updated_at="2035-01-01T00:00:00Z")])
+    assert_rollup_is_a_recount(ctx.engine)
+    delete(ctx, I, [key])
+    assert_rollup_is_a_recount(ctx.engine)
+
+
+def test_revocation_reaches_every_report_and_its_cache_at_once(clean):
+    ctx = clean
+    items = build_world(ctx, 7)
+    change(ctx, I, 9, [1, 2, 3, 4, 5], "set")
+    first = {name: report(ctx, I, 9, name, now=NOW) for name in NAMES}
+    again = {name: report(ctx, I, 9, name, now=NOW) for name in NAMES}
+    for name in NAMES:
+        assert first[name]["source"] in ("rollup", "database") and again[name]["source"] == "cache"
+        assert again[name]["rows"] == first[name]["rows"]
+    change(ctx, I, 9, [1, 3, 4, 5], "set")  # client 2 revoked
+    for name in NAMES:
+        got = report(ctx, I, 9, name, now=NOW)
+        assert got["source"] != "cache"
+        assert got["rows"] == approx(expected(name, items, {1, 3, 4, 5}, 9, {}, _threads(ctx)))
+    activity = report(ctx, I, 9, "activity", now=NOW)["rows"]
+
+    def of_client_2(rows):
+        return sum(r["count"] for r in rows if r["client_id"] == 2)
+    # What remains of client 2 is email reached through another linked client.
+    assert of_client_2(activity) < of_client_2(first["activity"]["rows"])
+    assert all(r["type"] == "email" for r in activity if r["client_id"] == 2)
+    # Any write to the installation makes the cached copies stale too.
+    report(ctx, I, 9, "activity", now=NOW)
+    assert report(ctx, I, 9, "activity", now=NOW)["source"] == "cache"
+    ingest(ctx, [record(installation_id=I, source_id="late", client_id=1, type="call",
+                        meeting_date=iso(BASE + 86_400))])
+    got = report(ctx, I, 9, "activity", now=NOW)
+    assert got["source"] == "rollup"
+    assert sum(r["count"] for r in got["rows"]) == sum(r["count"] for r in activity) + 1
+    # Without Redis the report is still exact, from the database.
+    ctx.redis.flushdb()
+    assert report(ctx, I, 9, "activity", now=NOW)["rows"] == got["rows"]
+
+
+def _threads(ctx):
+    with ctx.engine.connect() as conn:
+        return dict(conn.execute(sa.select(emails.c.message_key, emails.c.thread_id)).all())
+
+
+@pytest.mark.parametrize("name, params, field", [
+    ("nope", None, "name"),
+    (7, None, "name"),
+    ("activity", [], "params"),
+    ("activity", {"client": [1]}, "params.client"),
+    ("activity", {"bucket": "day"}, "params.bucket"),
+    ("activity", {"bucket": None, "client_ids": "1"}, "params.client_ids"),
+    ("activity", {"client_ids": [0]}, "params.client_ids[]"),
+    ("activity", {"client_ids": list(range(20_000))}, "params.client_ids"),
+    ("going_cold", {"date_from": "yesterday"}, "params.date_from"),
+    ("going_cold", {"date_to": "2024-01-01T00:00:00"}, "params.date_to"),
+    ("workload", {"date_from": 5}, "params.date_from"),
+])
+def test_hostile_params_are_named(clean, name, params, field):
+    from worker.errors import InvalidArgument
+    with pytest.raises(InvalidArgument) as info:
+        report(clean, I, 1, name, params)
+    assert str(info.value).startswith(field + ":"), str(info.value)
+
+
+def test_empty_range_and_unknown_user(clean):
+    ctx = clean
+    build_world(ctx, 3)
+    for name in NAMES:
+        assert report(ctx, I, 77, name, now=NOW)["rows"] in ([], approx(oracle_response_times([])))
+        got = report(ctx, I, 77, name, {"date_from": "2030-01-01T00:00:00Z", "date_to": "2020-01-01T00:00:00Z"},
+                     now=NOW)
+        assert got["rows"] in ([], approx(oracle_response_times([])))
+
+
+def test_reports_on_sqlite(sqlite_engine, redis_client):
+    """The embedded default runs the same SQL (window functions, CTEs, the rollup's upsert)."""
+    redis_client.flushdb()
+    ctx = make_context(sqlite_engine, redis_client)
+    items = build_world(ctx, 31)
+    assert_rollup_is_a_recount(sqlite_engine)
+    change(ctx, I, 1, [1, 2, 3], "set")
+    for params in ({}, {"date_from": iso(BASE + 3 * 86_400 + 77), "date_to": iso(BASE + 33 * 86_400 + 5),
+                        "bucket": "week"}):
+        for name in NAMES:
+            got = report(ctx, I, 1, name, params, now=NOW)
+            assert got["rows"] == approx(expected(name, items, {1, 2, 3}, 1, params, _threads(ctx))), name
+
+
+def test_report_through_a_worker(worker_env):
+    """By name on the reports queue, as a dashboard would call it."""
+    engine, r, webapp = worker_env
+    ctx = make_context(engine, r)
+    items = build_world(ctx, 9)
+    webapp.send_task("crm.set_user_clients", kwargs={"installation_id": I, "user_id": 3, "client_ids": [1, 2]},
+                     queue="ingest").get(timeout=30)
+    got = webapp.send_task("crm.report", kwargs={"installation_id": I, "user_id": 3, "name": "workload"},
+                           queue="reports").get(timeout=30)
+    assert set(got) == {"name", "rows", "generated_at", "source"}
+    want = expected("workload", items, {1, 2}, 3, {}, _threads(ctx))
+    assert got["rows"] == approx(want) and {row["user_id"] for row in got["rows"]} <= set(USERS)
+    with pytest.raises(ValueError, match="^name"):
+        webapp.send_task("crm.report", kwargs={"installation_id": I, "user_id": 3, "name": "everything"},
+                         queue="reports").get(timeout=30)

@@ -1,0 +1,383 @@
+"""``crm.report``: analytics over what one user may see, exact for that user.
+
+Security comes before aggregation: every statement starts from the user's visible
+meetings (those of their own clients, and those reached through another linked client or
+their own mailbox; or the rollup rows of their own clients), so no count, median or
+ranking ever includes a meeting the user may not see.
+
+- ``activity`` reads the daily rollup (worker/rollups.py) for the user's clients, and raw
+  rows only for the meetings seen beyond them (another linked client, the user's mailbox)
+  and for the partial days at the edges of the date range.
+- ``response_times``, ``awaiting_reply`` and ``workload`` pair messages with window
+  functions over the visible messages of each thread; ``going_cold`` takes the gaps
+  between a client's visible meetings with ``LAG``.  The same SQL runs on MariaDB/MySQL,
+  TiDB and SQLite; on TiDB with TiFlash replicas it reads the columnar replicas.
+- A result is cached in Redis per (user, report, params), tagged with the index's token
+  and the installation's data version: any write to the index (meetings, emails, access)
+  makes every cached report of the installation stale at once.
+
+Every report covers the visible meetings dated in ``[date_from, date_to)`` whose
+``client_id`` is in ``params.client_ids`` (when given).  Times are UTC.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+
+import sqlalchemy as sa
+
+from worker import keys, rollups
+from worker.db import meetings
+from worker.email.tables import email_links, email_mailboxes, emails
+from worker.errors import InvalidArgument
+from worker.query import own_clients, reached_meetings, token_list
+from worker.records import iso_seconds, parse_time, positive_int, to_seconds
+from worker.errors import REDIS_FAULTS, is_transient
+
+log = logging.getLogger(__name__)
+
+NAMES = ("activity", "response_times", "awaiting_reply", "workload", "going_cold")
+PARAMS = ("client_ids", "date_from", "date_to", "bucket")
+BUCKETS = ("month", "week")
+#: Histogram of response times: label, upper bound in seconds (exclusive).
+HISTOGRAM = (("<1h", 3_600), ("1-4h", 14_400), ("4-24h", 86_400), ("1-3d", 259_200), ("3-7d", 604_800),
+             (">7d", None))
+#: Seconds a cached report lives at most (``going_cold`` measures silence up to now).
+CACHE_SECONDS = 300
+DAY = rollups.DAY
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    client_ids: tuple | None
+    date_from: int | None   # whole seconds, inclusive
+    date_to: int | None     # whole seconds, exclusive
+    bucket: str
+
+    def digest(self, name: str) -> str:
+        text = json.dumps([name, self.client_ids, self.date_from, self.date_to, self.bucket])
+        return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def validate(installation_id, user_id, name, params) -> tuple[int, int, str, Params]:
+    installation_id = positive_int("installation_id", installation_id)
+    user_id = positive_int("user_id", user_id)
+    if not isinstance(name, str) or name not in NAMES:
+        raise InvalidArgument("name", f"must be one of {', '.join(NAMES)}, got {name!r:.40}")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise InvalidArgument("params", f"must be an object or null, got {type(params).__name__}")
+    unknown = sorted(set(params) - set(PARAMS), key=str)
+    if unknown:
+        raise InvalidArgument(f"params.{unknown[0]!s:.40}", f"is not a report parameter (known: {', '.join(PARAMS)})")
+    dates = {}
+    for field in ("date_from", "date_to"):
+        value = params.get(field)
+        dates[field] = None if value is None else to_seconds(parse_time(f"params.{field}", value))
+    bucket = params.get("bucket")
+    if bucket is None:
+        bucket = "month"
+    elif not isinstance(bucket, str) or bucket not in BUCKETS:
+        raise InvalidArgument("params.bucket", f"must be 'month' or 'week', got {bucket!r:.40}")
+    return installation_id, user_id, name, Params(
+        client_ids=token_list("params.client_ids", params.get("client_ids"), positive_int),
+        date_from=dates["date_from"], date_to=dates["date_to"], bucket=bucket)
+
+
+def report(ctx, installation_id, user_id, name, params=None, now: int | None = None) -> dict:
+    """``crm.report``: the cached copy when it is still current, else computed."""
+    installation_id, user_id, name, p = validate(installation_id, user_id, name, params)
+    now = int(time.time()) if now is None else now
+    key = keys.report_cache(installation_id, user_id, p.digest(name))
+    tag = None
+    token = ctx.mirror.token(installation_id)
+    try:
+        if token is not None:
+            found = ctx.scripts["report_cache"](
+                keys=[keys.ready(installation_id), keys.data_version(installation_id), key], args=[token])
+            if int(found[0]) == 1:
+                return {**json.loads(found[1]), "source": "cache"}
+            if int(found[0]) == 2:
+                tag = found[1].decode() if isinstance(found[1], bytes) else found[1]
+    except REDIS_FAULTS as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("index unreachable (%s); report computed without its cache", exc.__class__.__name__)
+    with ctx.engine.connect() as conn:
+        rows, source = compute(conn, installation_id, user_id, name, p, now)
+    result = {"name": name, "rows": rows, "generated_at": iso_seconds(now), "source": source}
+    if tag is not None:
+        try:
+            ctx.redis.set(key, tag + "\n" + json.dumps({k: v for k, v in result.items() if k != "source"},
+                                                       separators=(",", ":")), ex=CACHE_SECONDS)
+        except REDIS_FAULTS as exc:
+            if not is_transient(exc):
+                raise
+    return result
+
+
+def compute(conn, installation_id: int, user_id: int, name: str, p: Params, now: int) -> tuple[list, str]:
+    """The report's rows from the database, and where they came from."""
+    if p.date_from is not None and p.date_to is not None and p.date_from >= p.date_to:
+        return [], "database"
+    if name == "activity":
+        return activity(conn, installation_id, user_id, p), "rollup"
+    return REPORTS[name](conn, installation_id, user_id, p, now), "database"
+
+
+# -- what the user sees ------------------------------------------------------------------
+
+def _filters(p: Params) -> list:
+    m = meetings.c
+    conds = []
+    if p.client_ids is not None:
+        conds.append(m.client_id.in_(p.client_ids))
+    if p.date_from is not None:
+        conds.append(m.meeting_s >= p.date_from)
+    if p.date_to is not None:
+        conds.append(m.meeting_s < p.date_to)
+    return conds
+
+
+def _visible(conn, installation_id: int, user_id: int, p: Params, columns, *conds):
+    """The user's visible meetings in range and filter, as two disjoint parts that each
+    use an index: those of the user's own clients, and those seen beyond them (reached
+    through another linked client or the user's mailbox).  A UNION ALL subquery."""
+    m = meetings.c
+    own = own_clients(installation_id, user_id)
+    mine = sa.select(*columns).where(m.installation_id == installation_id, m.client_id.in_(own), *_filters(p), *conds)
+    beyond = sa.select(*columns).where(m.installation_id == installation_id,
+                                       m.id.in_(reached_meetings(installation_id, user_id)),
+                                       m.client_id.notin_(own), *_filters(p), *conds)
+    return sa.union_all(_hinted(conn, mine), _hinted(conn, beyond)).subquery("seen")
+
+
+def _visible_messages(conn, installation_id: int, user_id: int, p: Params):
+    """CTE ``v``: the visible stored messages, with their thread, and each message's
+    ``outs_so_far`` (outbound messages of its thread up to and including it, in (date,
+    id) order) and ``outs`` (outbound messages of its thread)."""
+    m = meetings.c
+    rows = _visible(conn, installation_id, user_id, p,
+                    (m.id, m.meeting_s, m.status, m.subject, emails.c.thread_id),
+                    m.type == "email", emails.c.meeting_id == m.id)
+    is_out = sa.case((rows.c.status == "outbound", 1), else_=0)
+    in_thread = dict(partition_by=rows.c.thread_id)
+    order = (rows.c.meeting_s, rows.c.id)
+    return sa.select(rows.c.thread_id, rows.c.id, rows.c.meeting_s, rows.c.status, rows.c.subject,
+                     sa.func.sum(is_out).over(**in_thread, order_by=order, rows=(None, 0)).label("outs_so_far"),
+                     sa.func.sum(is_out).over(**in_thread).label("outs"),
+                     sa.func.row_number().over(**in_thread, order_by=order).label("position")).cte("v")
+
+
+def _pairs(v):
+    """Each inbound message with the next outbound one of its thread: the outbound
+    message whose running count of outbound messages is one more than the inbound's."""
+    i, r = v.alias("i"), v.alias("r")
+    return (sa.select(i.c.thread_id, i.c.id.label("inbound_id"), r.c.id.label("reply_id"),
+                      (r.c.meeting_s - i.c.meeting_s).label("wait_s"))
+            .select_from(i.join(r, sa.and_(r.c.thread_id == i.c.thread_id, r.c.status == "outbound",
+                                           r.c.outs_so_far == i.c.outs_so_far + 1)))
+            .where(i.c.status == "inbound"))
+
+
+def _awaiting(v):
+    """Threads whose last visible message is inbound: the inbound messages after the last
+    outbound one (``outs_so_far == outs``), the first of them the start of the wait."""
+    return (sa.select(v.c.thread_id, sa.func.min(v.c.meeting_s).label("since"))
+            .where(v.c.status == "inbound", v.c.outs_so_far == v.c.outs)
+            .group_by(v.c.thread_id))
+
+
+def _hinted(conn, stmt):
+    """On TiDB with TiFlash replicas of the tables, read the columnar replicas (the hint
+    goes in the query block that reads the tables, by their unaliased names)."""
+    if tiflash_ready(conn):
+        stmt = stmt.prefix_with("/*+ READ_FROM_STORAGE(TIFLASH[meetings, emails, meeting_days]) */",
+                                dialect="mysql")
+    return stmt
+
+
+_tiflash: dict = {}
+
+
+def tiflash_ready(conn) -> bool:
+    """True on TiDB when ``meetings`` has an available TiFlash replica (checked once per
+    engine; ``SELECT VERSION()`` tells TiDB from MySQL/MariaDB)."""
+    if conn.dialect.name != "mysql":
+        return False
+    engine_key = id(conn.engine)
+    if engine_key not in _tiflash:
+        ready = False
+        version = conn.execute(sa.text("SELECT VERSION()")).scalar() or ""
+        if "TiDB" in version:
+            ready = bool(conn.execute(sa.text(
+                "SELECT COUNT(*) FROM information_schema.tiflash_replica "
+                "WHERE table_schema = DATABASE() AND table_name = 'meetings' AND available = 1")).scalar())
+        _tiflash[engine_key] = ready
+    return _tiflash[engine_key]
+
+
+# -- the reports -----------------------------------------------------------------------
+
+def _bucket_label(day: int, bucket: str) -> str:
+    if bucket == "week":
+        return rollups.date_of(rollups.week_of(day)).isoformat()
+    month = rollups.month_of(day)
+    return f"{month // 100:04d}-{month % 100:02d}"
+
+
+def activity(conn, installation_id: int, user_id: int, p: Params) -> list[dict]:
+    """Meetings per (client, type, bucket) with running totals.  The whole days of the
+    range, for the user's own clients, come from the rollup; the rest (meetings seen
+    through another link or the user's mailbox, the partial days at the range's edges)
+    from the visible rows themselves."""
+    counts: collections.Counter = collections.Counter()
+    first_day = None if p.date_from is None else -(-p.date_from // DAY)
+    end_day = None if p.date_to is None else p.date_to // DAY
+    own = own_clients(installation_id, user_id)
+    d = rollups.meeting_days.c
+    column = d.week if p.bucket == "week" else d.month
+    conds = [d.installation_id == installation_id, d.client_id.in_(own)]
+    if p.client_ids is not None:
+        conds.append(d.client_id.in_(p.client_ids))
+    if first_day is not None:
+        conds.append(d.day >= first_day)
+    if end_day is not None:
+        conds.append(d.day < end_day)
+    stmt = (sa.select(d.client_id, d.type, column, sa.func.sum(d["count"]))
+            .where(*conds).group_by(d.client_id, d.type, column))
+    for client_id, type_, bucket, n in conn.execute(_hinted(conn, stmt)):
+        label = (rollups.date_of(bucket).isoformat() if p.bucket == "week"
+                 else f"{bucket // 100:04d}-{bucket % 100:02d}")
+        counts[(client_id, type_, label)] += int(n)
+    m = meetings.c
+    raw = [sa.select(m.client_id, m.type, m.meeting_s).where(
+        m.installation_id == installation_id, m.id.in_(reached_meetings(installation_id, user_id)),
+        m.client_id.notin_(own), *_filters(p))]
+    edges = []
+    if first_day is not None:
+        edges.append(m.meeting_s < first_day * DAY)
+    if end_day is not None:
+        edges.append(m.meeting_s >= end_day * DAY)
+    if edges:
+        raw.append(sa.select(m.client_id, m.type, m.meeting_s).where(
+            m.installation_id == installation_id, m.client_id.in_(own), *_filters(p), sa.or_(*edges)))
+    for stmt in raw:
+        for client_id, type_, seconds in conn.execute(_hinted(conn, stmt)):
+            counts[(client_id, type_, _bucket_label(seconds // DAY, p.bucket))] += 1
+    rows, running = [], collections.Counter()
+    for (client_id, type_, label), n in sorted(counts.items(), key=lambda kv: (kv[0][0] != 0, kv[0])):
+        if n <= 0:
+            continue
+        running[(client_id, type_)] += n
+        rows.append({"client_id": client_id or None, "type": type_, "bucket": label, "count": n,
+                     "running_total": running[(client_id, type_)]})
+    return rows
+
+
+def percentile(sorted_values: list, q: float) -> float | None:
+    """Linear interpolation between closest ranks (the inclusive method)."""
+    if not sorted_values:
+        return None
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
+
+
+def response_times(conn, installation_id: int, user_id: int, p: Params, now: int) -> list[dict]:
+    v = _visible_messages(conn, installation_id, user_id, p)
+    pairs = _pairs(v).cte("pairs")
+    waits = sorted(conn.execute(sa.select(pairs.c.wait_s)).scalars())
+    threads = conn.execute(sa.select(sa.func.count(sa.distinct(v.c.thread_id)))
+                           .where(v.c.status == "inbound")).scalar() or 0
+    histogram = {label: 0 for label, _ in HISTOGRAM}
+    for wait in waits:
+        for label, upper in HISTOGRAM:
+            if upper is None or wait < upper:
+                histogram[label] += 1
+                break
+    return [{"threads": threads, "answered": len(waits), "median_s": percentile(waits, 0.5),
+             "p90_s": percentile(waits, 0.9),
+             "within_1h_share": (sum(1 for w in waits if w < 3_600) / len(waits)) if waits else None,
+             "histogram": histogram}]
+
+
+def awaiting_reply(conn, installation_id: int, user_id: int, p: Params, now: int) -> list[dict]:
+    v = _visible_messages(conn, installation_id, user_id, p)
+    waiting = _awaiting(v).cte("waiting")
+    threads = {}
+    stmt = (sa.select(waiting.c.thread_id, waiting.c.since, v.c.subject)
+            .join(v, sa.and_(v.c.thread_id == waiting.c.thread_id, v.c.position == 1)))
+    for thread_id, since, subject in conn.execute(stmt):
+        threads[thread_id] = {"thread_id": thread_id, "subject": subject, "awaiting_reply_since": since,
+                              "client_ids": set()}
+    stmt = (sa.select(v.c.thread_id, email_links.c.client_id)
+            .join(waiting, waiting.c.thread_id == v.c.thread_id)
+            .join(email_links, email_links.c.meeting_id == v.c.id)
+            .distinct())
+    for thread_id, client_id in conn.execute(stmt):
+        threads[thread_id]["client_ids"].add(client_id)
+    rows = sorted(threads.values(), key=lambda t: (t["awaiting_reply_since"], t["thread_id"]))
+    return [{**t, "awaiting_reply_since": iso_seconds(t["awaiting_reply_since"]),
+             "client_ids": sorted(t["client_ids"])} for t in rows]
+
+
+def workload(conn, installation_id: int, user_id: int, p: Params, now: int) -> list[dict]:
+    v = _visible_messages(conn, installation_id, user_id, p)
+    box = email_mailboxes.c
+    figures: dict = collections.defaultdict(lambda: {"received": 0, "sent": 0, "awaiting": 0, "waits": []})
+    stmt = (sa.select(box.user_id, v.c.status, sa.func.count())
+            .select_from(v.join(email_mailboxes, box.meeting_id == v.c.id))
+            .group_by(box.user_id, v.c.status))
+    for mailbox_user, status, n in conn.execute(stmt):
+        figures[mailbox_user]["sent" if status == "outbound" else "received"] += n
+    waiting = _awaiting(v).cte("waiting")
+    stmt = (sa.select(box.user_id, sa.func.count(sa.distinct(v.c.thread_id)))
+            .select_from(v.join(waiting, waiting.c.thread_id == v.c.thread_id)
+                         .join(email_mailboxes, box.meeting_id == v.c.id))
+            .group_by(box.user_id))
+    for mailbox_user, n in conn.execute(stmt):
+        figures[mailbox_user]["awaiting"] = n
+    pairs = _pairs(v).cte("pairs")
+    stmt = (sa.select(box.user_id, pairs.c.wait_s)
+            .select_from(pairs.join(email_mailboxes, box.meeting_id == pairs.c.reply_id)))
+    for mailbox_user, wait in conn.execute(stmt):
+        figures[mailbox_user]["waits"].append(wait)
+    return [{"user_id": u, "received": f["received"], "sent": f["sent"], "awaiting": f["awaiting"],
+             "median_reply_s": percentile(sorted(f["waits"]), 0.5)}
+            for u, f in sorted(figures.items()) if f["received"] or f["sent"]]
+
+
+def going_cold(conn, installation_id: int, user_id: int, p: Params, now: int) -> list[dict]:
+    m = meetings.c
+    rows = _visible(conn, installation_id, user_id, p, (m.id, m.client_id, m.meeting_s), m.client_id != 0)
+    seen = sa.select(rows.c.client_id, rows.c.meeting_s,
+                     (rows.c.meeting_s - sa.func.lag(rows.c.meeting_s).over(
+                         partition_by=rows.c.client_id, order_by=(rows.c.meeting_s, rows.c.id))).label("gap")).cte("seen")
+    gaps: dict = collections.defaultdict(list)
+    last: dict = {}
+    stmt = sa.select(seen.c.client_id, seen.c.meeting_s, seen.c.gap)
+    for client_id, seconds, gap in conn.execute(stmt):
+        if gap is not None:
+            gaps[client_id].append(gap)
+        if client_id not in last or seconds > last[client_id]:
+            last[client_id] = seconds
+    rows = []
+    for client_id, values in gaps.items():
+        median = percentile(sorted(values), 0.5)
+        silence = now - last[client_id]
+        if silence > 2 * median:
+            rows.append({"client_id": client_id, "last_at": iso_seconds(last[client_id]), "median_gap_s": median,
+                         "silence_s": silence})
+    rows.sort(key=lambda r: (-r["silence_s"], r["client_id"]))
+    return rows
+
+
+REPORTS = {"response_times": response_times, "awaiting_reply": awaiting_reply, "workload": workload,
+           "going_cold": going_cold}
