@@ -22,14 +22,15 @@ def command(service) -> str:
 
 def test_services_and_start_order(compose):
     services = compose["services"]
-    assert {"tidb", "redis", "init", "worker-query", "worker-bulk", "beat", "flower", "exporter"} <= set(services)
+    assert {"tidb", "redis", "init", "worker-query", "worker-bulk", "worker-reports", "beat", "flower",
+            "exporter"} <= set(services)
     assert services["exporter"]["ports"] == ["127.0.0.1:9808:9808"]
     assert services["tidb"]["image"].startswith("pingcap/tidb:")
     for name, service in services.items():
         for dep, condition in (service.get("depends_on") or {}).items():
             assert dep in services, f"{name} depends on unknown {dep}"
             assert condition["condition"] in ("service_started", "service_healthy", "service_completed_successfully")
-    for name in ("worker-query", "worker-bulk", "beat", "flower"):
+    for name in ("worker-query", "worker-bulk", "worker-reports", "beat", "flower"):
         deps = services[name]["depends_on"]
         assert deps["init"]["condition"] == "service_completed_successfully"
         assert deps["redis"]["condition"] == "service_healthy"
@@ -44,7 +45,7 @@ def test_commands_are_the_projects(compose):
     assert init[:2] == ["crm", "init"]
     parser().parse_args(init[1:])  # the options exist
     queues = set()
-    for name in ("worker-query", "worker-bulk"):
+    for name in ("worker-query", "worker-bulk", "worker-reports"):
         cmd = services[name]["command"]
         assert cmd[:4] == ["celery", "-A", "worker", "worker"]
         queues |= set(cmd[cmd.index("-Q") + 1].split(","))

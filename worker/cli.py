@@ -1,4 +1,4 @@
-"""``crm``: the command-line tool (init, seed, status, run, bench)."""
+"""``crm``: the command-line tool (init, seed, status, run, report, exporter, bench)."""
 from __future__ import annotations
 
 import argparse
@@ -50,7 +50,7 @@ def cmd_init(args) -> int:
 
 
 def cmd_seed(args) -> int:
-    from worker.seed import DEMO, Shape, demo_state, mark_demo, seed
+    from worker.seed import DEMO, DEMO_EMAILS, Shape, demo_state, mark_demo, seed
     ctx = Context.from_settings()
     engine = ctx.engine
     shape = Shape(installations=args.installations, clients=args.clients, users=args.users,
@@ -67,7 +67,8 @@ def cmd_seed(args) -> int:
             print(f"resuming the demo seed interrupted earlier ({stored.get('meetings', 0):,} of "
                   f"{DEMO.meetings:,} meetings stored); what is stored is not written again")
         else:
-            print(f"seeding a demo CRM: {DEMO.clients} clients, {DEMO.users} users, {DEMO.meetings:,} meetings")
+            print(f"seeding a demo CRM: {DEMO.clients} clients, {DEMO.users} users, {DEMO.meetings:,} meetings, "
+                  f"{DEMO_EMAILS:,} email messages")
         mark_demo(engine, "started")
     start = time.monotonic()
     if args.emails and not args.demo:
@@ -80,6 +81,10 @@ def cmd_seed(args) -> int:
             return 0
     totals = seed(ctx, shape)
     if args.demo:
+        # Mail too, for threads and reports: redelivered messages are duplicates, so an
+        # interrupted demo seed resumes here as well.
+        from worker.email.synthetic import seed_emails
+        seed_emails(ctx, 1, DEMO_EMAILS, shape.clients, shape.users, shape.seed)
         mark_demo(engine, "complete")
     took = time.monotonic() - start
     print(f"seeded {totals['meetings']} meetings and {totals['users']} users in {took:.1f}s")
@@ -196,6 +201,8 @@ def _start_service(env: dict, home: str, flower_port: int, flower_auth: str, met
                                                    "-n", "query@%h", "-l", "warning"], env=env),
         "bulk worker": subprocess.Popen(celery + ["worker", "-Q", "ingest,precompute,maintenance", "-c", "2",
                                                   "-n", "bulk@%h", "-l", "warning"], env=env),
+        "reports worker": subprocess.Popen(celery + ["worker", "-Q", "reports", "-P", "threads", "-c", "4",
+                                                     "-n", "reports@%h", "-l", "warning"], env=env),
         "beat": subprocess.Popen(celery + ["beat", "-l", "warning", "-s", os.path.join(home, "celerybeat-schedule")],
                                  env=env),
         "Flower": subprocess.Popen(celery + ["flower", f"--port={flower_port}", "--address=127.0.0.1",
@@ -259,7 +266,8 @@ def cmd_run(args) -> int:
             f"  database     {redact(settings.database_url)}",
             f"  index Redis  {redact(settings.redis_url)}" + (" (embedded redis-server)" if stop_redis else ""),
             f"  Celery       broker {redact(settings.broker_url)}, results {redact(settings.result_backend)}",
-            "  workers      query@ (8 threads: queue query); bulk@ (2 processes: ingest, precompute, maintenance)",
+            "  workers      query@ (8 threads: queue query); bulk@ (2 processes: ingest, precompute, maintenance); "
+            "reports@ (4 threads: queue reports)",
             f"  beat         crm.precompute_active every {settings.precompute_interval} s, "
             f"crm.reconcile_index every {settings.reconcile_interval} s",
             f"  Flower       http://127.0.0.1:{args.flower_port}  {login}",
@@ -276,6 +284,57 @@ def cmd_exporter(args) -> int:
     print(f"metrics on http://{args.address}:{args.port}/metrics", flush=True)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how it stops
         serve(Context.from_settings(), args.address, args.port)
+    return 0
+
+
+def report_table(result: dict) -> str:
+    """A report's rows as an aligned text table (nested objects flattened)."""
+    rows = []
+    for row in result["rows"]:
+        flat = {}
+        for k, v in row.items():
+            if isinstance(v, dict):
+                flat.update({f"{k} {kk}": vv for kk, vv in v.items()})
+            elif isinstance(v, list):
+                flat[k] = ",".join(map(str, v))
+            elif isinstance(v, float):
+                flat[k] = f"{v:.4g}" if abs(v) < 1 else f"{v:.1f}"
+            else:
+                flat[k] = "-" if v is None else v
+        rows.append({k: str(v) for k, v in flat.items()})
+    head = f"{result['name']}: {len(rows)} rows, generated {result['generated_at']} (source: {result['source']})"
+    if not rows:
+        return head
+    columns = list(rows[0])
+    width = {c: max(len(c), *(len(r.get(c, "")) for r in rows)) for c in columns}
+    lines = [head, "  ".join(c.rjust(width[c]) for c in columns)]
+    lines += ["  ".join(r.get(c, "").rjust(width[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_report(args) -> int:
+    from worker.errors import InvalidArgument
+    from worker.reports import report
+    from worker.charts import CHARTS
+    if args.png and args.name not in CHARTS:
+        print(f"crm report: no chart for {args.name}; charts exist for {', '.join(CHARTS)}", file=sys.stderr)
+        return 2
+    params = {k: v for k, v in (("client_ids", args.clients), ("date_from", args.date_from),
+                                ("date_to", args.date_to), ("bucket", args.bucket)) if v is not None}
+    try:
+        result = report(Context.from_settings(), args.installation, args.user, args.name, params)
+    except InvalidArgument as exc:
+        print(f"crm report: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else report_table(result))
+    if args.png:
+        from worker.charts import draw
+        try:
+            draw(result, args.png)
+        except ImportError:
+            print("crm report: --png needs matplotlib: pip install 'crm-insight[charts]'", file=sys.stderr)
+            return 2
+        print(f"chart written to {args.png}", file=sys.stderr)
     return 0
 
 
@@ -322,6 +381,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=9808)
     s.set_defaults(fn=cmd_exporter)
+    s = sub.add_parser("report", help="one report as a user sees it, as a table (and a chart)")
+    from worker.reports import BUCKETS, NAMES
+    s.add_argument("name", choices=NAMES)
+    s.add_argument("--installation", type=int, required=True)
+    s.add_argument("--user", type=int, required=True, help="the user whose access the report respects")
+    s.add_argument("--clients", type=lambda text: [int(c) for c in text.split(",")], metavar="ID,ID",
+                   help="only these clients")
+    s.add_argument("--from", dest="date_from", metavar="ISO8601", help="from this time (inclusive)")
+    s.add_argument("--to", dest="date_to", metavar="ISO8601", help="to this time (exclusive)")
+    s.add_argument("--bucket", choices=BUCKETS)
+    s.add_argument("--json", action="store_true", help="the task's JSON result instead of a table")
+    s.add_argument("--png", metavar="FILE", help="also draw the report as a chart (activity, response_times, "
+                                                 "workload, going_cold)")
+    s.set_defaults(fn=cmd_report)
     s = sub.add_parser("bench", help="measure against every peer, in one run")
     from bench.run import add_arguments
     add_arguments(s)

@@ -85,6 +85,8 @@ class Progress:
 
 #: The demo CRM that `crm run` seeds on a first start.
 DEMO = Shape(clients=300, users=60, meetings=20_000)
+#: Raw messages the demo adds through crm.ingest_emails' code (threads, reports).
+DEMO_EMAILS = 2_000
 
 
 def demo_state(engine) -> str:
