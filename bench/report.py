@@ -66,6 +66,17 @@ def ratios(result) -> tuple[dict, dict]:
         "ingestion >= 0.5x raw executemany": at_least(r["ingest_over_raw"], 0.5),
         "index <= 40 B per meeting": at_most(index_bytes, 40),
     }
+    e = result.get("email")
+    if e:
+        targets["email ingestion >= 0.2x stdlib header parse"] = at_least(e.get("ratio_to_stdlib"), 0.2)
+        targets["email ingestion >= 20x notmuch"] = at_least(e.get("ratio_to_notmuch"), 20)
+    reports = result.get("reports", {}).get("2000_clients")
+    if reports:
+        names = [k for k, v in reports.items() if isinstance(v, dict)]
+        targets["each report p50 <= 50 ms (2,000-client user)"] = all(reports[n]["p50_ms"] <= 50 for n in names)
+        targets["activity >= 10x naive SQL (2,000-client user)"] = at_least(
+            reports["activity"].get("naive_over_rollup"), 10)
+        targets["cached report <= 3 Redis round trips"] = all(reports[n]["cached_round_trips"] <= 3 for n in names)
     return r, targets
 
 
@@ -100,6 +111,20 @@ def table(result) -> str:
         p = result["precompute"]
         lines.append(f"precompute: 2,000-client user p50 {p['user_2000_clients_ms'].get('p50')} ms; "
                      f"all {p['active_users_refreshed']} active users {p['active_all_users_s']} s")
+    if "email" in result:
+        e = result["email"]
+        lines.append(f"email: {e['messages']:,} messages ({e['deliveries']:,} deliveries) through crm.ingest_emails "
+                     f"{e['worker_messages_per_s']:,}/s; stdlib header parse {e['stdlib_header_parse_per_s']:,}/s "
+                     f"(x{e['ratio_to_stdlib']}); notmuch {e.get('notmuch_messages_per_s', 'n/a')}/s "
+                     f"(x{e.get('ratio_to_notmuch', 'n/a')}); per email: index {e['index_bytes_per_email']} B, "
+                     f"payload {e['payload_bytes_per_email']} B")
+    for who, figures in result.get("reports", {}).items():
+        if not isinstance(figures, dict):
+            continue
+        lines.append(f"reports, {who.replace('_', ' ')} user ({figures['clients']} clients): " + "; ".join(
+            f"{name} {f['p50_ms']} ms / cached {f['cached_p50_ms']} ms ({f['cached_round_trips']} trips)"
+            + (f" / naive SQL {f['naive_sql_p50_ms']} ms" if "naive_sql_p50_ms" in f else "")
+            for name, f in figures.items() if isinstance(f, dict)))
     lines.append("")
     for name, met in result.get("targets", {}).items():
         lines.append(f"[{'met' if met else 'MISSED' if met is False else 'n/a'}] {name}")

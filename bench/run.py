@@ -34,6 +34,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seconds", type=float, default=None,
                    help="time box per path and page (default 20); with `load`, how long the load runs (default 180)")
     p.add_argument("--ingest-rows", type=int, default=20_000)
+    p.add_argument("--emails", type=int, default=100_000,
+                   help="raw messages ingested through a worker before the reports are measured (0: none)")
     p.add_argument("--database-url", default=os.environ.get("CRM_BENCH_DATABASE_URL", DEFAULT_DB))
     p.add_argument("--redis-url", default=os.environ.get("CRM_BENCH_REDIS_URL", DEFAULT_REDIS),
                    help="the index; the seed's layout goes in the next database number, Celery in the two after")
@@ -106,6 +108,7 @@ def main(args) -> int:
             min(args.users, 200)
         args.samples, args.seconds, args.ingest_rows = min(args.samples, 60), min(args.seconds, 3), \
             min(args.ingest_rows, 3000)
+        args.emails = min(args.emails, 2000)
     result = Bench(args).run()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench.json")
@@ -186,8 +189,12 @@ class Bench:
         say(f"loading {self.shape.meetings:,} meetings, {self.shape.users:,} users, {self.shape.clients:,} clients")
         upgrade(self.engine)
         with self.engine.begin() as conn:
-            for table in ("meetings", "user_clients", "users", "installations", "applied_writes"):
-                conn.exec_driver_sql(f"DELETE FROM {table}")
+            import worker.email.tables  # noqa: F401  (the email tables and the rollup, in the metadata)
+            import worker.rollups  # noqa: F401
+            from worker.db import metadata
+            for table in metadata.sorted_tables:
+                if table.name != "crm_meta":
+                    conn.execute(table.delete())
             conn.exec_driver_sql("DROP TABLE IF EXISTS bench_raw")
             names = {ix["name"] for ix in sa.inspect(conn).get_indexes("meetings")}
             if "ix_bench_type_status_date" in names:
@@ -482,6 +489,10 @@ class Bench:
         self.measure_memory(data, seed_memory)
         self.measure_celery(data)
         self.measure_precompute(data)
+        from bench.insight import measure_email, measure_reports
+        if self.args.emails:
+            measure_email(self, self.args.emails)
+        measure_reports(self, data)
         from bench.report import ratios
         self.result["ratios"], self.result["targets"] = ratios(self.result)
         return self.result

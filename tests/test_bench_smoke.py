@@ -15,7 +15,7 @@ def test_quick_bench_on_a_tiny_data_set(tmp_path):
     database_url = DATABASE_URL.rsplit("/", 1)[0] + "/crm_bench_smoke"
     out = subprocess.run(
         [sys.executable, "-m", "worker.cli", "bench", "--quick", "--meetings", "1500", "--clients", "60",
-         "--users", "30", "--samples", "8", "--seconds", "0.5", "--ingest-rows", "600",
+         "--users", "30", "--samples", "8", "--seconds", "0.5", "--ingest-rows", "600", "--emails", "150",
          "--database-url", database_url, "--redis-url", redis_url, "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -25,6 +25,10 @@ def test_quick_bench_on_a_tiny_data_set(tmp_path):
         assert result["latency_ms"][path]["n"] > 0, path
     assert result["ingest"]["crm_ingest_rows_per_s"] > 0 and result["memory"]["index_bytes_per_meeting"] > 0
     assert set(result["targets"]) and set(result["ratios"])
+    assert result["email"]["stored"] > 0 and result["email"]["stdlib_header_parse_per_s"] > 0
+    for who in ("2000_clients", "50_clients"):
+        assert result["reports"][who]["activity"]["naive_sql_p50_ms"] > 0
+        assert all(result["reports"][who][name]["cached_p50_ms"] > 0 for name in ("workload", "going_cold"))
     assert (tmp_path / "bench.json").exists() and (tmp_path / "latency.png").stat().st_size > 1000
 
 

@@ -76,9 +76,9 @@ def messages(installation_id: int, count: int, clients: int, users: int, seed: i
             made += 1
 
 
-def seed_emails(ctx, installation_id: int, count: int, clients: int, users: int, seed: int = 42,
-                batch: int = 500) -> dict:
-    """Upsert the directory, then ingest ``count`` messages, 500 per task per mailbox."""
+def seed_directory(ctx, installation_id: int, clients: int, users: int) -> None:
+    """The clients (one domain each), users and contacts the corpus writes with (at most
+    1,000 of each)."""
     directory.upsert_clients(ctx, installation_id, [
         {"client_id": c, "name": f"Client {c}", "domains": [f"client{c}.example"]}
         for c in range(1, min(clients, 1000) + 1)])
@@ -88,6 +88,12 @@ def seed_emails(ctx, installation_id: int, count: int, clients: int, users: int,
         {"source_id": f"contact-{c}", "name": f"Contact {c}", "emails": [f"contact{c}@gmail.com",
                                                                           f"person0@client{c}.example"],
          "client_id": c, "job_title": rng_title(c)} for c in range(1, min(clients, 1000) + 1)])
+
+
+def seed_emails(ctx, installation_id: int, count: int, clients: int, users: int, seed: int = 42,
+                batch: int = 500) -> dict:
+    """Upsert the directory, then ingest ``count`` messages, 500 per task per mailbox."""
+    seed_directory(ctx, installation_id, clients, users)
     pending: dict[int, list] = {}
     totals = {"accepted": 0, "new": 0, "duplicates": 0, "rejected": 0}
 

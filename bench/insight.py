@@ -1,0 +1,206 @@
+"""The benchmark's email and report parts: email ingestion through a real worker against
+the standard library's header parse and notmuch, bytes per stored email, and each report
+from its rollup or SQL, against the same report as naive SQL, and from its cache."""
+from __future__ import annotations
+
+import base64
+import collections
+import email.parser
+import email.policy
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+import sqlalchemy as sa
+
+
+def say(text: str) -> None:
+    from bench.run import say as _say
+    _say(text)
+
+
+def corpus(count: int, clients: int, users: int) -> list[tuple[int, dict]]:
+    """(mailbox user, message) deliveries of the synthetic corpus (crm seed --emails)."""
+    from worker.email.synthetic import messages
+    out = []
+    for mailboxes, message in messages(1, count, min(clients, 1000), min(users, 1000)):
+        out += [(u, message) for u in mailboxes]
+    return out
+
+
+def index_bytes(r) -> dict:
+    from worker import keys
+    prefix = keys.prefix(1)
+    index = sum(r.memory_usage(k, samples=0) or 0 for pattern in ("z:*", "x:*", "mb:*", "sc:*")
+                for k in r.scan_iter(match=prefix + pattern, count=1000))
+    return {"index": index, "payload": r.memory_usage(keys.payloads(1), samples=0) or 0}
+
+
+def measure_email(bench, count: int) -> None:
+    """End to end through two worker processes, then the peers on the same messages."""
+    from worker.email.synthetic import seed_directory
+    from worker.email.tables import emails
+    say(f"email: {count:,} messages through crm.ingest_emails (2 worker processes)")
+    seed_directory(bench.ctx, 1, bench.shape.clients, bench.shape.users)
+    deliveries = corpus(count, bench.shape.clients, bench.shape.users)
+    raws = [base64.urlsafe_b64decode(m["raw"] + "=" * (-len(m["raw"]) % 4))
+            for m in {id(m): m for _, m in deliveries}.values()]
+    before = index_bytes(bench.r)
+    batches, pending = [], collections.defaultdict(list)
+    for user, message in deliveries:
+        pending[user].append(message)
+        if len(pending[user]) == 100:
+            batches.append((user, pending.pop(user)))
+    batches += sorted(pending.items())
+    worker = bench.start_worker("ingest", "prefork", 2)
+    app = bench.client()
+    try:
+        for _ in range(200):
+            try:
+                app.call("crm.noop", queue="ingest", timeout=1)
+                break
+            except Exception:
+                time.sleep(0.2)
+        start = time.perf_counter()
+        results = [app.send("crm.ingest_emails", {"installation_id": 1, "mailbox_user_id": u, "messages": ms},
+                            queue="ingest") for u, ms in batches]
+        stored = sum(res.get(timeout=600)["new"] for res in results)
+        took = time.perf_counter() - start
+    finally:
+        app.close()
+        worker.terminate()
+        worker.wait(30)
+    after = index_bytes(bench.r)
+    with bench.engine.connect() as conn:
+        in_db = conn.execute(sa.select(sa.func.count()).select_from(emails)).scalar()
+    # The floor: the standard library's header-only parse of the same bytes.
+    parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+    start = time.perf_counter()
+    for raw in raws:
+        parser.parsebytes(raw)
+    stdlib = len(raws) / (time.perf_counter() - start)
+    out = {"messages": len(raws), "deliveries": len(deliveries), "stored": in_db, "new_reported": stored,
+           "worker_messages_per_s": round(len(raws) / took), "worker_deliveries_per_s": round(len(deliveries) / took),
+           "stdlib_header_parse_per_s": round(stdlib),
+           "index_bytes_per_email": round((after["index"] - before["index"]) / max(in_db, 1), 1),
+           "payload_bytes_per_email": round((after["payload"] - before["payload"]) / max(in_db, 1), 1)}
+    out["ratio_to_stdlib"] = round(out["worker_messages_per_s"] / stdlib, 3)
+    notmuch = measure_notmuch(raws[:min(len(raws), 1000)])
+    if notmuch:
+        out["notmuch_messages_per_s"] = notmuch
+        out["ratio_to_notmuch"] = round(out["worker_messages_per_s"] / notmuch, 1)
+    else:
+        bench.result["notes"].append("notmuch is not installed (apt-get install notmuch): no notmuch figure.")
+    bench.result["email"] = out
+    say(f"  {out['worker_messages_per_s']}/s through the worker; stdlib header parse {out['stdlib_header_parse_per_s']}/s "
+        f"(x{out['ratio_to_stdlib']}); notmuch {notmuch or 'n/a'}/s; index {out['index_bytes_per_email']} B "
+        f"+ payload {out['payload_bytes_per_email']} B per email")
+
+
+def measure_notmuch(raws: list[bytes]) -> float | None:
+    """``notmuch new`` over the messages as a maildir: messages per second."""
+    if not shutil.which("notmuch"):
+        return None
+    with tempfile.TemporaryDirectory() as home:
+        maildir = os.path.join(home, "mail")
+        for sub in ("cur", "new", "tmp"):
+            os.makedirs(os.path.join(maildir, sub))
+        for n, raw in enumerate(raws):
+            with open(os.path.join(maildir, "new", f"{n}.bench:2,"), "wb") as f:
+                f.write(raw)
+        config = os.path.join(home, "notmuch-config")
+        with open(config, "w") as f:
+            f.write(f"[database]\npath={maildir}\n[user]\nname=bench\nprimary_email=bench@example.com\n"
+                    "[new]\ntags=unread;inbox;\n")
+        env = dict(os.environ, NOTMUCH_CONFIG=config, HOME=home)
+        start = time.perf_counter()
+        subprocess.run(["notmuch", "new", "--quiet"], env=env, check=True, capture_output=True)
+        return round(len(raws) / (time.perf_counter() - start), 1)
+
+
+def _users(data) -> dict:
+    """The report users: one with 2,000 clients (or the broadest) and one with about 50."""
+    big = data.big[0]
+    fifty = min(data.lists, key=lambda u: (abs(len(data.lists[u]) - 50), u))
+    return {"2000_clients": big, "50_clients": fifty}
+
+
+def naive_activity(conn, user: int):
+    """The activity report as one SQL statement over raw rows (MariaDB/MySQL dialect)."""
+    return conn.execute(sa.text(
+        "SELECT m.client_id, m.type, DATE_FORMAT(FROM_UNIXTIME(m.meeting_s), '%Y-%m') AS bucket, COUNT(*) "
+        "FROM meetings m WHERE m.installation_id = 1 AND (m.client_id IN "
+        "(SELECT client_id FROM user_clients WHERE installation_id = 1 AND user_id = :u) OR m.id IN "
+        "(SELECT meeting_id FROM meeting_reach WHERE installation_id = 1 AND (user_id = :u OR client_id IN "
+        "(SELECT client_id FROM user_clients WHERE installation_id = 1 AND user_id = :u)))) "
+        "GROUP BY m.client_id, m.type, bucket ORDER BY m.client_id, m.type, bucket"), {"u": user}).all()
+
+
+class CountingRedis:
+    """Counts the round trips a client makes (commands, and pipelines as one)."""
+
+    def __init__(self, r):
+        self.n = 0
+        original, make_pipeline = r.execute_command, r.pipeline
+
+        def execute_command(*args, **kwargs):
+            self.n += 1
+            return original(*args, **kwargs)
+
+        def pipeline(*args, **kwargs):
+            p = make_pipeline(*args, **kwargs)
+            run = p.execute
+
+            def execute(*a, **k):
+                self.n += 1
+                return run(*a, **k)
+            p.execute = execute
+            return p
+        r.execute_command, r.pipeline = execute_command, pipeline
+
+
+def measure_reports(bench, data) -> None:
+    from bench.run import percentiles, timed
+    from worker import reports
+    from worker.context import Context
+    from worker.redis_index import connect
+    say("reports (rollup or SQL, naive SQL, cached)")
+    seconds = max(2.0, bench.args.seconds / 4)
+    samples = max(10, bench.args.samples // 10)
+    now = int(time.time())
+    params = reports.Params(client_ids=None, date_from=None, date_to=None, bucket="month")
+    out = {}
+    counting_r = connect(bench.urls["index"])
+    counter = CountingRedis(counting_r)
+    cached_ctx = Context(bench.ctx.settings, bench.engine, counting_r)
+    for who, user in _users(data).items():
+        figures = {"clients": len(data.lists[user])}
+        with bench.engine.connect() as conn:
+            conn.exec_driver_sql("SET time_zone = '+00:00'")
+            for name in reports.NAMES:
+                ns = timed(lambda: reports.compute(conn, 1, user, name, params, now), [()] * samples, seconds,
+                           f"{name} ({who})")
+                figures[name] = {"p50_ms": percentiles(ns)["p50"], "rows": len(reports.compute(conn, 1, user, name,
+                                                                                                 params, now)[0])}
+            ns = timed(lambda: naive_activity(conn, user), [()] * samples, seconds, f"activity naive SQL ({who})")
+            figures["activity"]["naive_sql_p50_ms"] = percentiles(ns)["p50"]
+            figures["activity"]["naive_over_rollup"] = round(percentiles(ns)["p50"] / figures["activity"]["p50_ms"], 2)
+        for name in reports.NAMES:
+            reports.report(cached_ctx, 1, user, name, None)  # computed and cached
+            before = counter.n
+            ns = timed(lambda: reports.report(cached_ctx, 1, user, name, None), [()] * samples, seconds,
+                       f"{name} cached ({who})")
+            calls = counter.n - before
+            figures[name]["cached_p50_ms"] = percentiles(ns)["p50"]
+            figures[name]["cached_round_trips"] = round(calls / (len(ns) + 1), 2)  # + the untimed warm call
+        out[who] = figures
+    bench.result["reports"] = out
+    with bench.engine.connect() as conn:
+        bench.result["reports_data"] = {
+            "meetings": conn.execute(sa.text("SELECT COUNT(*) FROM meetings")).scalar(),
+            "rollup_rows": conn.execute(sa.text("SELECT COUNT(*) FROM meeting_days")).scalar()}
+    say("  " + ", ".join(f"{who} activity {f['activity']['p50_ms']} ms vs naive {f['activity']['naive_sql_p50_ms']} ms"
+                         for who, f in out.items()))
+
