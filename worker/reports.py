@@ -259,14 +259,16 @@ def activity(conn, installation_id: int, user_id: int, p: Params) -> list[dict]:
     raw = [sa.select(m.client_id, m.type, m.meeting_s).where(
         m.installation_id == installation_id, m.id.in_(reached_meetings(installation_id, user_id)),
         m.client_id.notin_(own), *_filters(p))]
-    edges = []
-    if first_day is not None:
-        edges.append(m.meeting_s < first_day * DAY)
-    if end_day is not None:
-        edges.append(m.meeting_s >= end_day * DAY)
-    if edges:
+    # The partial days at the range's edges, from the rows of the clients the rollup says
+    # had meetings on those days (a few, instead of a probe per client of the user).
+    for edge_day, inside in ((None if first_day is None else first_day - 1, m.meeting_s < (first_day or 0) * DAY),
+                             (end_day, m.meeting_s >= (end_day or 0) * DAY)):
+        if edge_day is None:
+            continue
+        active = sa.select(d.client_id).where(d.installation_id == installation_id, d.day == edge_day,
+                                              d.client_id.in_(own))
         raw.append(sa.select(m.client_id, m.type, m.meeting_s).where(
-            m.installation_id == installation_id, m.client_id.in_(own), *_filters(p), sa.or_(*edges)))
+            m.installation_id == installation_id, m.client_id.in_(active), *_filters(p), inside))
     for stmt in raw:
         for client_id, type_, seconds in conn.execute(_hinted(conn, stmt)):
             counts[(client_id, type_, _bucket_label(seconds // DAY, p.bucket))] += 1

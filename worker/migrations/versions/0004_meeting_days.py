@@ -27,6 +27,7 @@ def upgrade():
         sa.Column("month", sa.Integer, nullable=False),
         sa.Column("count", sa.Integer, nullable=False),
     )
+    op.create_index("ix_meeting_days_day", "meeting_days", ["installation_id", "day", "client_id"])
     from worker.rollups import recount
     bind = op.get_bind()
     for (installation_id,) in bind.execute(sa.text("SELECT id FROM installations ORDER BY id")).all():
