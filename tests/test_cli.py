@@ -83,6 +83,7 @@ def test_the_demo_seed_resumes_after_an_interruption(clean, monkeypatch, capsys)
     with engine.begin() as conn:
         conn.execute(crm_meta.delete().where(crm_meta.c.name == "demo_seed"))
     monkeypatch.setattr(seed_module, "DEMO", seed_module.Shape(clients=6, users=3, meetings=60))
+    monkeypatch.setattr(seed_module, "DEMO_EMAILS", 40)
     assert seed_module.demo_state(engine) == "none"
     assert main(["seed", "--demo"]) == 0
     assert seed_module.demo_state(engine) == "complete"
@@ -93,10 +94,10 @@ def test_the_demo_seed_resumes_after_an_interruption(clean, monkeypatch, capsys)
     capsys.readouterr()
     assert main(["seed", "--demo"]) == 0
     said = capsys.readouterr().out
-    assert "resuming the demo seed" in said and "30 of 60 meetings stored" in said
+    assert "resuming the demo seed" in said and "70 of 100 meetings and messages stored" in said
     assert seed_module.demo_state(engine) == "complete"
     assert main(["status", "--json"]) == 0
-    assert '"meetings": 60' in capsys.readouterr().out
+    assert '"meetings": 100' in capsys.readouterr().out  # 60 meetings and 40 email messages
     # A database with data of its own gets no demo.
     with engine.begin() as conn:
         conn.execute(crm_meta.delete().where(crm_meta.c.name == "demo_seed"))

@@ -65,7 +65,8 @@ def cmd_seed(args) -> int:
         if state == "started":
             stored = status_report(ctx)["installations"].get("1", {}).get("database", {})
             print(f"resuming the demo seed interrupted earlier ({stored.get('meetings', 0):,} of "
-                  f"{DEMO.meetings:,} meetings stored); what is stored is not written again")
+                  f"{DEMO.meetings + DEMO_EMAILS:,} meetings and messages stored); what is stored is not "
+                  "written again")
         else:
             print(f"seeding a demo CRM: {DEMO.clients} clients, {DEMO.users} users, {DEMO.meetings:,} meetings, "
                   f"{DEMO_EMAILS:,} email messages")
