@@ -294,19 +294,27 @@ def visible_condition(installation_id: int, user_id: int):
                           meetings.c.id.in_(reached_meetings(installation_id, user_id))))
 
 
+def narrowing(client_ids, date_from, date_to) -> list:
+    """Conditions on ``meetings``: the client filter, and the date range [from, to)."""
+    m = meetings.c
+    conds = []
+    if client_ids is not None:
+        conds.append(m.client_id.in_(client_ids))
+    if date_from is not None:
+        conds.append(m.meeting_s >= date_from)
+    if date_to is not None:
+        conds.append(m.meeting_s < date_to)
+    return conds
+
+
 def sql_conditions(query: Query, with_cursor: bool):
     m = meetings.c
-    conds = [visible_condition(query.installation_id, query.user_id)]
-    if query.client_ids is not None:
-        conds.append(m.client_id.in_(query.client_ids))
+    conds = [visible_condition(query.installation_id, query.user_id),
+             *narrowing(query.client_ids, query.date_from, query.date_to)]
     if query.types is not None:
         conds.append(m.type.in_(query.types))
     if query.statuses is not None:
         conds.append(m.status.in_(query.statuses))
-    if query.date_from is not None:
-        conds.append(m.meeting_s >= query.date_from)
-    if query.date_to is not None:
-        conds.append(m.meeting_s < query.date_to)
     col = m[SORTS[query.sort]]
     if with_cursor and query.after is not None:
         value, last_id = keys.member_seconds(query.after), keys.member_id(query.after)

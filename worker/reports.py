@@ -34,7 +34,7 @@ from worker import keys, rollups
 from worker.db import meetings
 from worker.email.tables import email_links, email_mailboxes, emails
 from worker.errors import InvalidArgument
-from worker.query import own_clients, reached_meetings, token_list
+from worker.query import narrowing, own_clients, reached_meetings, token_list
 from worker.records import iso_seconds, parse_time, positive_int, to_seconds
 from worker.errors import REDIS_FAULTS, is_transient
 
@@ -133,15 +133,7 @@ def compute(conn, installation_id: int, user_id: int, name: str, p: Params, now:
 # -- what the user sees ------------------------------------------------------------------
 
 def _filters(p: Params) -> list:
-    m = meetings.c
-    conds = []
-    if p.client_ids is not None:
-        conds.append(m.client_id.in_(p.client_ids))
-    if p.date_from is not None:
-        conds.append(m.meeting_s >= p.date_from)
-    if p.date_to is not None:
-        conds.append(m.meeting_s < p.date_to)
-    return conds
+    return narrowing(p.client_ids, p.date_from, p.date_to)
 
 
 def _visible(conn, installation_id: int, user_id: int, p: Params, columns, *conds):
@@ -224,11 +216,14 @@ def tiflash_ready(conn) -> bool:
 
 # -- the reports -----------------------------------------------------------------------
 
+def _month_label(month: int) -> str:
+    return f"{month // 100:04d}-{month % 100:02d}"
+
+
 def _bucket_label(day: int, bucket: str) -> str:
     if bucket == "week":
         return rollups.date_of(rollups.week_of(day)).isoformat()
-    month = rollups.month_of(day)
-    return f"{month // 100:04d}-{month % 100:02d}"
+    return _month_label(rollups.month_of(day))
 
 
 def activity(conn, installation_id: int, user_id: int, p: Params) -> list[dict]:
@@ -252,8 +247,7 @@ def activity(conn, installation_id: int, user_id: int, p: Params) -> list[dict]:
     stmt = (sa.select(d.client_id, d.type, column, sa.func.sum(d["count"]))
             .where(*conds).group_by(d.client_id, d.type, column))
     for client_id, type_, bucket, n in conn.execute(_hinted(conn, stmt)):
-        label = (rollups.date_of(bucket).isoformat() if p.bucket == "week"
-                 else f"{bucket // 100:04d}-{bucket % 100:02d}")
+        label = _bucket_label(bucket, "week") if p.bucket == "week" else _month_label(bucket)
         counts[(client_id, type_, label)] += int(n)
     m = meetings.c
     raw = [sa.select(m.client_id, m.type, m.meeting_s).where(
