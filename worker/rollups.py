@@ -71,12 +71,15 @@ def deltas(removed, added) -> collections.Counter:
 def apply(conn, installation_id: int, removed=(), added=()) -> None:
     """Count ``removed`` rows out and ``added`` rows in, in the caller's transaction.
     Rows are written in key order: concurrent writers lock them in one order."""
-    delta = deltas(removed, added)
-    rows = [{"installation_id": installation_id, "client_id": client_id, "type": type_, "status": status,
-             "day": day, "week": week_of(day), "month": month_of(day), "count": n}
-            for (client_id, type_, status, day), n in sorted(delta.items()) if n]
+    rows = [_row(installation_id, key, n) for key, n in sorted(deltas(removed, added).items()) if n]
     if rows:
         add_counts(conn, rows)
+
+
+def _row(installation_id: int, key: tuple, count: int) -> dict:
+    client_id, type_, status, day = key
+    return {"installation_id": installation_id, "client_id": client_id, "type": type_, "status": status,
+            "day": day, "week": week_of(day), "month": month_of(day), "count": count}
 
 
 def add_counts(conn, rows: list[dict]) -> None:
@@ -108,8 +111,7 @@ def recount(conn, installation_id: int, batch: int = 20_000) -> int:
             break
         counts.update(deltas((), rows))
         last = rows[-1].id
-    rows = [{"installation_id": installation_id, "client_id": c, "type": t, "status": s, "day": d,
-             "week": week_of(d), "month": month_of(d), "count": n} for (c, t, s, d), n in sorted(counts.items())]
+    rows = [_row(installation_id, key, n) for key, n in sorted(counts.items())]
     for start in range(0, len(rows), 1000):
         conn.execute(meeting_days.insert(), rows[start:start + 1000])
     return len(rows)
