@@ -189,12 +189,9 @@ class Bench:
         say(f"loading {self.shape.meetings:,} meetings, {self.shape.users:,} users, {self.shape.clients:,} clients")
         upgrade(self.engine)
         with self.engine.begin() as conn:
-            import worker.email.tables  # noqa: F401  (the email tables and the rollup, in the metadata)
-            import worker.rollups  # noqa: F401
-            from worker.db import metadata
-            for table in metadata.sorted_tables:
-                if table.name != "crm_meta":
-                    conn.execute(table.delete())
+            from worker.schema import data_tables
+            for table in data_tables():
+                conn.execute(table.delete())
             conn.exec_driver_sql("DROP TABLE IF EXISTS bench_raw")
             names = {ix["name"] for ix in sa.inspect(conn).get_indexes("meetings")}
             if "ix_bench_type_status_date" in names:

@@ -28,9 +28,9 @@ os.environ.update({
 os.environ.pop("CRM_CURSOR_SECRET", None)
 
 from worker.context import Context, Limits  # noqa: E402
-from worker.db import make_engine, metadata  # noqa: E402
+from worker.db import make_engine  # noqa: E402
 from worker.redis_index import connect  # noqa: E402
-from worker.schema import create_database, upgrade  # noqa: E402
+from worker.schema import create_database, data_tables, upgrade  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 #: The settings of the tests' own contexts: the environment above, with the views the
@@ -87,12 +87,9 @@ def make_context(engine, r, limits: Limits = Limits(), **settings) -> Context:
 
 
 def wipe(engine, r) -> None:
-    import worker.email.tables  # noqa: F401  (registers the email tables in the metadata)
-    import worker.rollups  # noqa: F401  (and the rollup)
     with engine.begin() as conn:
-        for table in metadata.sorted_tables:
-            if table.name != "crm_meta":
-                conn.execute(table.delete())
+        for table in data_tables():
+            conn.execute(table.delete())
     r.flushdb()
 
 
