@@ -117,12 +117,15 @@ def lock_installation(conn, installation_id: int) -> None:
     conn.execute(sa.select(installations.c.id).where(installations.c.id == installation_id).with_for_update())
 
 
-def materialize(conn, installation_id: int, ids, now_us: int) -> list[int]:
+def materialize(conn, installation_id: int, ids, now_us: int, inserted=()) -> list[int]:
     """Derive links, direction, visibility and details of the emails ``ids`` from what is
-    stored now, and write what differs (meeting row, links, reach).  The caller holds the
-    installation's email lock.  Returns the meeting ids whose row changed."""
+    stored now, and write what differs (meeting row, links, reach).  ``inserted``: the
+    rollup cells of meeting rows the caller's transaction inserted, counted in with the
+    changes in one write.  The caller holds the installation's email lock.  Returns the
+    meeting ids whose row changed."""
     ids = sorted(set(ids))
     if not ids:
+        rollups.apply(conn, installation_id, added=inserted)
         return []
     stored = {}
     for start in range(0, len(ids), 500):
@@ -148,7 +151,7 @@ def materialize(conn, installation_id: int, ids, now_us: int) -> list[int]:
             old_links[link.meeting_id].append((link.client_id, link.contact_id, link.reason, link.position))
     parts = {i: [tuple(p) for p in json.loads(row.participants)] for i, row in stored.items()}
     directory = load_directory(conn, installation_id, {a for ps in parts.values() for _, a, _ in ps})
-    changed, removed, added = [], [], []
+    changed, removed, added = [], [], list(inserted)
     relinked, link_rows, reach_ids, reach_rows, updates = [], [], [], [], []
     for meeting_id, row in stored.items():
         links = derive_links(parts[meeting_id], directory)

@@ -132,7 +132,6 @@ def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming]
     for table, rows in ((meetings, meeting_rows), (emails, email_rows), (email_participants, participant_rows)):
         if rows:
             conn.execute(table.insert(), rows)
-    rollups.apply(conn, installation_id, added=[rollups.Cell(0, "email", "inbound", r["meeting_s"]) for r in meeting_rows])
     mailbox_rows = [(v.meeting_id, m) for v, m in mailbox_rows]
     touched = {t for t, _ in mailbox_rows}
     present = set()
@@ -150,7 +149,8 @@ def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming]
     if new_edges:
         start = threads.link_new(conn, installation_id, new_edges)
         touched |= set(threads.recompute(conn, installation_id, start))
-    changed = materialize(conn, installation_id, touched, now_us)
+    changed = materialize(conn, installation_id, touched, now_us,
+                          inserted=[rollups.Cell(0, "email", "inbound", r["meeting_s"]) for r in meeting_rows])
     return {"new": new_count, "duplicates": duplicates}, changed
 
 
