@@ -21,6 +21,14 @@ def entries(settings) -> dict:
             "kwargs": {"once_per_tick": True},
             "options": {"queue": "precompute", "expires": precompute},
         },
+        # Keeps the reports users asked for in the last hour computed, so a dashboard that
+        # is open stays one Redis round trip away while data streams in.
+        "precompute-reports": {
+            "task": "crm.precompute_reports",
+            "schedule": timedelta(seconds=settings.report_interval),
+            "kwargs": {"once_per_tick": True},
+            "options": {"queue": "reports", "expires": settings.report_interval},
+        },
         # Finds and repairs drift between the index and the database (a crash between a
         # commit and the index write, a flushed Redis); hourly bounds how long drift lives.
         "reconcile-index": {

@@ -341,6 +341,57 @@ def test_revocation_reaches_every_report_and_its_cache_at_once(clean):
     assert report(ctx, I, 9, "activity", now=NOW)["rows"] == got["rows"]
 
 
+def test_the_beat_keeps_asked_reports_computed_and_exact_after_writes_and_revocations(clean, monkeypatch):
+    """crm.precompute_reports: each report a user asked for is computed again once a write
+    or an access change has made its cached copy stale; the user then finds it cached and
+    equal to the oracle for the access in force.  Idle requests are forgotten."""
+    import time
+
+    from worker import keys, reports
+    ctx = clean
+    items = build_world(ctx, 5)
+    change(ctx, I, 9, [1, 2, 3, 4, 5], "set")
+    for name in NAMES:
+        report(ctx, I, 9, name, now=NOW)
+    token = ctx.mirror.token(I)
+
+    def run(now=NOW, idle=3600, seconds=60.0):
+        return reports.precompute(ctx, I, token, now, idle, 120, time.monotonic() + seconds)
+    assert run() == {"computed": 0, "current": len(NAMES), "forgotten": 0, "left": 0}
+    late = record(installation_id=I, source_id="late", client_id=1, type="call", status="closed",
+                  meeting_date=iso(BASE + 86_400 + 5))
+    ingest(ctx, [late])
+    items["late"] = Item("late", 1, "call", "closed", BASE + 86_400 + 5)
+    assert run(seconds=-1)["left"] == len(NAMES)  # out of time: nothing computed
+    assert run()["computed"] == len(NAMES)
+    for name in NAMES:
+        got = report(ctx, I, 9, name, now=NOW)
+        assert got["source"] == "cache", name
+        assert got["rows"] == approx(expected(name, items, {1, 2, 3, 4, 5}, 9, {}, _threads(ctx))), name
+    change(ctx, I, 9, [1, 3, 4, 5], "set")  # client 2 revoked: every cached copy is stale
+    assert run()["computed"] == len(NAMES)
+    for name in NAMES:
+        got = report(ctx, I, 9, name, now=NOW)
+        assert got["source"] == "cache"
+        assert got["rows"] == approx(expected(name, items, {1, 3, 4, 5}, 9, {}, _threads(ctx))), name
+    # Requests are capped per installation; an idle one is forgotten, its copy left to expire.
+    monkeypatch.setattr(reports, "REQUESTS_MAX", len(NAMES))
+    report(ctx, I, 9, "activity", {"bucket": "week"}, now=NOW)
+    assert ctx.redis.hlen(keys.report_requests(I)) == len(NAMES)
+    assert run(now=NOW + 3601) == {"computed": 0, "current": 0, "forgotten": len(NAMES), "left": 0}
+    assert ctx.redis.hlen(keys.report_requests(I)) == 0
+
+
+def test_report_precompute_runs_once_per_tick(clean):
+    from freezegun import freeze_time
+
+    from tasks.reports import precompute_reports as task
+    assert clean
+    with freeze_time("2024-06-01 00:00:10"):
+        first, second = task.run(once_per_tick=True), task.run(once_per_tick=True)
+    assert "skipped" not in first and second["skipped"] and first["tick"] == second["tick"]
+
+
 def _threads(ctx):
     with ctx.engine.connect() as conn:
         return dict(conn.execute(sa.select(emails.c.message_key, emails.c.thread_id)).all())
@@ -405,3 +456,6 @@ def test_report_through_a_worker(worker_env):
     with pytest.raises(ValueError, match="^name"):
         webapp.send_task("crm.report", kwargs={"installation_id": I, "user_id": 3, "name": "everything"},
                          queue="reports").get(timeout=30)
+    # The beat's task, by name: the report just asked for is still current.
+    done = webapp.send_task("crm.precompute_reports", queue="reports").get(timeout=30)
+    assert done["current"] == 1 and done["computed"] == 0

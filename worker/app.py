@@ -37,6 +37,7 @@ ROUTES = {
     "crm.rebuild_index": "maintenance",
     "crm.reconcile_index": "maintenance",
     "crm.report": "reports",
+    "crm.precompute_reports": "reports",
     "crm.noop": "query",
 }
 

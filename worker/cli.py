@@ -270,6 +270,7 @@ def cmd_run(args) -> int:
             "  workers      query@ (8 threads: queue query); bulk@ (2 processes: ingest, precompute, maintenance); "
             "reports@ (4 threads: queue reports)",
             f"  beat         crm.precompute_active every {settings.precompute_interval} s, "
+            f"crm.precompute_reports every {settings.report_interval} s, "
             f"crm.reconcile_index every {settings.reconcile_interval} s",
             f"  Flower       http://127.0.0.1:{args.flower_port}  {login}",
             f"  metrics      http://127.0.0.1:{args.metrics_port}/metrics (Prometheus)",

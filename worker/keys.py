@@ -194,6 +194,12 @@ def report_cache(installation_id: int, user_id: int, digest: str) -> str:
     return f"{prefix(installation_id)}rc:{user_id}:{digest}"
 
 
+def report_requests(installation_id: int) -> str:
+    """Hash ``<user>:<digest>`` -> ``[last asked (s), name, params]``: the reports users
+    asked for lately, which the beat keeps computed (worker/reports.py ``precompute``)."""
+    return f"{prefix(installation_id)}rq"
+
+
 def view_id(sort: str, types, statuses) -> str:
     """The id of a precomputable view: sort letter, sorted types, sorted statuses, ``*``
     for any: ``d:email:open``, ``d:*:*``, ``u:email,sms:*``."""

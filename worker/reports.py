@@ -58,6 +58,18 @@ class Params:
     date_to: int | None     # whole seconds, exclusive
     bucket: str
 
+    def to_json(self) -> list:
+        return [None if self.client_ids is None else list(self.client_ids), self.date_from, self.date_to,
+                self.bucket]
+
+    @classmethod
+    def from_json(cls, raw) -> "Params":
+        client_ids, date_from, date_to, bucket = raw
+        if bucket not in BUCKETS:
+            raise ValueError(bucket)
+        return cls(None if client_ids is None else tuple(int(c) for c in client_ids),
+                   None if date_from is None else int(date_from), None if date_to is None else int(date_to), bucket)
+
     def digest(self, name: str) -> str:
         text = json.dumps([name, self.client_ids, self.date_from, self.date_to, self.bucket])
         return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
@@ -89,17 +101,25 @@ def validate(installation_id, user_id, name, params) -> tuple[int, int, str, Par
         date_from=dates["date_from"], date_to=dates["date_to"], bucket=bucket)
 
 
+#: Reports a user asked for in this many seconds are kept computed by the beat.
+REQUESTS_MAX = 10_000   # requests noted per installation (a new one beyond is not noted)
+
+
 def report(ctx, installation_id, user_id, name, params=None, now: int | None = None) -> dict:
-    """``crm.report``: the cached copy when it is still current, else computed."""
+    """``crm.report``: the cached copy when it is still current, else computed.  Either
+    way the request is noted, so the beat keeps it computed while the user is active."""
     installation_id, user_id, name, p = validate(installation_id, user_id, name, params)
     now = int(time.time()) if now is None else now
-    key = keys.report_cache(installation_id, user_id, p.digest(name))
+    digest = p.digest(name)
+    key = keys.report_cache(installation_id, user_id, digest)
     tag = None
     token = ctx.mirror.token(installation_id)
     try:
         if token is not None:
             found = ctx.scripts["report_cache"](
-                keys=[keys.ready(installation_id), keys.data_version(installation_id), key], args=[token])
+                keys=[keys.ready(installation_id), keys.data_version(installation_id), key,
+                      keys.report_requests(installation_id)],
+                args=[token, f"{user_id}:{digest}", json.dumps([now, name, p.to_json()]), REQUESTS_MAX])
             if int(found[0]) == 1:
                 return {**json.loads(found[1]), "source": "cache"}
             if int(found[0]) == 2:
@@ -108,6 +128,12 @@ def report(ctx, installation_id, user_id, name, params=None, now: int | None = N
         if not is_transient(exc):
             raise
         log.warning("index unreachable (%s); report computed without its cache", exc.__class__.__name__)
+    return _compute_and_store(ctx, installation_id, user_id, name, p, now, key, tag)
+
+
+def _compute_and_store(ctx, installation_id: int, user_id: int, name: str, p: Params, now: int, key: str,
+                       tag: str | None) -> dict:
+    """Compute the report; store it under ``tag`` (read before computing) when given."""
     with ctx.engine.connect() as conn:
         rows, source = compute(conn, installation_id, user_id, name, p, now)
     result = {"name": name, "rows": rows, "generated_at": iso_seconds(now), "source": source}
@@ -119,6 +145,57 @@ def report(ctx, installation_id, user_id, name, params=None, now: int | None = N
             if not is_transient(exc):
                 raise
     return result
+
+
+def precompute(ctx, installation_id: int, token: str, now: int, idle: int, interval: int,
+               deadline: float) -> dict:
+    """Keep the reports users asked for in the last ``idle`` seconds computed: each whose
+    cached copy is stale (a write or an access change since) or would expire before the
+    next run is computed again, most recently asked first, until ``deadline``
+    (``time.monotonic()``).  Requests older than ``idle`` are forgotten.  Counts."""
+    requests_key = keys.report_requests(installation_id)
+    counts = {"computed": 0, "current": 0, "forgotten": 0, "left": 0}
+    noted, forgotten = [], []
+    for field, value in ctx.redis.hgetall(requests_key).items():
+        try:
+            asked, name, raw = json.loads(value)
+            user_id = int(field.split(b":", 1)[0])
+            p = Params.from_json(raw)
+        except (ValueError, TypeError):
+            asked = name = None
+        if type(asked) is not int or asked < now - idle or name not in NAMES:
+            forgotten.append(field)
+            continue
+        noted.append((asked, user_id, name, p))
+    if forgotten:
+        ctx.redis.hdel(requests_key, *forgotten)
+        counts["forgotten"] = len(forgotten)
+    noted.sort(key=lambda n: -n[0])
+    pipe = ctx.redis.pipeline(transaction=False)
+    pipe.get(keys.ready(installation_id))
+    pipe.get(keys.data_version(installation_id))
+    for _, user_id, name, p in noted:
+        key = keys.report_cache(installation_id, user_id, p.digest(name))
+        pipe.getrange(key, 0, len(token) + 24)
+        pipe.ttl(key)
+    replies = pipe.execute()
+    ready, version = replies[0], replies[1]
+    if (ready.decode() if ready else None) != token:
+        counts["left"] = len(noted)
+        return counts  # the index does not mirror the database: nothing may be cached
+    tag = f"{token}|{int(version or 0)}"
+    for n, (_, user_id, name, p) in enumerate(noted):
+        head, ttl = replies[2 + 2 * n], replies[3 + 2 * n]
+        if head.split(b"\n", 1)[0].decode() == tag and ttl > interval + 30:
+            counts["current"] += 1
+            continue
+        if time.monotonic() > deadline:
+            counts["left"] += 1
+            continue
+        key = keys.report_cache(installation_id, user_id, p.digest(name))
+        _compute_and_store(ctx, installation_id, user_id, name, p, now, key, tag)
+        counts["computed"] += 1
+    return counts
 
 
 def compute(conn, installation_id: int, user_id: int, name: str, p: Params, now: int) -> tuple[list, str]:

@@ -91,6 +91,11 @@ class Settings:
     precompute_budget: int = 256 * 1024 * 1024
     #: Seconds between runs of ``crm.precompute_active`` on the beat schedule.
     precompute_interval: int = 300
+    #: Seconds between runs of ``crm.precompute_reports`` on the beat schedule (below the
+    #: cached reports' 300-second life, so that an active user's reports stay warm).
+    report_interval: int = 120
+    #: Seconds after a user last asked for a report during which the beat keeps it computed.
+    report_idle: int = 3600
     #: Seconds between runs of ``crm.reconcile_index`` on the beat schedule.
     reconcile_interval: int = 3600
     #: Milliseconds a process trusts its last proof that an installation's index mirrors
@@ -128,6 +133,8 @@ class Settings:
             precompute_idle=_int(env, "CRM_PRECOMPUTE_IDLE", 86400, 60, 365 * 86400),
             precompute_budget=_int(env, "CRM_PRECOMPUTE_BUDGET", 256 * 1024 * 1024, 0, 1 << 40),
             precompute_interval=_int(env, "CRM_PRECOMPUTE_INTERVAL", 300, 5, 86400),
+            report_interval=_int(env, "CRM_REPORT_INTERVAL", 120, 10, 240),
+            report_idle=_int(env, "CRM_REPORT_IDLE", 3600, 60, 7 * 86400),
             reconcile_interval=_int(env, "CRM_RECONCILE_INTERVAL", 3600, 10, 7 * 86400),
             mirror_check_ms=_int(env, "CRM_MIRROR_CHECK_MS", 1000, 0, 3_600_000),
         )
