@@ -200,3 +200,18 @@ def run_transaction(engine: sa.Engine, work: Callable, attempts: int = 4, pause:
                 raise
             log.warning("transient database fault, retry %d: %s", attempt + 1, exc.__class__.__name__)
             time.sleep(pause * (2 ** attempt))
+
+
+def update_rows(conn, table: sa.Table, key: str, rows: list[dict], size: int = 200) -> None:
+    """Set each row's other columns to its values, the row found by its ``key`` column: one
+    ``UPDATE … SET c = CASE key WHEN … END … WHERE key IN (…)`` per ``size`` rows (a
+    driver sends an executemany of UPDATEs one statement per row, one round trip each).
+    The same SQL on MySQL/MariaDB, TiDB and SQLite."""
+    if not rows:
+        return
+    k = table.c[key]
+    columns = [c for c in rows[0] if c != key]
+    for start in range(0, len(rows), size):
+        part = rows[start:start + size]
+        values = {c: sa.case({r[key]: sa.literal(r[c], table.c[c].type) for r in part}, value=k) for c in columns}
+        conn.execute(table.update().where(k.in_([r[key] for r in part])).values(values))

@@ -15,7 +15,7 @@ import time
 import sqlalchemy as sa
 
 from worker import metrics, redis_index, rollups
-from worker.db import COLUMNS, StoredRow, locking, meeting_reach, meetings, run_transaction
+from worker.db import COLUMNS, StoredRow, locking, meeting_reach, meetings, run_transaction, update_rows
 from worker.email.tables import PER_MESSAGE
 from worker.errors import InvalidArgument
 from worker.mirror import new_write_id, once, sync_sources, sync_written
@@ -72,9 +72,8 @@ def _write_chunk(conn, installation_id: int, chunk: list[Meeting], given: set[in
         conn.execute(meetings.insert(), [_row(m)._asdict() for m in inserts])
         stored += [_row(m) for m in inserts]
     if updates:
-        conn.execute(
-            meetings.update().where(meetings.c.id == sa.bindparam("b_id")),
-            [{"b_id": m.id, "client_id": m.client_id, "type": m.type, "status": m.status,
+        update_rows(conn, meetings, "id",
+            [{"id": m.id, "client_id": m.client_id, "type": m.type, "status": m.status,
               "meeting_s": m.meeting_s, "updated_s": m.updated_s, "updated_us": m.updated_us,
               "subject": m.subject, "details": m.details, "reach": None} for m in updates])
         # A meeting record replaces whatever an email of the same key stored: from now on

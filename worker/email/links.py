@@ -19,7 +19,7 @@ import json
 import sqlalchemy as sa
 
 from worker import rollups
-from worker.db import installations, meeting_reach, meetings
+from worker.db import installations, meeting_reach, meetings, update_rows
 from worker.email.addresses import domain_of, is_freemail
 from worker.email.tables import (client_domains, contact_addresses, contacts, email_links, email_mailboxes,
                                  email_participants, emails, user_addresses)
@@ -176,7 +176,7 @@ def materialize(conn, installation_id: int, ids, now_us: int, inserted=()) -> li
             removed.append(rollups.cell(row))
             added.append(rollups.Cell(primary, row.type, direction, row.meeting_s))
         updated_us = max(now_us, row.updated_us + 1)
-        updates.append({"b_id": meeting_id, "client_id": primary, "status": direction, "details": details,
+        updates.append({"id": meeting_id, "client_id": primary, "status": direction, "details": details,
                         "reach": reach, "updated_us": updated_us, "updated_s": updated_us // 1_000_000})
         changed.append(meeting_id)
     # A few statements per chunk, not per message.
@@ -185,8 +185,7 @@ def materialize(conn, installation_id: int, ids, now_us: int, inserted=()) -> li
             conn.execute(table.delete().where(table.c.meeting_id.in_(ids_[start:start + 500])))
         if rows:
             conn.execute(table.insert(), rows)
-    if updates:
-        conn.execute(meetings.update().where(meetings.c.id == sa.bindparam("b_id")), updates)
+    update_rows(conn, meetings, "id", updates)
     rollups.apply(conn, installation_id, removed, added)
     return changed
 

@@ -20,6 +20,7 @@ import hashlib
 
 import sqlalchemy as sa
 
+from worker.db import update_rows
 from worker.email.tables import email_refs, emails
 
 SUBJECT_WINDOW_S = 30 * 86400
@@ -72,12 +73,15 @@ def link_new(conn, installation_id: int, new: list) -> set:
         conn.execute(email_refs.insert(), rows)
     # Stored messages that a new one references leave their subject threads.
     for part in _chunks(named):
-        for meeting_id, key in conn.execute(sa.select(emails.c.meeting_id, emails.c.message_key).where(
-                emails.c.installation_id == installation_id, emails.c.message_key.in_(part))):
-            gone = conn.execute(email_refs.delete().where(
-                email_refs.c.meeting_id == meeting_id, email_refs.c.ref_key.like(SUBJECT_PREFIX + "%"))).rowcount
-            if gone:
-                start.add(key)
+        stored = dict(conn.execute(sa.select(emails.c.meeting_id, emails.c.message_key).where(
+            emails.c.installation_id == installation_id, emails.c.message_key.in_(part))).all())
+        if not stored:
+            continue
+        subject_edges = email_refs.c.meeting_id.in_(sorted(stored)), email_refs.c.ref_key.like(SUBJECT_PREFIX + "%")
+        left = conn.execute(sa.select(email_refs.c.meeting_id).where(*subject_edges)).scalars().all()
+        if left:
+            conn.execute(email_refs.delete().where(*subject_edges))
+            start.update(stored[i] for i in left)
     return start
 
 
@@ -136,6 +140,5 @@ def recompute(conn, installation_id: int, start: set) -> dict[int, str]:
         tid = thread_id(installation_id, smallest[root])
         if current.get(meeting_id) != tid:
             changed[meeting_id] = tid
-    for meeting_id, tid in changed.items():
-        conn.execute(emails.update().where(emails.c.meeting_id == meeting_id).values(thread_id=tid))
+    update_rows(conn, emails, "meeting_id", [{"meeting_id": m, "thread_id": t} for m, t in sorted(changed.items())])
     return changed
