@@ -285,6 +285,28 @@ def reached_meetings(installation_id: int, user_id: int):
                meeting_reach.c.user_id == user_id))
 
 
+def reached_rows(installation_id: int, user_id: int):
+    """Derived table ``reached(meeting_id)``: the same meetings as reached_meetings, in a
+    form a planner drives from (the user's mailbox rows, and the link rows of the user's
+    clients, each through its index) instead of testing every email against it."""
+    r, uc = meeting_reach.c, user_clients.c
+    via_mailbox = sa.select(r.meeting_id).where(r.installation_id == installation_id, r.user_id == user_id)
+    via_clients = (sa.select(r.meeting_id)
+                   .select_from(meeting_reach.join(user_clients, sa.and_(uc.installation_id == r.installation_id,
+                                                                         uc.client_id == r.client_id)))
+                   .where(uc.installation_id == installation_id, uc.user_id == user_id))
+    return sa.union(via_mailbox, via_clients).subquery("reached")
+
+
+def seen_beyond(installation_id: int, user_id: int, columns, *conds):
+    """SELECT ``columns`` of the meetings the user sees beyond their own clients (reached
+    through another linked client or their mailbox), driven from the reached rows."""
+    reached = reached_rows(installation_id, user_id)
+    return (sa.select(*columns).select_from(reached.join(meetings, meetings.c.id == reached.c.meeting_id))
+            .where(meetings.c.installation_id == installation_id,
+                   meetings.c.client_id.notin_(own_clients(installation_id, user_id)), *conds))
+
+
 def visible_condition(installation_id: int, user_id: int):
     """Client security in SQL: the meetings the user may see — their client is the user's,
     or (emails) another client they link to is, or they were read from the user's own

@@ -34,7 +34,7 @@ from worker import keys, rollups
 from worker.db import meetings
 from worker.email.tables import email_links, email_mailboxes, emails
 from worker.errors import InvalidArgument
-from worker.query import narrowing, own_clients, reached_meetings, token_list
+from worker.query import narrowing, own_clients, seen_beyond, token_list
 from worker.records import iso_seconds, parse_time, positive_int, to_seconds
 from worker.errors import REDIS_FAULTS, is_transient
 
@@ -73,6 +73,10 @@ class Params:
     def digest(self, name: str) -> str:
         text = json.dumps([name, self.client_ids, self.date_from, self.date_to, self.bucket])
         return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+#: No narrowing: every visible meeting.
+ALL = Params(client_ids=None, date_from=None, date_to=None, bucket="month")
 
 
 def validate(installation_id, user_id, name, params) -> tuple[int, int, str, Params]:
@@ -220,17 +224,16 @@ def _visible(conn, installation_id: int, user_id: int, p: Params, columns, *cond
     m = meetings.c
     own = own_clients(installation_id, user_id)
     mine = sa.select(*columns).where(m.installation_id == installation_id, m.client_id.in_(own), *_filters(p), *conds)
-    beyond = sa.select(*columns).where(m.installation_id == installation_id,
-                                       m.id.in_(reached_meetings(installation_id, user_id)),
-                                       m.client_id.notin_(own), *_filters(p), *conds)
+    beyond = seen_beyond(installation_id, user_id, columns, *_filters(p), *conds)
     return sa.union_all(_hinted(conn, mine), _hinted(conn, beyond)).subquery("seen")
 
 
-def _visible_messages(conn, installation_id: int, user_id: int, p: Params):
+def visible_messages(conn, installation_id: int, user_id: int, p: Params = None):
     """CTE ``v``: the visible stored messages, with their thread, and each message's
     ``outs_so_far`` (outbound messages of its thread up to and including it, in (date,
     id) order) and ``outs`` (outbound messages of its thread)."""
     m = meetings.c
+    p = ALL if p is None else p
     rows = _visible(conn, installation_id, user_id, p,
                     (m.id, m.meeting_s, m.status, m.subject, emails.c.thread_id),
                     m.type == "email", emails.c.meeting_id == m.id)
@@ -327,9 +330,7 @@ def activity(conn, installation_id: int, user_id: int, p: Params) -> list[dict]:
         label = _bucket_label(bucket, "week") if p.bucket == "week" else _month_label(bucket)
         counts[(client_id, type_, label)] += int(n)
     m = meetings.c
-    raw = [sa.select(m.client_id, m.type, m.meeting_s).where(
-        m.installation_id == installation_id, m.id.in_(reached_meetings(installation_id, user_id)),
-        m.client_id.notin_(own), *_filters(p))]
+    raw = [seen_beyond(installation_id, user_id, (m.client_id, m.type, m.meeting_s), *_filters(p))]
     # The partial days at the range's edges, from the rows of the clients the rollup says
     # had meetings on those days (a few, instead of a probe per client of the user).
     for edge_day, inside in ((None if first_day is None else first_day - 1, m.meeting_s < (first_day or 0) * DAY),
@@ -364,7 +365,7 @@ def percentile(sorted_values: list, q: float) -> float | None:
 
 
 def response_times(conn, installation_id: int, user_id: int, p: Params, now: int) -> list[dict]:
-    v = _visible_messages(conn, installation_id, user_id, p)
+    v = visible_messages(conn, installation_id, user_id, p)
     pairs = _pairs(v).cte("pairs")
     waits = sorted(conn.execute(sa.select(pairs.c.wait_s)).scalars())
     threads = conn.execute(sa.select(sa.func.count(sa.distinct(v.c.thread_id)))
@@ -382,7 +383,7 @@ def response_times(conn, installation_id: int, user_id: int, p: Params, now: int
 
 
 def awaiting_reply(conn, installation_id: int, user_id: int, p: Params, now: int) -> list[dict]:
-    v = _visible_messages(conn, installation_id, user_id, p)
+    v = visible_messages(conn, installation_id, user_id, p)
     waiting = _awaiting(v).cte("waiting")
     threads = {}
     stmt = (sa.select(waiting.c.thread_id, waiting.c.since, v.c.subject)
@@ -402,7 +403,7 @@ def awaiting_reply(conn, installation_id: int, user_id: int, p: Params, now: int
 
 
 def workload(conn, installation_id: int, user_id: int, p: Params, now: int) -> list[dict]:
-    v = _visible_messages(conn, installation_id, user_id, p)
+    v = visible_messages(conn, installation_id, user_id, p)
     box = email_mailboxes.c
     figures: dict = collections.defaultdict(lambda: {"received": 0, "sent": 0, "awaiting": 0, "waits": []})
     stmt = (sa.select(box.user_id, v.c.status, sa.func.count())

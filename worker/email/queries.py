@@ -18,7 +18,7 @@ from worker.db import meetings, user_clients
 from worker.email.addresses import fold
 from worker.email.tables import contact_terms, contacts, email_links, email_participants, emails
 from worker.errors import InvalidArgument
-from worker.query import MAX_LIMIT, bounded_int, token_list, visible_condition
+from worker.query import MAX_LIMIT, bounded_int, own_clients, seen_beyond, token_list, visible_condition
 from worker.records import item_json, iso_seconds, parse_time, positive_int, to_seconds
 
 MAX_CURSOR = 2048
@@ -68,13 +68,16 @@ def _fingerprint(*parts) -> str:
     return json.dumps(parts, sort_keys=True, default=str)
 
 
-def _visible_messages(conn, installation_id: int, user_id: int, thread_id: str | None = None):
-    q = (sa.select(emails.c.thread_id, meetings.c.id, meetings.c.meeting_s, meetings.c.status, meetings.c.subject)
-         .join(meetings, meetings.c.id == emails.c.meeting_id)
-         .where(emails.c.installation_id == installation_id, visible_condition(installation_id, user_id)))
-    if thread_id is not None:
-        q = q.where(emails.c.thread_id == thread_id)
-    return conn.execute(q.order_by(emails.c.thread_id, meetings.c.meeting_s, meetings.c.id)).all()
+def _visible_messages(conn, installation_id: int, user_id: int):
+    """The user's visible messages in thread and date order: those of the user's own
+    clients and those seen beyond them, each part read through its own index."""
+    m = meetings.c
+    columns = (emails.c.thread_id, m.id, m.meeting_s, m.status, m.subject)
+    conds = (emails.c.meeting_id == m.id,)
+    mine = sa.select(*columns).where(m.installation_id == installation_id,
+                                     m.client_id.in_(own_clients(installation_id, user_id)), *conds)
+    seen = sa.union_all(mine, seen_beyond(installation_id, user_id, columns, *conds)).subquery("seen")
+    return conn.execute(sa.select(seen).order_by(seen.c.thread_id, seen.c.meeting_s, seen.c.id)).all()
 
 
 def _chunks(values, size=500):
