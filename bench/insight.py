@@ -217,3 +217,32 @@ def measure_reports(bench, data) -> None:
     say("  " + ", ".join(f"{who} activity {f['activity']['p50_ms']} ms vs naive {f['activity']['naive_sql_p50_ms']} ms"
                          for who, f in out.items()))
 
+
+
+def measure_threads(bench, data) -> None:
+    """crm.query_threads and crm.search_contacts (their plain functions, database-served)
+    for the 2,000-client and the 50-client user: page 1, p50 and p99."""
+    from bench.run import percentiles, timed
+    from worker.email import queries
+    from worker.email.tables import contacts
+    say("threads and contacts (page 1 of 20)")
+    seconds = max(2.0, bench.args.seconds / 4)
+    samples = max(20, bench.args.samples // 5)
+    with bench.engine.connect() as conn:
+        name = conn.execute(sa.select(contacts.c.name).where(contacts.c.installation_id == 1).limit(1)).scalar()
+    prefix = (name or "a")[:3]
+    calls = {
+        "query_threads": lambda u: queries.query_threads(bench.ctx, 1, u),
+        "query_threads_awaiting": lambda u: queries.query_threads(bench.ctx, 1, u, awaiting_reply=True),
+        "search_contacts": lambda u: queries.search_contacts(bench.ctx, 1, u),
+        "search_contacts_prefix": lambda u: queries.search_contacts(bench.ctx, 1, u, q=prefix),
+    }
+    out = {}
+    for who, user in _users(data).items():
+        figures = {}
+        for label, call in calls.items():
+            ns = timed(lambda: call(user), [()] * samples, seconds, f"{label} ({who})")
+            p = percentiles(ns)
+            figures[label] = {"p50_ms": p["p50"], "p99_ms": p["p99"], "total": call(user)["total"]}
+        out[who] = figures
+    bench.result["threads"] = out

@@ -79,6 +79,10 @@ def ratios(result) -> tuple[dict, dict]:
         targets["activity, last 90 days, >= 10x naive SQL"] = at_least(
             reports.get("activity_90_days", {}).get("naive_over_rollup"), 10)
         targets["cached report <= 3 Redis round trips"] = all(reports[n]["cached_round_trips"] <= 3 for n in names)
+    threads = result.get("threads", {}).get("2000_clients")
+    if threads:
+        targets["query_threads and search_contacts cold p99 <= 50 ms (2,000-client user)"] = all(
+            f["p99_ms"] <= 50 for f in threads.values())
     return r, targets
 
 
@@ -128,6 +132,9 @@ def table(result) -> str:
                                           if "cached_p50_ms" in f else "")
             + (f" / naive SQL {f['naive_sql_p50_ms']} ms" if "naive_sql_p50_ms" in f else "")
             for name, f in figures.items() if isinstance(f, dict)))
+    for who, figures in result.get("threads", {}).items():
+        lines.append(f"threads and contacts, {who.replace('_', ' ')} user: " + "; ".join(
+            f"{name} p50 {f['p50_ms']} / p99 {f['p99_ms']} ms ({f['total']} found)" for name, f in figures.items()))
     lines.append("")
     for name, met in result.get("targets", {}).items():
         lines.append(f"[{'met' if met else 'MISSED' if met is False else 'n/a'}] {name}")

@@ -486,10 +486,11 @@ class Bench:
         self.measure_memory(data, seed_memory)
         self.measure_celery(data)
         self.measure_precompute(data)
-        from bench.insight import measure_email, measure_reports
+        from bench.insight import measure_email, measure_reports, measure_threads
         if self.args.emails:
             measure_email(self, self.args.emails)
         measure_reports(self, data)
+        measure_threads(self, data)
         from bench.report import ratios
         self.result["ratios"], self.result["targets"] = ratios(self.result)
         return self.result
