@@ -170,7 +170,7 @@ def precompute(ctx, installation_id: int, token: str, now: int, idle: int, inter
         if type(asked) is not int or asked < now - idle or name not in NAMES:
             forgotten.append(field)
             continue
-        noted.append((asked, user_id, name, p))
+        noted.append((asked, user_id, name, p, keys.report_cache(installation_id, user_id, p.digest(name))))
     if forgotten:
         ctx.redis.hdel(requests_key, *forgotten)
         counts["forgotten"] = len(forgotten)
@@ -178,8 +178,7 @@ def precompute(ctx, installation_id: int, token: str, now: int, idle: int, inter
     pipe = ctx.redis.pipeline(transaction=False)
     pipe.get(keys.ready(installation_id))
     pipe.get(keys.data_version(installation_id))
-    for _, user_id, name, p in noted:
-        key = keys.report_cache(installation_id, user_id, p.digest(name))
+    for *_, key in noted:
         pipe.getrange(key, 0, len(token) + 24)
         pipe.ttl(key)
     replies = pipe.execute()
@@ -188,7 +187,7 @@ def precompute(ctx, installation_id: int, token: str, now: int, idle: int, inter
         counts["left"] = len(noted)
         return counts  # the index does not mirror the database: nothing may be cached
     tag = f"{token}|{int(version or 0)}"
-    for n, (_, user_id, name, p) in enumerate(noted):
+    for n, (_, user_id, name, p, key) in enumerate(noted):
         head, ttl = replies[2 + 2 * n], replies[3 + 2 * n]
         if head.split(b"\n", 1)[0].decode() == tag and ttl > interval + 30:
             counts["current"] += 1
@@ -196,7 +195,6 @@ def precompute(ctx, installation_id: int, token: str, now: int, idle: int, inter
         if time.monotonic() > deadline:
             counts["left"] += 1
             continue
-        key = keys.report_cache(installation_id, user_id, p.digest(name))
         _compute_and_store(ctx, installation_id, user_id, name, p, now, key, tag)
         counts["computed"] += 1
     return counts
