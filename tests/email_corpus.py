@@ -58,6 +58,8 @@ class Message:
     mailboxes: list       # users it is read from
     inbound: bool
     subject: str
+    hints: dict = dataclasses.field(default_factory=dict)  # user -> provider_thread_id
+    refs: list = dataclasses.field(default_factory=list)
 
     @property
     def links(self):
@@ -143,3 +145,71 @@ def expected_threads(messages, user_clients: set, user_id: int) -> dict:
         out[conv] = {"messages": len(ms), "last_at": ms[-1].date_s, "first_at": ms[0].date_s,
                      "awaiting": awaiting, "keys": {m.key for m in ms}}
     return out
+
+
+# A tangled world for the threading property test: replies to messages that may arrive
+# later, ids that never arrive (ghosts), messages that join two threads, headerless
+# messages that share a subject and correspondents, and providers' thread ids.
+_SUBJECTS = ["Plan", "Re: Plan", "AW: Plan", "SV: plan", "Budget", "RE: Budget", "Other"]
+_PAIRS = [("a@c1.com", "u1@ours.com"), ("u1@ours.com", "a@c1.com"), ("c@c2.com", "u2@ours.com")]
+_WINDOW = 30 * 86400
+
+
+def tangled(seed: int, size: int = 14) -> list[Message]:
+    rng = random.Random(seed)
+    base = 1_700_000_000
+    keys = [f"t{n}@x" for n in range(size)]
+    ghosts = ["ghost1@x", "ghost2@x"]
+    out = []
+    for n, key in enumerate(keys):
+        sender, to = rng.choice(_PAIRS)
+        # Two windows, so that a subject joins only within one.
+        date_s = base + rng.choice([0, _WINDOW]) + rng.randint(0, 86400)
+        refs = rng.sample([k for k in keys + ghosts if k != key], rng.randint(1, 3)) if rng.random() < 0.5 else []
+        subject = rng.choice(_SUBJECTS)
+        headers = [("Message-ID", f"<{key}>"), ("From", sender), ("To", to), ("Subject", subject),
+                   ("Date", email.utils.formatdate(date_s))]
+        if refs:
+            headers += [("In-Reply-To", f"<{refs[-1]}>"), ("References", " ".join(f"<{r}>" for r in refs))]
+        mailboxes = sorted(rng.sample([1, 2], rng.randint(1, 2)))
+        hints = {u: rng.choice(["T1", "T2"]) for u in mailboxes if rng.random() < 0.4}
+        out.append(Message(key, -1, _raw(headers), date_s, sender, [("from", sender), ("to", to)], mailboxes,
+                           sender not in INSIDERS, subject, hints, refs))
+    return out
+
+
+def _normal_subject(subject: str) -> str:
+    words = subject.lower().split(": ")
+    return words[-1]
+
+
+def oracle_partition(messages) -> set:
+    """The threads as sets of keys: messages joined to the ids they name (stored or not);
+    a message naming none and named by none joined to its subject in its 30-day window
+    with its correspondents, and to each of its mailboxes' provider thread ids."""
+    parent = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    def union(a, b):
+        a, b = find(a), find(b)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    named = {r for m in messages for r in m.refs}
+    for m in messages:
+        find(m.key)
+        for r in m.refs:
+            union(m.key, r)
+        if not m.refs and m.key not in named:
+            pair = tuple(sorted({m.participants[0][1], m.participants[1][1]}))
+            union(m.key, f"~subject {_normal_subject(m.subject)} {pair} {m.date_s // _WINDOW}")
+            for user, hint in m.hints.items():
+                union(m.key, f"~provider {user} {hint}")
+    groups = {}
+    for m in messages:
+        groups.setdefault(find(m.key), set()).add(m.key)
+    return {frozenset(g) for g in groups.values()}

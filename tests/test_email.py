@@ -11,12 +11,15 @@ import sysconfig
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.email_corpus import CLIENTS, CONTACTS, USERS, b64, corpus, expected_threads, visible
 from tests.helpers import assert_index_matches, query
 from worker.access import change
 from worker.email import directory, queries, store
 from worker.email.tables import email_links, email_refs, emails
+from worker.email.threads import thread_id
 
 I = 1
 
@@ -381,4 +384,73 @@ def test_rebuild_and_reconcile_restore_the_email_index(clean):
     head, _, item = value.partition(b"|")
     ctx.redis.hset(keys.payloads(I), field, b" ".join(head.split(b" ")[:6]) + b"|" + item)
     assert reconcile(ctx, I)["meetings_repaired"] == 1
+    assert_index_matches(ctx.engine, ctx.redis, I)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(seed=st.integers(0, 100_000), order=st.randoms(use_true_random=False), chunk=st.integers(1, 9))
+def test_property_any_order_and_batching_gives_the_oracles_threads_and_links(engine, redis_client, seed, order,
+                                                                             chunk):
+    """Any permutation of the deliveries of a tangled corpus (replies before parents,
+    ghosts, bridges, subjects, provider hints), in any batch sizes, stores the threads of
+    an independent union-find and the links of the brute-force rule."""
+    from tests.conftest import make_context, wipe
+    from tests.email_corpus import oracle_partition, tangled
+    messages = tangled(seed)
+    wipe(engine, redis_client)
+    ctx = make_context(engine, redis_client)
+    setup_directory(ctx)
+    deliveries = [(u, m) for m in messages for u in m.mailboxes]
+    order.shuffle(deliveries)
+    for start in range(0, len(deliveries), chunk):
+        part = deliveries[start:start + chunk]
+        for user in sorted({u for u, _ in part}):
+            batch = [{"raw": b64(m.raw), **({"provider_thread_id": m.hints[u]} if u in m.hints else {})}
+                     for u, m in part if u == user]
+            assert store.ingest_emails(ctx, I, user, batch)["rejected"] == []
+    threads, links = stored_state(engine)
+    groups = {}
+    for key, tid in threads.items():
+        groups.setdefault(tid, set()).add(key)
+    assert {frozenset(g) for g in groups.values()} == oracle_partition(messages)
+    # A thread's id is derived from its smallest id, stored or ghost: the same in any order.
+    with engine.connect() as conn:
+        named = set(conn.execute(sa.select(email_refs.c.ref_key)).scalars())
+    for tid, keys_ in groups.items():
+        nodes = set(keys_) | {r for m in messages if m.key in keys_ for r in m.refs}
+        assert tid == thread_id(I, min(n for n in nodes if " " not in n)), (tid, keys_)
+        assert nodes - set(keys_) <= named
+    for m in messages:
+        assert [c for c, _ in links.get(m.key, [])] == m.links, m.key
+    assert_index_matches(ctx.engine, ctx.redis, I)
+
+
+def test_provider_thread_ids_join_headerless_messages_of_one_mailbox_only(clean):
+    ctx = clean
+    setup_directory(ctx)
+
+    def msg(key, subject, hint=None, refs=""):
+        text = (f"Message-ID: <{key}>\r\nFrom: a@c1.com\r\nTo: u1@ours.com\r\nSubject: {subject}\r\n"
+                f"Date: Mon, 02 Jan 2023 10:00:00 +0000\r\n" + (f"References: {refs}\r\n" if refs else ""))
+        return {"raw": b64((text + "\r\nx").encode()), **({"provider_thread_id": hint} if hint else {})}
+    # Different subjects, one provider thread: one thread.
+    store.ingest_emails(ctx, I, 1, [msg("p1@x", "Quote", "G7"), msg("p2@x", "Changed subject", "G7")])
+    # The same provider id in another mailbox is another account's thread.
+    store.ingest_emails(ctx, I, 2, [msg("p3@x", "Unrelated", "G7")])
+    threads, _ = stored_state(ctx.engine)
+    assert threads["p1@x"] == threads["p2@x"] != threads["p3@x"]
+    # p3 read from user 1's mailbox in G7 too: the hint of that mailbox joins it.
+    store.ingest_emails(ctx, I, 1, [msg("p3@x", "Unrelated", "G7")])
+    threads, _ = stored_state(ctx.engine)
+    assert threads["p1@x"] == threads["p3@x"]
+    # A message with threading headers ignores the hint: headers decide.
+    store.ingest_emails(ctx, I, 1, [msg("p4@x", "Quote", "G7", refs="<elsewhere@x>")])
+    threads, _ = stored_state(ctx.engine)
+    assert threads["p4@x"] != threads["p1@x"]
+    # Once a stored message references p2, p2 leaves its weak thread for the reply's.
+    store.ingest_emails(ctx, I, 1, [msg("p5@x", "Re: x", refs="<p2@x>")])
+    threads, _ = stored_state(ctx.engine)
+    assert threads["p2@x"] == threads["p5@x"] != threads["p1@x"]
+    assert threads["p1@x"] == threads["p3@x"]
     assert_index_matches(ctx.engine, ctx.redis, I)

@@ -127,11 +127,13 @@ def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming]
         participant_rows += [{"installation_id": installation_id, "meeting_id": target, "position": i, "role": role,
                               "address": address, "domain": domain_of(address)}
                              for i, (role, address, _name) in enumerate(p.participants)]
-        subject = None if p.refs else threads.subject_node(p.subject_key, p.participants, m.date_s)
-        new_edges.append((target, variant.message_key, p.refs, subject))
+        weak = [] if p.refs else [n for n in (threads.subject_node(p.subject_key, p.participants, m.date_s),
+                                             threads.provider_node(user_id, m.provider_thread_id)) if n]
+        new_edges.append((target, variant.message_key, p.refs, weak))
     for table, rows in ((meetings, meeting_rows), (emails, email_rows), (email_participants, participant_rows)):
         if rows:
             conn.execute(table.insert(), rows)
+    mailbox_rows_by_variant = mailbox_rows
     mailbox_rows = [(v.meeting_id, m) for v, m in mailbox_rows]
     touched = {t for t, _ in mailbox_rows}
     present = set()
@@ -146,8 +148,13 @@ def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming]
                                "provider_id": m.provider_id, "provider_thread_id": m.provider_thread_id}
     if inserts:
         conn.execute(email_mailboxes.insert(), list(inserts.values()))
-    if new_edges:
-        start = threads.link_new(conn, installation_id, new_edges)
+    # A stored message read from one more mailbox takes that mailbox's provider thread hint.
+    fresh_ids = {v.meeting_id for _, v in fresh}
+    keys = {v.meeting_id: v.message_key for v, _ in mailbox_rows_by_variant}
+    hints = [(target, keys[target], threads.provider_node(user_id, row["provider_thread_id"]))
+             for target, row in sorted(inserts.items()) if target not in fresh_ids and row["provider_thread_id"]]
+    if new_edges or hints:
+        start = threads.link_new(conn, installation_id, new_edges, hints)
         touched |= set(threads.recompute(conn, installation_id, start))
     changed = materialize(conn, installation_id, touched, now_us,
                           inserted=[rollups.Cell(0, "email", "inbound", r["meeting_s"]) for r in meeting_rows])

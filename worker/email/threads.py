@@ -6,7 +6,12 @@ A message with neither header, and referenced by no stored message, is joined in
 a subject node: its normalized subject (localized prefixes gone) with the unordered pair
 of its sender and first recipient, in a 30-day window — so a subject never merges threads
 that headers keep apart, and a message leaves its subject thread as soon as a stored
-message references it.
+message references it.  Such a message is joined as well, for each mailbox that gave a
+``provider_thread_id``, to that mailbox's provider thread node: the provider's own
+grouping (a Gmail or Graph conversation id) is a hint with the same weight as a subject,
+scoped to the mailbox because providers number threads per account.  Subject and hint
+nodes are the weak nodes: their names hold a space, never name a thread, and go with the
+message's weak edges.
 
 The edges are a function of the stored messages alone, and a thread's id is derived from
 its smallest key, so any arrival order of the same messages gives the same threads.
@@ -43,32 +48,55 @@ def subject_node(subject_key: str | None, participants, date_s: int) -> str | No
     return SUBJECT_PREFIX + digest
 
 
+def provider_node(user_id: int, provider_thread_id: str | None) -> str | None:
+    if not provider_thread_id:
+        return None
+    digest = hashlib.blake2b(f"{user_id}\x00{provider_thread_id}".encode(), digest_size=16).hexdigest()
+    return SUBJECT_PREFIX + "p" + digest
+
+
 def _chunks(values, size=500):
     values = sorted(values)
     for start in range(0, len(values), size):
         yield values[start:start + size]
 
 
-def link_new(conn, installation_id: int, new: list) -> set:
+def link_new(conn, installation_id: int, new: list, hints: list = ()) -> set:
     """Write the edges of newly stored messages ``new`` ([(meeting_id, key, refs,
-    subject node or None)]) and drop the subject edges of stored messages they reference.
+    [weak nodes]: subject and provider hints)]) and drop the weak edges of stored messages
+    they reference; add the provider hints ``hints`` ([(meeting_id, key, node)]) that a
+    new mailbox gives a stored message without threading headers.
     Returns the nodes whose components must be recomputed."""
     start = set()
-    keys = {key for _, key, _, _ in new}
+    keys = {key for _, key, _, _ in new} | {key for _, key, _ in hints}
     referenced = set()
     for part in _chunks(keys):
         referenced.update(conn.execute(sa.select(email_refs.c.ref_key).where(
             email_refs.c.installation_id == installation_id, email_refs.c.ref_key.in_(part))).scalars())
     named = {ref for _, _, refs, _ in new for ref in refs}
     rows = []
-    for meeting_id, key, refs, subject in new:
+    for meeting_id, key, refs, weak in new:
         start.add(key)
         for ref in refs:
             rows.append({"installation_id": installation_id, "meeting_id": meeting_id, "ref_key": ref})
             start.add(ref)
-        if not refs and subject and key not in referenced and key not in named:
-            rows.append({"installation_id": installation_id, "meeting_id": meeting_id, "ref_key": subject})
-            start.add(subject)
+        if not refs and key not in referenced and key not in named:
+            for node in sorted(set(weak)):
+                rows.append({"installation_id": installation_id, "meeting_id": meeting_id, "ref_key": node})
+                start.add(node)
+    if hints:
+        candidates = {(m, node) for m, key, node in hints if key not in referenced and key not in named}
+        ids = sorted({m for m, _ in candidates})
+        have = set()
+        for part in _chunks(ids):
+            have.update(tuple(r) for r in conn.execute(sa.select(email_refs.c.meeting_id, email_refs.c.ref_key).where(
+                email_refs.c.meeting_id.in_(part))).all())
+        # Only a message whose edges are all weak (no threading headers) takes a hint.
+        strong = {m for m, ref in have if not ref.startswith(SUBJECT_PREFIX)}
+        for meeting_id, node in sorted(candidates - have):
+            if meeting_id not in strong:
+                rows.append({"installation_id": installation_id, "meeting_id": meeting_id, "ref_key": node})
+                start.update((node, next(k for m, k, _ in hints if m == meeting_id)))
     if rows:
         conn.execute(email_refs.insert(), rows)
     # Stored messages that a new one references leave their subject threads.
@@ -78,10 +106,12 @@ def link_new(conn, installation_id: int, new: list) -> set:
         if not stored:
             continue
         subject_edges = email_refs.c.meeting_id.in_(sorted(stored)), email_refs.c.ref_key.like(SUBJECT_PREFIX + "%")
-        left = conn.execute(sa.select(email_refs.c.meeting_id).where(*subject_edges)).scalars().all()
+        left = conn.execute(sa.select(email_refs.c.meeting_id, email_refs.c.ref_key).where(*subject_edges)).all()
         if left:
             conn.execute(email_refs.delete().where(*subject_edges))
-            start.update(stored[i] for i in left)
+            # The message and what stays joined to the nodes it left: both may split.
+            start.update(stored[i] for i, _ in left)
+            start.update(node for _, node in left)
     return start
 
 
