@@ -36,6 +36,25 @@ def test_ingest_query_and_fallback_on_sqlite(sqlite_engine, redis_client):
 
 def test_schema_upgrade_is_idempotent(sqlite_engine):
     from worker.schema import upgrade
-    assert upgrade(sqlite_engine) == upgrade(sqlite_engine) == "0004"
+    assert upgrade(sqlite_engine) == upgrade(sqlite_engine) == "0005"
     tables = set(sa.inspect(sqlite_engine).get_table_names())
     assert {"meetings", "user_clients", "users", "installations", "crm_meta", "alembic_version"} <= tables
+
+
+def test_migration_0005_fills_the_domains_of_existing_user_addresses(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+
+    from worker.schema import MIGRATIONS, upgrade
+    sqlite_engine = sa.create_engine(f"sqlite:///{tmp_path}/old.db")
+    config = Config()
+    config.set_main_option("script_location", MIGRATIONS)
+    with sqlite_engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0004")
+        conn.exec_driver_sql("INSERT INTO user_addresses (installation_id, address, user_id) VALUES "
+                             "(1, 'ann@mail.acme.co.uk', 1), (1, 'bob@gmail.com', 2)")
+    assert upgrade(sqlite_engine) == "0005"
+    with sqlite_engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT address, domain FROM user_addresses ORDER BY address").all()
+    assert [tuple(r) for r in rows] == [("ann@mail.acme.co.uk", "acme.co.uk"), ("bob@gmail.com", "gmail.com")]

@@ -209,9 +209,21 @@ def update_rows(conn, table: sa.Table, key: str, rows: list[dict], size: int = 2
     The same SQL on MySQL/MariaDB, TiDB and SQLite."""
     if not rows:
         return
-    k = table.c[key]
     columns = [c for c in rows[0] if c != key]
+    # The statement is written out with plain parameters (each value through its column's
+    # bind processing): building it from SQLAlchemy expressions cost more than running it.
+    dialect = conn.dialect
+    process = {c: table.c[c].type._cached_bind_processor(dialect) for c in [key, *columns]}
+    quote = dialect.identifier_preparer.quote
     for start in range(0, len(rows), size):
         part = rows[start:start + size]
-        values = {c: sa.case({r[key]: sa.literal(r[c], table.c[c].type) for r in part}, value=k) for c in columns}
-        conn.execute(table.update().where(k.in_([r[key] for r in part])).values(values))
+        params = {}
+        for n, r in enumerate(part):
+            for i, c in enumerate([key, *columns]):
+                value = r[c]
+                params[f"p{n}_{i}"] = process[c](value) if process[c] and value is not None else value
+        sets = ", ".join(
+            f"{quote(c)} = CASE {quote(key)} " + " ".join(f"WHEN :p{n}_0 THEN :p{n}_{i}" for n in range(len(part)))
+            + " END" for i, c in enumerate(columns, 1))
+        keys_ = ", ".join(f":p{n}_0" for n in range(len(part)))
+        conn.execute(sa.text(f"UPDATE {quote(table.name)} SET {sets} WHERE {quote(key)} IN ({keys_})"), params)

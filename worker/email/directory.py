@@ -11,7 +11,7 @@ import time
 import sqlalchemy as sa
 
 from worker.db import locking, run_transaction, users
-from worker.email.addresses import canonical_address, fold, is_freemail, name_terms, registrable_domain
+from worker.email.addresses import canonical_address, domain_of, fold, is_freemail, name_terms, registrable_domain
 from worker.email.links import affected_messages, lock_installation, materialize, own_domains_of
 from worker.email.tables import (client_domains, clients, contact_addresses, contact_terms, contacts,
                                  user_addresses)
@@ -230,7 +230,7 @@ def _write_users(conn, installation_id: int, valid: list) -> dict:
                                                        user_addresses.c.address.in_(sorted(gone))))
         if new:
             conn.execute(user_addresses.insert(), [{"installation_id": installation_id, "address": a,
-                                                    "user_id": user_id} for a in sorted(new)])
+                                                    "user_id": user_id, "domain": domain_of(a)} for a in sorted(new)])
         touched |= gone | new
     all_after = set(conn.execute(sa.select(user_addresses.c.address).where(
         user_addresses.c.installation_id == installation_id)).scalars())

@@ -31,8 +31,8 @@ DOMAIN = "client_domain"
 @dataclasses.dataclass
 class Directory:
     """The part of the directory that a set of messages needs."""
-    users: set            # canonical addresses of the installation's users
-    own_domains: set      # their registrable domains, free-mail aside
+    users: set            # those of the addresses asked about that are the installation's users'
+    own_domains: set      # those of their domains that are a user's registrable domain, free-mail aside
     contacts: dict        # address -> [(source_id, contact_id, client_id)], by source_id
     domains: dict         # registrable domain -> client_id
 
@@ -42,10 +42,19 @@ def own_domains_of(addresses) -> set:
 
 
 def load_directory(conn, installation_id: int, addresses: set) -> Directory:
-    users = set(conn.execute(sa.select(user_addresses.c.address).where(
-        user_addresses.c.installation_id == installation_id)).scalars())
+    """What the directory says of ``addresses`` (and of their domains), read through the
+    indexes: a few rows per participant, not the installation's whole directory."""
     found = collections.defaultdict(list)
     wanted = sorted(addresses)
+    domains = sorted({domain_of(a) for a in addresses})
+    users, own = set(), set()
+    u = user_addresses.c
+    for start in range(0, len(wanted), 500):
+        users.update(conn.execute(sa.select(u.address).where(
+            u.installation_id == installation_id, u.address.in_(wanted[start:start + 500]))).scalars())
+    for start in range(0, len(domains), 500):
+        own.update(conn.execute(sa.select(u.domain).distinct().where(
+            u.installation_id == installation_id, u.domain.in_(domains[start:start + 500]))).scalars())
     for start in range(0, len(wanted), 500):
         for address, source_id, contact_id, client_id in conn.execute(
                 sa.select(contact_addresses.c.address, contacts.c.source_id, contacts.c.id, contacts.c.client_id)
@@ -55,13 +64,12 @@ def load_directory(conn, installation_id: int, addresses: set) -> Directory:
             found[address].append((source_id, contact_id, client_id))
     for entries in found.values():
         entries.sort()
-    domains = sorted({domain_of(a) for a in addresses})
     owners = {}
     for start in range(0, len(domains), 500):
         owners.update(conn.execute(sa.select(client_domains.c.domain, client_domains.c.client_id).where(
             client_domains.c.installation_id == installation_id,
             client_domains.c.domain.in_(domains[start:start + 500]))).all())
-    return Directory(users, own_domains_of(users), dict(found), owners)
+    return Directory(users, {d for d in own if not is_freemail(d)}, dict(found), owners)
 
 
 def derive_links(participants, directory: Directory) -> list[tuple[int, int | None, str, int]]:

@@ -23,12 +23,15 @@ client_domains = sa.Table(
     sa.Column("client_id", BigInt, nullable=False),
 )
 
-#: Canonical address -> the user of the installation who writes from it.
+#: Canonical address -> the user of the installation who writes from it; ``domain`` is
+#: its registrable domain (migration 0005).
 user_addresses = sa.Table(
     "user_addresses", metadata,
     sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
     sa.Column("address", Utf8Key(), primary_key=True),
     sa.Column("user_id", BigInt, nullable=False),
+    sa.Column("domain", Utf8Key(), nullable=False, server_default=""),
+    sa.Index("ix_user_addresses_domain", "installation_id", "domain"),
 )
 
 #: Contacts; ``sort_name`` is the folded name (search order), ``emails`` the JSON list.
