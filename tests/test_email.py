@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from tests.email_corpus import CLIENTS, CONTACTS, USERS, b64, corpus, expected_threads, visible
 from tests.helpers import assert_index_matches, query
 from worker.access import change
+from worker.db import meeting_reach
 from worker.email import directory, queries, store
 from worker.email.tables import email_links, email_refs, emails
 from worker.email.threads import thread_id
@@ -172,6 +173,21 @@ def test_visibility_matches_the_oracle_in_every_query(clean, seed):
                 e = expect_threads[conv]
                 assert keys_ == e["keys"] and item["messages"] == e["messages"]
                 assert item["awaiting_reply_since"] == (queries.iso_seconds(e["awaiting"]) if e["awaiting"] else None)
+                assert item["last_at"] == queries.iso_seconds(e["last_at"])
+            assert [i["last_at"] for i in got["items"]] == sorted((i["last_at"] for i in got["items"]), reverse=True)
+            for awaiting in (True, False):
+                part = queries.query_threads(ctx, I, user, awaiting_reply=awaiting, limit=200)
+                assert part["total"] == sum((e["awaiting"] is not None) == awaiting for e in expect_threads.values())
+            # Paged three at a time: the same threads in the same order, the same total on each page.
+            paged, cursor = [], None
+            while True:
+                page = queries.query_threads(ctx, I, user, limit=3, cursor=cursor)
+                assert page["total"] == got["total"]
+                paged += page["items"]
+                cursor = page["next_cursor"]
+                if cursor is None:
+                    break
+            assert paged == got["items"]
             # Contacts: only those of clients the user may see.
             got = queries.search_contacts(ctx, I, user, limit=200)
             assert {c["source_id"] for c in got["items"]} == {s for s, (_, _, c, _) in CONTACTS.items() if c in clients}
@@ -423,6 +439,16 @@ def test_property_any_order_and_batching_gives_the_oracles_threads_and_links(eng
         assert nodes - set(keys_) <= named
     for m in messages:
         assert [c for c, _ in links.get(m.key, [])] == m.links, m.key
+    # Who else may see each email: its other linked clients and its mailboxes, never its
+    # primary client (found through the meeting row itself).
+    with engine.connect() as conn:
+        ids = dict(conn.execute(sa.select(emails.c.message_key, emails.c.meeting_id)).all())
+        reach = set(conn.execute(sa.select(meeting_reach.c.meeting_id, meeting_reach.c.client_id,
+                                           meeting_reach.c.user_id)).all())
+        reach = {tuple(r) for r in reach}
+    expect = {(ids[m.key], c, 0) for m in messages for c in set(m.links[1:]) - set(m.links[:1])}
+    expect |= {(ids[m.key], 0, u) for m in messages for u in m.mailboxes}
+    assert reach == expect
     assert_index_matches(ctx.engine, ctx.redis, I)
 
 

@@ -298,3 +298,17 @@ def test_merged_and_unioned_answers_agree(clean):
                 total, _, items = from_database(conn, parse(args, ctx.cursor_secret()))
             assert got["total"] == total == 1200 and got["source"] == "index"
             assert page_sources(got) == [json.loads(t)["source_id"] for t in items][:13]
+
+
+def test_seen_beyond_is_driven_from_the_reached_rows_and_keeps_an_optimizer_hint_first():
+    """MariaDB scanned every meeting against the reached rows until the join order was
+    fixed; a TiDB optimizer hint is only read right after SELECT."""
+    from sqlalchemy.dialects import mysql, sqlite
+
+    from worker.db import meetings
+    from worker.query import seen_beyond
+    stmt = seen_beyond(1, 2, (meetings.c.id,), hint="/*+ READ_FROM_STORAGE(TIFLASH[meetings]) */")
+    text = str(stmt.compile(dialect=mysql.dialect()))
+    assert text.startswith("SELECT /*+ READ_FROM_STORAGE(TIFLASH[meetings]) */ STRAIGHT_JOIN meetings.id")
+    assert "FROM user_clients INNER JOIN meeting_reach" in text.replace("\n", " ")
+    assert "STRAIGHT_JOIN" not in str(stmt.compile(dialect=sqlite.dialect()))

@@ -95,8 +95,11 @@ users = sa.Table(
     sa.Column("emails", sa.Text),       # crm.upsert_users: JSON list of addresses as given
 )
 
-#: Who besides ``meetings.client_id`` makes a meeting visible: one row per linked client
-#: (``user_id`` 0) and per mailbox it was read from (``client_id`` 0).  Emails only.
+#: Who besides ``meetings.client_id`` makes a meeting visible: one row per other linked
+#: client (``user_id`` 0) and per mailbox it was read from (``client_id`` 0).  Emails only.
+#: The primary client has no row (since migration 0005): the meetings of a user's own
+#: clients are found through ``meetings``' own index, and a broad user's "seen beyond"
+#: lookup would otherwise walk every one of them again.
 meeting_reach = sa.Table(
     "meeting_reach", metadata,
     sa.Column("installation_id", BigInt, nullable=False),

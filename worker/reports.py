@@ -222,8 +222,8 @@ def _visible(conn, installation_id: int, user_id: int, p: Params, columns, *cond
     m = meetings.c
     own = own_clients(installation_id, user_id)
     mine = sa.select(*columns).where(m.installation_id == installation_id, m.client_id.in_(own), *_filters(p), *conds)
-    beyond = seen_beyond(installation_id, user_id, columns, *_filters(p), *conds)
-    return sa.union_all(_hinted(conn, mine), _hinted(conn, beyond)).subquery("seen")
+    beyond = seen_beyond(installation_id, user_id, columns, *_filters(p), *conds, hint=_hint(conn))
+    return sa.union_all(_hinted(conn, mine), beyond).subquery("seen")
 
 
 def visible_messages(conn, installation_id: int, user_id: int, p: Params = None):
@@ -263,13 +263,15 @@ def _awaiting(v):
             .group_by(v.c.thread_id))
 
 
-def _hinted(conn, stmt):
+def _hint(conn) -> str | None:
     """On TiDB with TiFlash replicas of the tables, read the columnar replicas (the hint
     goes in the query block that reads the tables, by their unaliased names)."""
-    if tiflash_ready(conn):
-        stmt = stmt.prefix_with("/*+ READ_FROM_STORAGE(TIFLASH[meetings, emails, meeting_days]) */",
-                                dialect="mysql")
-    return stmt
+    return "/*+ READ_FROM_STORAGE(TIFLASH[meetings, emails, meeting_days]) */" if tiflash_ready(conn) else None
+
+
+def _hinted(conn, stmt):
+    hint = _hint(conn)
+    return stmt.prefix_with(hint, dialect="mysql") if hint else stmt
 
 
 _tiflash: dict = {}
@@ -328,7 +330,7 @@ def activity(conn, installation_id: int, user_id: int, p: Params) -> list[dict]:
         label = _bucket_label(bucket, "week") if p.bucket == "week" else _month_label(bucket)
         counts[(client_id, type_, label)] += int(n)
     m = meetings.c
-    raw = [seen_beyond(installation_id, user_id, (m.client_id, m.type, m.meeting_s), *_filters(p))]
+    raw = [seen_beyond(installation_id, user_id, (m.client_id, m.type, m.meeting_s), *_filters(p), hint=_hint(conn))]
     # The partial days at the range's edges, from the rows of the clients the rollup says
     # had meetings on those days (a few, instead of a probe per client of the user).
     for edge_day, inside in ((None if first_day is None else first_day - 1, m.meeting_s < (first_day or 0) * DAY),
@@ -339,8 +341,8 @@ def activity(conn, installation_id: int, user_id: int, p: Params) -> list[dict]:
                                               d.client_id.in_(own))
         raw.append(sa.select(m.client_id, m.type, m.meeting_s).where(
             m.installation_id == installation_id, m.client_id.in_(active), *_filters(p), inside))
-    for stmt in raw:
-        for client_id, type_, seconds in conn.execute(_hinted(conn, stmt)):
+    for n, stmt in enumerate(raw):
+        for client_id, type_, seconds in conn.execute(stmt if n == 0 else _hinted(conn, stmt)):
             counts[(client_id, type_, _bucket_label(seconds // DAY, p.bucket))] += 1
     rows, running = [], collections.Counter()
     for (client_id, type_, label), n in sorted(counts.items(), key=lambda kv: (kv[0][0] != 0, kv[0])):

@@ -177,7 +177,7 @@ def materialize(conn, installation_id: int, ids, now_us: int, inserted=()) -> li
         if reach != row.reach or primary != row.client_id:
             reach_ids.append(meeting_id)
             reach_rows += [{"installation_id": installation_id, "meeting_id": meeting_id, "client_id": c, "user_id": 0}
-                           for c in sorted({c for c, *_ in links})]
+                           for c in sorted({c for c, *_ in links} - {primary})]
             reach_rows += [{"installation_id": installation_id, "meeting_id": meeting_id, "client_id": 0, "user_id": u}
                            for u in sorted(set(mailboxes[meeting_id]))]
         if (primary, direction) != (row.client_id, row.status):

@@ -68,16 +68,74 @@ def _fingerprint(*parts) -> str:
     return json.dumps(parts, sort_keys=True, default=str)
 
 
-def _visible_messages(conn, installation_id: int, user_id: int):
-    """The user's visible messages in thread and date order: those of the user's own
-    clients and those seen beyond them, each part read through its own index."""
+def _visible(installation_id: int, user_id: int, *conds, subject: bool = True):
+    """Subquery ``seen(thread_id, id, meeting_s, status[, subject])``: the user's visible
+    messages — those of the user's own clients and those seen beyond them, each part read
+    through its own index — narrowed by ``conds``."""
     m = meetings.c
-    columns = (emails.c.thread_id, m.id, m.meeting_s, m.status, m.subject)
-    conds = (emails.c.meeting_id == m.id,)
+    columns = (emails.c.thread_id, m.id, m.meeting_s, m.status) + ((m.subject,) if subject else ())
+    conds = (emails.c.meeting_id == m.id, *conds)
     mine = sa.select(*columns).where(m.installation_id == installation_id,
                                      m.client_id.in_(own_clients(installation_id, user_id)), *conds)
-    seen = sa.union_all(mine, seen_beyond(installation_id, user_id, columns, *conds)).subquery("seen")
+    return sa.union_all(mine, seen_beyond(installation_id, user_id, columns, *conds)).subquery("seen")
+
+
+def _visible_messages(conn, installation_id: int, user_id: int, thread_ids=None):
+    """The user's visible messages (of the threads ``thread_ids``, or all) in thread and
+    date order."""
+    conds = () if thread_ids is None else (emails.c.installation_id == installation_id,
+                                            emails.c.thread_id.in_(sorted(thread_ids)))
+    seen = _visible(installation_id, user_id, *conds)
     return conn.execute(sa.select(seen).order_by(seen.c.thread_id, seen.c.meeting_s, seen.c.id)).all()
+
+
+def _linked_to(installation_id: int, client_ids, contact_source_id):
+    """Subquery: the messages linked to one of ``client_ids`` / through the contact."""
+    q = sa.select(email_links.c.meeting_id).where(email_links.c.installation_id == installation_id)
+    if client_ids is not None:
+        q = q.where(email_links.c.client_id.in_(client_ids))
+    if contact_source_id is not None:
+        q = q.join(contacts, contacts.c.id == email_links.c.contact_id).where(
+            contacts.c.installation_id == installation_id, contacts.c.source_id == contact_source_id)
+    return q
+
+
+def _thread_page(conn, installation_id: int, user_id: int, linked, awaiting_reply, date_from, date_to, desc: bool,
+                 after, limit: int):
+    """The page of threads, grouped, filtered, counted and sorted by the database: only
+    the page's threads and the total come back, not every visible message.  Returns
+    (total, [(last_at, thread_id)]) with up to ``limit + 1`` threads."""
+    seen = _visible(installation_id, user_id, subject=False)  # narrow rows: the database sorts them all
+    flag = (sa.case((seen.c.id.in_(linked), 1), else_=0) if linked is not None else sa.literal(1)).label("linked")
+    w = sa.select(seen.c.thread_id, seen.c.meeting_s, seen.c.status, flag,
+                  sa.func.row_number().over(partition_by=seen.c.thread_id,
+                                            order_by=(seen.c.meeting_s, seen.c.id)).label("rn"),
+                  sa.func.count().over(partition_by=seen.c.thread_id).label("n")).subquery("w")
+    g = (sa.select(w.c.thread_id, sa.func.max(w.c.meeting_s).label("last_at"),
+                   sa.func.max(sa.case((w.c.rn == w.c.n, w.c.status))).label("last_direction"),
+                   sa.func.max(w.c.linked).label("linked"))
+         .group_by(w.c.thread_id)).subquery("g")
+    conds = [g.c.linked == 1]
+    if date_from is not None:
+        conds.append(g.c.last_at >= date_from)
+    if date_to is not None:
+        conds.append(g.c.last_at < date_to)
+    if awaiting_reply is not None:
+        conds.append(g.c.last_direction == "inbound" if awaiting_reply else g.c.last_direction != "inbound")
+    f = sa.select(g.c.last_at, g.c.thread_id, sa.func.count().over().label("total")).where(*conds).subquery("f")
+    q = sa.select(f.c.last_at, f.c.thread_id, f.c.total)
+    if after is not None:
+        a, t = int(after[0]), str(after[1])
+        q = q.where(sa.or_(f.c.last_at < a, sa.and_(f.c.last_at == a, f.c.thread_id < t)) if desc else
+                    sa.or_(f.c.last_at > a, sa.and_(f.c.last_at == a, f.c.thread_id > t)))
+    order = (f.c.last_at.desc(), f.c.thread_id.desc()) if desc else (f.c.last_at, f.c.thread_id)
+    rows = conn.execute(q.order_by(*order).limit(limit + 1)).all()
+    if rows:
+        return rows[0].total, [(r.last_at, r.thread_id) for r in rows]
+    if after is None:
+        return 0, []
+    # Past the last page: the total still counts every thread of the query.
+    return conn.execute(sa.select(sa.func.count()).select_from(f)).scalar(), []
 
 
 def _chunks(values, size=500):
@@ -116,39 +174,20 @@ def query_threads(ctx, installation_id, user_id, client_ids=None, contact_source
     fingerprint = _fingerprint("threads", installation_id, user_id, client_ids, contact_source_id, awaiting_reply,
                                date_from, date_to, order)
     after = decode_cursor(secret, fingerprint, cursor) if cursor is not None else None
+    if after is not None and not (isinstance(after, list) and len(after) == 2 and isinstance(after[0], int)
+                                  and isinstance(after[1], str)):
+        raise InvalidArgument("cursor", "is malformed")
+    linked = _linked_to(installation_id, client_ids, contact_source_id) \
+        if client_ids is not None or contact_source_id is not None else None
     with ctx.engine.connect() as conn:
+        total, found = _thread_page(conn, installation_id, user_id, linked, awaiting_reply, date_from, date_to,
+                                    order == "desc", after, limit)
+        found, more = found[:limit], len(found) > limit
         by_thread = collections.defaultdict(list)
-        for row in _visible_messages(conn, installation_id, user_id):
+        for row in _visible_messages(conn, installation_id, user_id, {tid for _, tid in found}):
             by_thread[row.thread_id].append(row)
-        ids = {row.id for rows in by_thread.values() for row in rows}
-        if client_ids is not None or contact_source_id is not None:
-            keep = set()
-            q = sa.select(email_links.c.meeting_id).where(email_links.c.installation_id == installation_id)
-            if client_ids is not None:
-                q = q.where(email_links.c.client_id.in_(client_ids))
-            if contact_source_id is not None:
-                q = q.join(contacts, contacts.c.id == email_links.c.contact_id).where(
-                    contacts.c.installation_id == installation_id, contacts.c.source_id == contact_source_id)
-            linked = set(conn.execute(q).scalars()) & ids
-            for tid, rows in by_thread.items():
-                if any(r.id in linked for r in rows):
-                    keep.add(tid)
-            by_thread = {t: rows for t, rows in by_thread.items() if t in keep}
-        threads = []
-        for tid, rows in by_thread.items():
-            s = summarize(rows)
-            if date_from is not None and s["last_at"] < date_from or date_to is not None and s["last_at"] >= date_to:
-                continue
-            if awaiting_reply is not None and (s["awaiting_reply_since"] is not None) != awaiting_reply:
-                continue
-            threads.append((s["last_at"], tid, s, rows))
-        desc = order == "desc"
-        threads.sort(key=lambda t: (t[0], t[1]), reverse=desc)
-        total = len(threads)
-        if after is not None:
-            position = (after[0], after[1])
-            threads = [t for t in threads if ((t[0], t[1]) < position if desc else (t[0], t[1]) > position)]
-        page, more = threads[:limit], len(threads) > limit
+        # One snapshot (the connection's transaction) holds both reads: every thread found has its rows.
+        page = [(last_at, tid, summarize(by_thread[tid]), by_thread[tid]) for last_at, tid in found if by_thread[tid]]
         items = _thread_items(conn, installation_id, page)
     next_cursor = encode_cursor(secret, fingerprint, [page[-1][0], page[-1][1]]) if more else None
     return {"total": total, "items": items, "next_cursor": next_cursor}

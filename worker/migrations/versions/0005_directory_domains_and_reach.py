@@ -1,5 +1,8 @@
 """Users' addresses by registrable domain: ingestion asks whether a participant's domain
-is one of the installation's own without reading every user's address.
+is one of the installation's own without reading every user's address.  And
+``meeting_reach`` without the rows of each email's primary client: the meetings of a
+user's own clients are found through ``meetings``, so those rows only made a broad
+user's "seen beyond" lookup walk all of them again.
 
 Revision ID: 0005
 Revises: 0004
@@ -30,9 +33,13 @@ def upgrade():
     for installation_id, address in rows:
         bind.execute(t.update().where(t.c.installation_id == installation_id, t.c.address == address)
                      .values(domain=domain_of(address)))
+    op.execute("DELETE FROM meeting_reach WHERE user_id = 0 AND EXISTS (SELECT 1 FROM meetings "
+               "WHERE meetings.id = meeting_reach.meeting_id AND meetings.client_id = meeting_reach.client_id)")
 
 
 def downgrade():
+    op.execute("INSERT INTO meeting_reach (installation_id, meeting_id, client_id, user_id) "
+               "SELECT installation_id, id, client_id, 0 FROM meetings WHERE type = 'email' AND client_id <> 0")
     op.drop_index("ix_user_addresses_domain", "user_addresses")
     with op.batch_alter_table("user_addresses") as batch:
         batch.drop_column("domain")
