@@ -125,16 +125,25 @@ def lock_installation(conn, installation_id: int) -> None:
     conn.execute(sa.select(installations.c.id).where(installations.c.id == installation_id).with_for_update())
 
 
-def materialize(conn, installation_id: int, ids, now_us: int, inserted=()) -> list[int]:
+@dataclasses.dataclass
+class Fresh:
+    """A message new to the store, whose meeting row is not written yet: ``row`` holds
+    its columns but those derived here (client, direction, details, reach)."""
+    row: dict
+    participants: list
+    from_address: str | None
+    thread_id: str
+    mailbox_user: int
+
+
+def materialize(conn, installation_id: int, ids, now_us: int, fresh: dict | None = None) -> list[int]:
     """Derive links, direction, visibility and details of the emails ``ids`` from what is
-    stored now, and write what differs (meeting row, links, reach).  ``inserted``: the
-    rollup cells of meeting rows the caller's transaction inserted, counted in with the
-    changes in one write.  The caller holds the installation's email lock.  Returns the
-    meeting ids whose row changed."""
-    ids = sorted(set(ids))
-    if not ids:
-        rollups.apply(conn, installation_id, added=inserted)
-        return []
+    stored now, and write what differs (meeting row, links, reach); and of the messages
+    ``fresh`` ({meeting id: Fresh}), whose meeting rows are inserted here, complete, with
+    their links and reach.  The caller holds the installation's email lock.  Returns the
+    meeting ids whose row changed or was inserted."""
+    fresh = fresh or {}
+    ids = sorted(set(ids) - set(fresh))
     stored = {}
     for start in range(0, len(ids), 500):
         part = ids[start:start + 500]
@@ -158,9 +167,23 @@ def materialize(conn, installation_id: int, ids, now_us: int, inserted=()) -> li
                                  .order_by(email_links.c.meeting_id, email_links.c.position)):
             old_links[link.meeting_id].append((link.client_id, link.contact_id, link.reason, link.position))
     parts = {i: [tuple(p) for p in json.loads(row.participants)] for i, row in stored.items()}
+    parts.update((i, f.participants) for i, f in fresh.items())
     directory = load_directory(conn, installation_id, {a for ps in parts.values() for _, a, _ in ps})
-    changed, removed, added = [], [], list(inserted)
-    relinked, link_rows, reach_ids, reach_rows, updates = [], [], [], [], []
+    changed, removed, added = [], [], []
+    relinked, link_rows, reach_ids, reach_rows, updates, inserts = [], [], [], [], [], []
+    for meeting_id, f in sorted(fresh.items()):
+        links = derive_links(f.participants, directory)
+        primary = links[0][0] if links else 0
+        direction = direction_of(f.from_address, directory)
+        link_rows += [{"installation_id": installation_id, "meeting_id": meeting_id, "position": position,
+                       "client_id": client_id, "contact_id": contact_id, "reason": reason}
+                      for client_id, contact_id, reason, position in links]
+        reach_rows += _reach_rows(installation_id, meeting_id, primary, links, [f.mailbox_user])
+        inserts.append({**f.row, "client_id": primary, "status": direction,
+                        "details": details_json(f.participants, f.thread_id, direction),
+                        "reach": reach_text(primary, links, [f.mailbox_user])})
+        added.append(rollups.Cell(primary, f.row["type"], direction, f.row["meeting_s"]))
+        changed.append(meeting_id)
     for meeting_id, row in stored.items():
         links = derive_links(parts[meeting_id], directory)
         primary = links[0][0] if links else 0
@@ -176,10 +199,7 @@ def materialize(conn, installation_id: int, ids, now_us: int, inserted=()) -> li
             continue
         if reach != row.reach or primary != row.client_id:
             reach_ids.append(meeting_id)
-            reach_rows += [{"installation_id": installation_id, "meeting_id": meeting_id, "client_id": c, "user_id": 0}
-                           for c in sorted({c for c, *_ in links} - {primary})]
-            reach_rows += [{"installation_id": installation_id, "meeting_id": meeting_id, "client_id": 0, "user_id": u}
-                           for u in sorted(set(mailboxes[meeting_id]))]
+            reach_rows += _reach_rows(installation_id, meeting_id, primary, links, mailboxes[meeting_id])
         if (primary, direction) != (row.client_id, row.status):
             removed.append(rollups.cell(row))
             added.append(rollups.Cell(primary, row.type, direction, row.meeting_s))
@@ -188,6 +208,8 @@ def materialize(conn, installation_id: int, ids, now_us: int, inserted=()) -> li
                         "reach": reach, "updated_us": updated_us, "updated_s": updated_us // 1_000_000})
         changed.append(meeting_id)
     # A few statements per chunk, not per message.
+    if inserts:
+        conn.execute(meetings.insert(), inserts)
     for table, ids_, rows in ((email_links, relinked, link_rows), (meeting_reach, reach_ids, reach_rows)):
         for start in range(0, len(ids_), 500):
             conn.execute(table.delete().where(table.c.meeting_id.in_(ids_[start:start + 500])))
@@ -196,6 +218,14 @@ def materialize(conn, installation_id: int, ids, now_us: int, inserted=()) -> li
     update_rows(conn, meetings, "id", updates)
     rollups.apply(conn, installation_id, removed, added)
     return changed
+
+
+def _reach_rows(installation_id: int, meeting_id: int, primary: int, links, mailbox_users) -> list[dict]:
+    """``meeting_reach``: the other linked clients (never the primary) and the mailboxes."""
+    return ([{"installation_id": installation_id, "meeting_id": meeting_id, "client_id": c, "user_id": 0}
+             for c in sorted({c for c, *_ in links} - {primary})]
+            + [{"installation_id": installation_id, "meeting_id": meeting_id, "client_id": 0, "user_id": u}
+               for u in sorted(set(mailbox_users))])
 
 
 def affected_messages(conn, installation_id: int, addresses=(), domains=()) -> list[int]:

@@ -16,11 +16,11 @@ import time
 
 import sqlalchemy as sa
 
-from worker import metrics, rollups
-from worker.db import locking, meetings, run_transaction
+from worker import metrics
+from worker.db import locking, run_transaction
 from worker.email import threads
 from worker.email.addresses import domain_of
-from worker.email.links import lock_installation, materialize
+from worker.email.links import Fresh, lock_installation, materialize
 from worker.email.parse import Parsed, Unusable, decode_raw, parse
 from worker.email.tables import email_mailboxes, email_participants, emails
 from worker.errors import InvalidArgument
@@ -130,7 +130,8 @@ def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming]
         weak = [] if p.refs else [n for n in (threads.subject_node(p.subject_key, p.participants, m.date_s),
                                              threads.provider_node(user_id, m.provider_thread_id)) if n]
         new_edges.append((target, variant.message_key, p.refs, weak))
-    for table, rows in ((meetings, meeting_rows), (emails, email_rows), (email_participants, participant_rows)):
+    # The meeting rows are written by materialize, once their links and thread are known.
+    for table, rows in ((emails, email_rows), (email_participants, participant_rows)):
         if rows:
             conn.execute(table.insert(), rows)
     mailbox_rows_by_variant = mailbox_rows
@@ -153,11 +154,15 @@ def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming]
     keys = {v.meeting_id: v.message_key for v, _ in mailbox_rows_by_variant}
     hints = [(target, keys[target], threads.provider_node(user_id, row["provider_thread_id"]))
              for target, row in sorted(inserts.items()) if target not in fresh_ids and row["provider_thread_id"]]
+    thread_of = {}
     if new_edges or hints:
         start = threads.link_new(conn, installation_id, new_edges, hints)
-        touched |= set(threads.recompute(conn, installation_id, start))
-    changed = materialize(conn, installation_id, touched, now_us,
-                          inserted=[rollups.Cell(0, "email", "inbound", r["meeting_s"]) for r in meeting_rows])
+        thread_of = threads.recompute(conn, installation_id, start)
+        touched |= set(thread_of)
+    fresh_rows = {}
+    for row, (m, variant) in zip(meeting_rows, fresh):
+        fresh_rows[row["id"]] = Fresh(row, m.parsed.participants, m.parsed.from_address, thread_of[row["id"]], user_id)
+    changed = materialize(conn, installation_id, touched, now_us, fresh=fresh_rows)
     return {"new": new_count, "duplicates": duplicates}, changed
 
 
