@@ -30,6 +30,21 @@ local function views_for(prefix, typ, status)
   return found
 end
 
+-- A precomputed view changed: drop its cached head, once per script call (only query.lua
+-- writes heads, so one DEL per view stays true however many of its entries change).
+local heads_dropped = {}
+local function drop_head(prefix, user, view)
+  local key = K.view_head(prefix, user, view)
+  if not heads_dropped[key] then
+    redis.call("DEL", key)
+    heads_dropped[key] = true
+  end
+end
+
+-- The users of (client, view), looked up once per script call: apply.lua and delete.lua
+-- change neither set.
+local holders_cache = {}
+
 -- For each user who may see `client` and holds a precomputed view matching (typ, status):
 -- ZADD (op "add") or ZREM (op "rem") the member of that view's sort letter.  Only users
 -- in both cu:<client> and vu:<view> are visited, so the cost follows the users who hold
@@ -37,12 +52,17 @@ end
 local function fan_out(prefix, client, typ, status, members, op)
   local touched = 0
   for _, view in ipairs(views_for(prefix, typ, status)) do
-    local users = redis.call("SINTER", K.client_users(prefix, client), K.view_users(prefix, view))
+    local ck = client .. " " .. view
+    local users = holders_cache[ck]
+    if users == nil then
+      users = redis.call("SINTER", K.client_users(prefix, client), K.view_users(prefix, view))
+      holders_cache[ck] = users
+    end
     local m = members[string.sub(view, 1, 1)]
     for _, user in ipairs(users) do
       local key = K.view_set(prefix, user, view)
       if op == "add" then redis.call("ZADD", key, 0, m) else redis.call("ZREM", key, m) end
-      redis.call("DEL", K.view_head(prefix, user, view))  -- its cached head
+      drop_head(prefix, user, view)
       touched = touched + 1
     end
   end
@@ -102,7 +122,7 @@ local function reach_write(prefix, id, client, typ, status, members, reach, op)
         if redis.call("SISMEMBER", K.view_users(prefix, view), u) == 1 then
           local vkey, m = K.view_set(prefix, u, view), members[string.sub(view, 1, 1)]
           if add then redis.call("ZADD", vkey, 0, m) else redis.call("ZREM", vkey, m) end
-          redis.call("DEL", K.view_head(prefix, u, view))
+          drop_head(prefix, u, view)
           touched = touched + 1
         end
       end
