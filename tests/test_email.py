@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import glob
+import json
 import os
 import random
 import sysconfig
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from tests.email_corpus import CLIENTS, CONTACTS, USERS, b64, corpus, expected_threads, visible
 from tests.helpers import assert_index_matches, query
 from worker.access import change
+from worker.query import from_database, parse
 from worker.db import meeting_reach
 from worker.email import directory, queries, store
 from worker.email.tables import email_links, email_refs, emails
@@ -162,6 +164,14 @@ def test_visibility_matches_the_oracle_in_every_query(clean, seed):
                 got = query(ctx, installation_id=I, user_id=user, client_ids=[client], limit=200)
                 expect = [m for m in want if (m.links[:1] or [None])[0] == client]
                 assert got["total"] == len(expect), (user, client)
+            # The database fallback: the same total, and pages (by offset) that tile the list.
+            with ctx.engine.connect() as conn:
+                paged, total = [], None
+                for offset in range(0, len(want) + 3, 3):
+                    args = {"installation_id": I, "user_id": user, "types": ["email"], "limit": 3, "offset": offset}
+                    total, _, items = from_database(conn, parse(args, ctx.cursor_secret()))
+                    paged += [json.loads(i)["source_id"] for i in items[:3]]
+            assert total == len(want) and paged == [m.key for m in want], user
             # Threads: figures from visible messages only.
             expect_threads = expected_threads(messages, clients, user)
             got = queries.query_threads(ctx, I, user, limit=200)

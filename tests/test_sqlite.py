@@ -58,3 +58,42 @@ def test_migration_0005_fills_the_domains_of_existing_user_addresses(tmp_path):
     with sqlite_engine.connect() as conn:
         rows = conn.exec_driver_sql("SELECT address, domain FROM user_addresses ORDER BY address").all()
     assert [tuple(r) for r in rows] == [("ann@mail.acme.co.uk", "acme.co.uk"), ("bob@gmail.com", "gmail.com")]
+
+
+def test_email_insight_on_sqlite_matches_the_oracle(sqlite_engine, redis_client):
+    """The embedded default runs the same email SQL (window functions, CASE updates,
+    reach rows): threads, their figures and pages, single threads and contacts equal the
+    brute force for several access lists."""
+    import random
+
+    from tests.email_corpus import CONTACTS, corpus, expected_threads
+    from tests.test_email import I, ingest_corpus, setup_directory
+    from worker.email import queries
+    r = redis_client
+    r.flushdb()
+    ctx = make_context(sqlite_engine, r)
+    setup_directory(ctx)
+    messages = corpus(seed=5)
+    ingest_corpus(ctx, messages, rng=random.Random(5))
+    assert_index_matches(sqlite_engine, r, I)
+    for user, clients in ((1, {1}), (2, {2, 3}), (3, set()), (4, {1, 2, 3})):
+        change(ctx, I, user, sorted(clients), "set")
+        want = expected_threads(messages, clients, user)
+        got = queries.query_threads(ctx, I, user, limit=200)
+        assert got["total"] == len(want)
+        assert sorted(i["messages"] for i in got["items"]) == sorted(e["messages"] for e in want.values())
+        awaiting = queries.query_threads(ctx, I, user, awaiting_reply=True, limit=200)
+        assert awaiting["total"] == sum(e["awaiting"] is not None for e in want.values())
+        paged, cursor = [], None
+        while True:
+            page = queries.query_threads(ctx, I, user, limit=2, cursor=cursor)
+            paged += page["items"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert paged == got["items"]
+        for item in got["items"]:
+            keys_ = {m["source_id"] for m in queries.get_thread(ctx, I, user, item["thread_id"])["messages"]}
+            assert keys_ in [e["keys"] for e in want.values()]
+        contacts_ = queries.search_contacts(ctx, I, user, limit=200)
+        assert {c["source_id"] for c in contacts_["items"]} == {s for s, (_, _, c, _) in CONTACTS.items() if c in clients}

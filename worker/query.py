@@ -340,9 +340,16 @@ def narrowing(client_ids, date_from, date_to) -> list:
 
 
 def sql_conditions(query: Query, with_cursor: bool):
+    """Conditions on ``meetings`` for ``query``, client security included; and its sort
+    column."""
+    conds, col = _query_conditions(query, with_cursor)
+    return [visible_condition(query.installation_id, query.user_id), *conds], col
+
+
+def _query_conditions(query: Query, with_cursor: bool):
+    """The query's own conditions (filters, and the cursor), without client security."""
     m = meetings.c
-    conds = [visible_condition(query.installation_id, query.user_id),
-             *narrowing(query.client_ids, query.date_from, query.date_to)]
+    conds = [*narrowing(query.client_ids, query.date_from, query.date_to)]
     if query.types is not None:
         conds.append(m.type.in_(query.types))
     if query.statuses is not None:
@@ -357,15 +364,32 @@ def sql_conditions(query: Query, with_cursor: bool):
     return conds, col
 
 
+def _visible_parts(query: Query, columns, conds):
+    """The meetings the user may see as two disjoint SELECTs that each use an index: those
+    of the user's own clients (the (client, type, status, date) index), and those seen
+    beyond them (driven from the user's reach rows).  One ``client_id IN … OR id IN …``
+    condition instead made MariaDB scan every meeting of the installation."""
+    m = meetings.c
+    mine = sa.select(*columns).where(m.installation_id == query.installation_id,
+                                     m.client_id.in_(own_clients(query.installation_id, query.user_id)), *conds)
+    return mine, seen_beyond(query.installation_id, query.user_id, columns, *conds)
+
+
 def from_database(conn, query: Query):
     """The same answer as SQL: (total, members, item JSON as bytes)."""
-    conds, col = sql_conditions(query, with_cursor=False)
-    total = conn.execute(sa.select(sa.func.count()).select_from(meetings).where(*conds)).scalar()
-    conds, col = sql_conditions(query, with_cursor=True)
+    conds, col = _query_conditions(query, with_cursor=False)
+    counts = [sa.select(sa.func.count()).select_from(part.subquery()).scalar_subquery()
+              for part in _visible_parts(query, (meetings.c.id,), conds)]
+    total = conn.execute(sa.select(counts[0] + counts[1])).scalar()
+    conds, col = _query_conditions(query, with_cursor=True)
     direction = sa.desc if query.desc else sa.asc
+    # Each part sorted and cut to what the page may need, then the two merged.
+    wanted = query.offset + query.limit + 1
+    parts = [sa.select(part.order_by(direction(col), direction(meetings.c.id)).limit(wanted).subquery())
+             for part in _visible_parts(query, tuple(meetings.c), conds)]
+    both = sa.union_all(*parts).subquery("page")
     rows = conn.execute(
-        sa.select(meetings).where(*conds)
-        .order_by(direction(col), direction(meetings.c.id))
+        sa.select(both).order_by(direction(both.c[col.name]), direction(both.c.id))
         .limit(query.limit + 1).offset(query.offset)).all()
     members = [keys.member(query.letter, getattr(row, SORTS[query.sort]), row.id) for row in rows]
     return total, members, [item_json(row).encode() for row in rows]
