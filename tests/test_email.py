@@ -490,3 +490,32 @@ def test_provider_thread_ids_join_headerless_messages_of_one_mailbox_only(clean)
     assert threads["p2@x"] == threads["p5@x"] != threads["p1@x"]
     assert threads["p1@x"] == threads["p3@x"]
     assert_index_matches(ctx.engine, ctx.redis, I)
+
+
+def test_a_meeting_record_that_replaces_an_email_with_another_type_leaves_its_thread(clean):
+    """A stored email is a meeting of type email: once a crm.ingest_meetings record of the
+    same key replaces it with a call, thread lists, the thread and the thread reports
+    leave it alike."""
+    from tests.helpers import record
+    from worker import reports
+    from worker.ingest import ingest
+    ctx = clean
+    setup_directory(ctx)
+    change(ctx, I, 1, [1], "set")
+    raw = (b"Message-ID: <r1@x>\r\nFrom: a@c1.com\r\nTo: u1@ours.com\r\nSubject: Hello\r\n"
+           b"Date: Mon, 02 Jan 2023 10:00:00 +0000\r\n\r\nx")
+    store.ingest_emails(ctx, I, 2, [{"raw": b64(raw)}])
+    listed = queries.query_threads(ctx, I, 1)
+    assert listed["total"] == 1
+    tid = listed["items"][0]["thread_id"]
+    assert len(queries.get_thread(ctx, I, 1, tid)["messages"]) == 1
+    with ctx.engine.connect() as conn:
+        assert len(reports.compute(conn, I, 1, "awaiting_reply", reports.ALL, 1_900_000_000)[0]) == 1
+    ingest(ctx, [record(installation_id=I, source_id="r1@x", client_id=1, type="call", status="done",
+                        updated_at="2030-01-01T00:00:00Z")])
+    assert queries.query_threads(ctx, I, 1)["total"] == 0
+    assert queries.get_thread(ctx, I, 1, tid)["messages"] == []
+    with ctx.engine.connect() as conn:
+        assert reports.compute(conn, I, 1, "awaiting_reply", reports.ALL, 1_900_000_000)[0] == []
+    # Still a meeting, now a call, for whoever may see client 1.
+    assert [i["type"] for i in query(ctx, installation_id=I, user_id=1)["items"]] == ["call"]

@@ -71,10 +71,13 @@ def _fingerprint(*parts) -> str:
 def _visible(installation_id: int, user_id: int, *conds, subject: bool = True):
     """Subquery ``seen(thread_id, id, meeting_s, status[, subject])``: the user's visible
     messages — those of the user's own clients and those seen beyond them, each part read
-    through its own index — narrowed by ``conds``."""
+    through its own index — narrowed by ``conds``.  A message is a meeting of type
+    ``email`` (as in the reports): a ``crm.ingest_meetings`` record that replaced one with
+    another type leaves the threads, and the type bounds the index range to the emails of
+    the user's clients instead of all their meetings."""
     m = meetings.c
     columns = (emails.c.thread_id, m.id, m.meeting_s, m.status) + ((m.subject,) if subject else ())
-    conds = (emails.c.meeting_id == m.id, *conds)
+    conds = (m.type == "email", emails.c.meeting_id == m.id, *conds)
     mine = sa.select(*columns).where(m.installation_id == installation_id,
                                      m.client_id.in_(own_clients(installation_id, user_id)), *conds)
     return sa.union_all(mine, seen_beyond(installation_id, user_id, columns, *conds)).subquery("seen")
@@ -230,7 +233,7 @@ def get_thread(ctx, installation_id, user_id, thread_id) -> dict:
             sa.select(meetings, emails.c.participants)
             .join(emails, emails.c.meeting_id == meetings.c.id)
             .where(emails.c.installation_id == installation_id, emails.c.thread_id == thread_id,
-                   visible_condition(installation_id, user_id))
+                   meetings.c.type == "email", visible_condition(installation_id, user_id))
             .order_by(meetings.c.meeting_s, meetings.c.id)).all()
         links = collections.defaultdict(list)
         for part in _chunks([r.id for r in rows]):
