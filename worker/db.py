@@ -216,7 +216,7 @@ def update_rows(conn, table: sa.Table, key: str, rows: list[dict], size: int = 2
     # The statement is written out with plain parameters (each value through its column's
     # bind processing): building it from SQLAlchemy expressions cost more than running it.
     dialect = conn.dialect
-    process = {c: table.c[c].type._cached_bind_processor(dialect) for c in [key, *columns]}
+    process = {c: table.c[c].type.bind_processor(dialect) for c in [key, *columns]}
     quote = dialect.identifier_preparer.quote
     for start in range(0, len(rows), size):
         part = rows[start:start + size]
