@@ -364,29 +364,32 @@ def _query_conditions(query: Query, with_cursor: bool):
     return conds, col
 
 
-def _visible_parts(query: Query, columns, conds):
-    """The meetings the user may see as two disjoint SELECTs that each use an index: those
-    of the user's own clients (the (client, type, status, date) index), and those seen
-    beyond them (driven from the user's reach rows).  One ``client_id IN … OR id IN …``
-    condition instead made MariaDB scan every meeting of the installation."""
+def visible_parts(installation_id: int, user_id: int, columns, *conds, hint: str | None = None):
+    """The meetings the user may see as two disjoint SELECTs of ``columns`` that each use
+    an index: those of the user's own clients (the (client, type, status, date) index),
+    and those seen beyond them (driven from the user's reach rows, ``seen_beyond``).  One
+    ``client_id IN … OR id IN …`` condition instead made MariaDB scan every meeting of the
+    installation.  ``hint`` goes on both (seen_beyond)."""
     m = meetings.c
-    mine = sa.select(*columns).where(m.installation_id == query.installation_id,
-                                     m.client_id.in_(own_clients(query.installation_id, query.user_id)), *conds)
-    return mine, seen_beyond(query.installation_id, query.user_id, columns, *conds)
+    mine = sa.select(*columns).where(m.installation_id == installation_id,
+                                     m.client_id.in_(own_clients(installation_id, user_id)), *conds)
+    if hint:
+        mine = mine.prefix_with(hint, dialect="mysql")
+    return mine, seen_beyond(installation_id, user_id, columns, *conds, hint=hint)
 
 
 def from_database(conn, query: Query):
     """The same answer as SQL: (total, members, item JSON as bytes)."""
     conds, col = _query_conditions(query, with_cursor=False)
     counts = [sa.select(sa.func.count()).select_from(part.subquery()).scalar_subquery()
-              for part in _visible_parts(query, (meetings.c.id,), conds)]
+              for part in visible_parts(query.installation_id, query.user_id, (meetings.c.id,), *conds)]
     total = conn.execute(sa.select(counts[0] + counts[1])).scalar()
     conds, col = _query_conditions(query, with_cursor=True)
     direction = sa.desc if query.desc else sa.asc
     # Each part sorted and cut to what the page may need, then the two merged.
     wanted = query.offset + query.limit + 1
     parts = [sa.select(part.order_by(direction(col), direction(meetings.c.id)).limit(wanted).subquery())
-             for part in _visible_parts(query, tuple(meetings.c), conds)]
+             for part in visible_parts(query.installation_id, query.user_id, tuple(meetings.c), *conds)]
     both = sa.union_all(*parts).subquery("page")
     rows = conn.execute(
         sa.select(both).order_by(direction(both.c[col.name]), direction(both.c.id))

@@ -34,7 +34,7 @@ from worker import keys, rollups
 from worker.db import meetings
 from worker.email.tables import email_links, email_mailboxes, emails
 from worker.errors import InvalidArgument
-from worker.query import narrowing, own_clients, seen_beyond, token_list
+from worker.query import narrowing, own_clients, seen_beyond, token_list, visible_parts
 from worker.records import iso_seconds, parse_time, positive_int, to_seconds
 from worker.errors import REDIS_FAULTS, is_transient
 
@@ -219,11 +219,8 @@ def _visible(conn, installation_id: int, user_id: int, p: Params, columns, *cond
     """The user's visible meetings in range and filter, as two disjoint parts that each
     use an index: those of the user's own clients, and those seen beyond them (reached
     through another linked client or the user's mailbox).  A UNION ALL subquery."""
-    m = meetings.c
-    own = own_clients(installation_id, user_id)
-    mine = sa.select(*columns).where(m.installation_id == installation_id, m.client_id.in_(own), *_filters(p), *conds)
-    beyond = seen_beyond(installation_id, user_id, columns, *_filters(p), *conds, hint=_hint(conn))
-    return sa.union_all(_hinted(conn, mine), beyond).subquery("seen")
+    return sa.union_all(*visible_parts(installation_id, user_id, columns, *_filters(p), *conds,
+                                       hint=_hint(conn))).subquery("seen")
 
 
 def visible_messages(conn, installation_id: int, user_id: int, p: Params = None):

@@ -18,7 +18,7 @@ from worker.db import meetings, user_clients
 from worker.email.addresses import fold
 from worker.email.tables import contact_terms, contacts, email_links, email_participants, emails
 from worker.errors import InvalidArgument
-from worker.query import MAX_LIMIT, bounded_int, own_clients, seen_beyond, token_list, visible_condition
+from worker.query import MAX_LIMIT, bounded_int, token_list, visible_condition, visible_parts
 from worker.records import item_json, iso_seconds, parse_time, positive_int, to_seconds
 
 MAX_CURSOR = 2048
@@ -77,10 +77,8 @@ def _visible(installation_id: int, user_id: int, *conds, subject: bool = True):
     the user's clients instead of all their meetings."""
     m = meetings.c
     columns = (emails.c.thread_id, m.id, m.meeting_s, m.status) + ((m.subject,) if subject else ())
-    conds = (m.type == "email", emails.c.meeting_id == m.id, *conds)
-    mine = sa.select(*columns).where(m.installation_id == installation_id,
-                                     m.client_id.in_(own_clients(installation_id, user_id)), *conds)
-    return sa.union_all(mine, seen_beyond(installation_id, user_id, columns, *conds)).subquery("seen")
+    return sa.union_all(*visible_parts(installation_id, user_id, columns, m.type == "email",
+                                       emails.c.meeting_id == m.id, *conds)).subquery("seen")
 
 
 def _visible_messages(conn, installation_id: int, user_id: int, thread_ids=None):
@@ -177,9 +175,6 @@ def query_threads(ctx, installation_id, user_id, client_ids=None, contact_source
     fingerprint = _fingerprint("threads", installation_id, user_id, client_ids, contact_source_id, awaiting_reply,
                                date_from, date_to, order)
     after = decode_cursor(secret, fingerprint, cursor) if cursor is not None else None
-    if after is not None and not (isinstance(after, list) and len(after) == 2 and isinstance(after[0], int)
-                                  and isinstance(after[1], str)):
-        raise InvalidArgument("cursor", "is malformed")
     linked = _linked_to(installation_id, client_ids, contact_source_id) \
         if client_ids is not None or contact_source_id is not None else None
     with ctx.engine.connect() as conn:
