@@ -172,29 +172,19 @@ def materialize(conn, installation_id: int, ids, now_us: int, fresh: dict | None
     changed, removed, added = [], [], []
     relinked, link_rows, reach_ids, reach_rows, updates, inserts = [], [], [], [], [], []
     for meeting_id, f in sorted(fresh.items()):
-        links = derive_links(f.participants, directory)
-        primary = links[0][0] if links else 0
-        direction = direction_of(f.from_address, directory)
-        link_rows += [{"installation_id": installation_id, "meeting_id": meeting_id, "position": position,
-                       "client_id": client_id, "contact_id": contact_id, "reason": reason}
-                      for client_id, contact_id, reason, position in links]
+        links, primary, direction, details, reach = _derive(f.participants, f.from_address, f.thread_id,
+                                                            [f.mailbox_user], directory)
+        link_rows += _link_rows(installation_id, meeting_id, links)
         reach_rows += _reach_rows(installation_id, meeting_id, primary, links, [f.mailbox_user])
-        inserts.append({**f.row, "client_id": primary, "status": direction,
-                        "details": details_json(f.participants, f.thread_id, direction),
-                        "reach": reach_text(primary, links, [f.mailbox_user])})
+        inserts.append({**f.row, "client_id": primary, "status": direction, "details": details, "reach": reach})
         added.append(rollups.Cell(primary, f.row["type"], direction, f.row["meeting_s"]))
         changed.append(meeting_id)
     for meeting_id, row in stored.items():
-        links = derive_links(parts[meeting_id], directory)
-        primary = links[0][0] if links else 0
-        direction = direction_of(row.from_address, directory)
-        details = details_json(parts[meeting_id], row.thread_id, direction)
-        reach = reach_text(primary, links, mailboxes[meeting_id])
+        links, primary, direction, details, reach = _derive(parts[meeting_id], row.from_address, row.thread_id,
+                                                            mailboxes[meeting_id], directory)
         if links != old_links[meeting_id]:
             relinked.append(meeting_id)
-            link_rows += [{"installation_id": installation_id, "meeting_id": meeting_id, "position": position,
-                           "client_id": client_id, "contact_id": contact_id, "reason": reason}
-                          for client_id, contact_id, reason, position in links]
+            link_rows += _link_rows(installation_id, meeting_id, links)
         if (primary, direction, details, reach) == (row.client_id, row.status, row.details, row.reach):
             continue
         if reach != row.reach or primary != row.client_id:
@@ -218,6 +208,22 @@ def materialize(conn, installation_id: int, ids, now_us: int, fresh: dict | None
     update_rows(conn, meetings, "id", updates)
     rollups.apply(conn, installation_id, removed, added)
     return changed
+
+
+def _derive(participants, from_address, thread_id: str, mailbox_users, directory: Directory):
+    """An email's (links, primary client, direction, details JSON, reach) as the
+    directory stands."""
+    links = derive_links(participants, directory)
+    primary = links[0][0] if links else 0
+    direction = direction_of(from_address, directory)
+    return (links, primary, direction, details_json(participants, thread_id, direction),
+            reach_text(primary, links, mailbox_users))
+
+
+def _link_rows(installation_id: int, meeting_id: int, links) -> list[dict]:
+    return [{"installation_id": installation_id, "meeting_id": meeting_id, "position": position,
+             "client_id": client_id, "contact_id": contact_id, "reason": reason}
+            for client_id, contact_id, reason, position in links]
 
 
 def _reach_rows(installation_id: int, meeting_id: int, primary: int, links, mailbox_users) -> list[dict]:

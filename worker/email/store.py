@@ -134,7 +134,7 @@ def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming]
     for table, rows in ((emails, email_rows), (email_participants, participant_rows)):
         if rows:
             conn.execute(table.insert(), rows)
-    mailbox_rows_by_variant = mailbox_rows
+    key_of = {v.meeting_id: v.message_key for v, _ in mailbox_rows}
     mailbox_rows = [(v.meeting_id, m) for v, m in mailbox_rows]
     touched = {t for t, _ in mailbox_rows}
     present = set()
@@ -151,8 +151,7 @@ def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming]
         conn.execute(email_mailboxes.insert(), list(inserts.values()))
     # A stored message read from one more mailbox takes that mailbox's provider thread hint.
     fresh_ids = {v.meeting_id for _, v in fresh}
-    keys = {v.meeting_id: v.message_key for v, _ in mailbox_rows_by_variant}
-    hints = [(target, keys[target], threads.provider_node(user_id, row["provider_thread_id"]))
+    hints = [(target, key_of[target], threads.provider_node(user_id, row["provider_thread_id"]))
              for target, row in sorted(inserts.items()) if target not in fresh_ids and row["provider_thread_id"]]
     thread_of = {}
     if new_edges or hints:

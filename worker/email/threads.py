@@ -85,18 +85,17 @@ def link_new(conn, installation_id: int, new: list, hints: list = ()) -> set:
                 rows.append({"installation_id": installation_id, "meeting_id": meeting_id, "ref_key": node})
                 start.add(node)
     if hints:
-        candidates = {(m, node) for m, key, node in hints if key not in referenced and key not in named}
-        ids = sorted({m for m, _ in candidates})
+        candidates = {h for h in hints if h[1] not in referenced and h[1] not in named}
         have = set()
-        for part in _chunks(ids):
+        for part in _chunks({m for m, _, _ in candidates}):
             have.update(tuple(r) for r in conn.execute(sa.select(email_refs.c.meeting_id, email_refs.c.ref_key).where(
                 email_refs.c.meeting_id.in_(part))).all())
         # Only a message whose edges are all weak (no threading headers) takes a hint.
         strong = {m for m, ref in have if not ref.startswith(SUBJECT_PREFIX)}
-        for meeting_id, node in sorted(candidates - have):
-            if meeting_id not in strong:
+        for meeting_id, key, node in sorted(candidates):
+            if meeting_id not in strong and (meeting_id, node) not in have:
                 rows.append({"installation_id": installation_id, "meeting_id": meeting_id, "ref_key": node})
-                start.update((node, next(k for m, k, _ in hints if m == meeting_id)))
+                start.update((node, key))
     if rows:
         conn.execute(email_refs.insert(), rows)
     # Stored messages that a new one references leave their subject threads.
