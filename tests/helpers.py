@@ -7,6 +7,17 @@ from worker.query import parse, run
 from worker.records import parse_time, to_micros, to_seconds
 
 
+#: Seconds a test waits for a task's result.
+TIMEOUT = 30
+
+
+def call(webapp, task, task_id=None, **kwargs):
+    """Send ``task`` by name with JSON ``kwargs`` to its queue, as a web app holding no
+    project code does, and wait for its result (``task_id``: the id a caller chose)."""
+    from worker.app import ROUTES
+    return webapp.send_task(task, kwargs=kwargs, queue=ROUTES[task], task_id=task_id).get(timeout=TIMEOUT)
+
+
 def record(installation_id=1, source_id="m1", client_id=1, type="email", status="open",
            meeting_date="2024-01-01T10:00:00Z", **extra):
     out = {"installation_id": installation_id, "source_id": source_id, "client_id": client_id,
@@ -117,7 +128,7 @@ def dumps(obj):
     return json.dumps(obj, sort_keys=True)
 
 
-__all__ = ["record", "query", "Oracle", "ids_of", "page_sources", "member", "VIEWS"]
+__all__ = ["call", "TIMEOUT", "record", "query", "Oracle", "ids_of", "page_sources", "member", "VIEWS"]
 
 
 def index_snapshot(r, installation_id):

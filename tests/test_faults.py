@@ -8,8 +8,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import assert_index_matches, query, record
-from tests.test_worker import TIMEOUT, call
+from tests.helpers import TIMEOUT, assert_index_matches, call, query, record
 from worker.access import change
 from worker.db import meetings, user_clients
 from worker.ingest import delete, ingest

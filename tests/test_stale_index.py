@@ -11,8 +11,7 @@ import sqlalchemy as sa
 
 from tests.conftest import DATABASE_URL
 from tests.deployments import Deployment
-from tests.helpers import Oracle, assert_index_matches, record
-from tests.test_worker import call
+from tests.helpers import Oracle, assert_index_matches, call, record
 from worker import keys
 
 MYSQL = DATABASE_URL.rsplit("/", 1)[0]

@@ -2,14 +2,7 @@
 would: results through the result backend, errors through ``result.get()``."""
 import pytest
 
-from tests.helpers import assert_index_matches, record
-
-TIMEOUT = 30
-
-
-def call(webapp, name, **kwargs):
-    from worker.app import ROUTES
-    return webapp.send_task(name, kwargs=kwargs, queue=ROUTES[name]).get(timeout=TIMEOUT)
+from tests.helpers import TIMEOUT, assert_index_matches, call, record
 
 
 def test_registered_task_names_snapshot():
