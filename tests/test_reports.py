@@ -248,15 +248,30 @@ def approx(rows):
     return [{k: pytest.approx(v) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
 
 
-def random_params(rng) -> dict:
+def random_params(rng, dates=()) -> dict:
+    """Random narrowing; a one-second range starts on one of ``dates`` (the meetings')."""
     params = {}
     if rng.random() < 0.4:
         params["client_ids"] = sorted(rng.sample(range(1, 7), rng.randint(1, 3)))
-    if rng.random() < 0.5:
-        # Mid-day edges: the rollup's whole days and the raw partial days must add up.
+    if rng.random() < 0.6:
+        # The rollup's whole days and the rows of the partial days must add up, whatever
+        # the edges: mid-day, inside one day, ending at midnight, one second long.
         start = BASE + rng.randrange(0, 40 * 86_400)
-        params["date_from"] = iso(start)
-        params["date_to"] = iso(start + rng.randrange(86_400, 45 * 86_400))
+        shape = rng.choice(["days", "one day", "to midnight", "one second", "whole days"])
+        if shape == "days":
+            end = start + rng.randrange(86_400, 45 * 86_400)
+        elif shape == "one day":
+            start = start - start % 86_400 + rng.randrange(0, 43_200)
+            end = start + rng.randrange(1, 43_200)
+        elif shape == "to midnight":
+            end = start - start % 86_400 + 86_400 * rng.randint(1, 3)
+        elif shape == "one second":
+            start = rng.choice(dates) if dates else start
+            end = start + 1
+        else:
+            start -= start % 86_400
+            end = start + 86_400 * rng.randint(1, 10)
+        params["date_from"], params["date_to"] = iso(start), iso(end)
     if rng.random() < 0.5:
         params["bucket"] = rng.choice(["week", "month"])
     return params
@@ -269,6 +284,7 @@ def test_every_report_equals_the_oracle_for_random_access(clean, seed):
     ctx = clean
     rng = random.Random(seed)
     items = build_world(ctx, seed)
+    dates = sorted(it.date_s for it in items.values())
     assert_rollup_is_a_recount(ctx.engine)
     with ctx.engine.connect() as conn:
         thread_of = dict(conn.execute(sa.select(emails.c.message_key, emails.c.thread_id)).all())
@@ -280,7 +296,7 @@ def test_every_report_equals_the_oracle_for_random_access(clean, seed):
         for user, clients in access.items():
             change(ctx, I, user, sorted(clients), "set")
         for user, clients in access.items():
-            for params in [{}] + [random_params(rng) for _ in range(3)]:
+            for params in [{}] + [random_params(rng, dates) for _ in range(3)]:
                 for name in NAMES:
                     got = report(ctx, I, user, name, params, now=NOW)
                     want = expected(name, items, clients, user, params, thread_of)

@@ -303,6 +303,17 @@ def _bucket_label(day: int, bucket: str) -> str:
     return _month_label(rollups.month_of(day))
 
 
+def _partial_days(p: Params) -> set[int]:
+    """The days that the range covers only in part (a bound inside them): read from the
+    rows, while the rollup gives the whole days ``[ceil(date_from), floor(date_to))``."""
+    days = set()
+    if p.date_from is not None and p.date_from % DAY:
+        days.add(p.date_from // DAY)
+    if p.date_to is not None and p.date_to % DAY:
+        days.add(p.date_to // DAY)
+    return days
+
+
 def activity(conn, installation_id: int, user_id: int, p: Params) -> list[dict]:
     """Meetings per (client, type, bucket) with running totals.  The whole days of the
     range, for the user's own clients, come from the rollup; the rest (meetings seen
@@ -329,15 +340,14 @@ def activity(conn, installation_id: int, user_id: int, p: Params) -> list[dict]:
     m = meetings.c
     raw = [seen_beyond(installation_id, user_id, (m.client_id, m.type, m.meeting_s), *_filters(p), hint=_hint(conn))]
     # The partial days at the range's edges, from the rows of the clients the rollup says
-    # had meetings on those days (a few, instead of a probe per client of the user).
-    for edge_day, inside in ((None if first_day is None else first_day - 1, m.meeting_s < (first_day or 0) * DAY),
-                             (end_day, m.meeting_s >= (end_day or 0) * DAY)):
-        if edge_day is None:
-            continue
+    # had meetings on those days (a few, instead of a probe per client of the user).  A
+    # range inside one day has one partial day: read once, it counts each meeting once.
+    for edge_day in sorted(_partial_days(p)):
         active = sa.select(d.client_id).where(d.installation_id == installation_id, d.day == edge_day,
                                               d.client_id.in_(own))
         raw.append(sa.select(m.client_id, m.type, m.meeting_s).where(
-            m.installation_id == installation_id, m.client_id.in_(active), *_filters(p), inside))
+            m.installation_id == installation_id, m.client_id.in_(active), *_filters(p),
+            m.meeting_s >= edge_day * DAY, m.meeting_s < (edge_day + 1) * DAY))
     for n, stmt in enumerate(raw):
         for client_id, type_, seconds in conn.execute(stmt if n == 0 else _hinted(conn, stmt)):
             counts[(client_id, type_, _bucket_label(seconds // DAY, p.bucket))] += 1
