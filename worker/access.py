@@ -19,6 +19,8 @@ from worker.mirror import new_write_id, once
 from worker.records import positive_int
 
 MAX_CLIENTS = 100_000
+#: The task of each mode: a task id names a write of its own task only.
+TASKS = {"set": "crm.set_user_clients", "grant": "crm.grant_clients", "revoke": "crm.revoke_clients"}
 #: Users whose lists one locking transaction of a rebuild reads and writes.
 USERS_PER_BATCH = 200
 
@@ -45,7 +47,7 @@ def change(ctx, installation_id, user_id, client_ids, mode: str, task_id: str | 
     wanted = set(_client_ids(client_ids))
     mirror = ctx.mirror
     token = mirror.writer_token(installation_id)
-    write_id = new_write_id(task_id)
+    write_id = new_write_id(task_id, TASKS[mode], installation_id)
     where = (users.c.installation_id == installation_id) & (users.c.user_id == user_id)
 
     applied: list = []  # (version, clients) of the change this call applied

@@ -164,7 +164,7 @@ def ingest(ctx, records, chunk_size: int | None = None, now_us: int | None = Non
     # queueing behind each other's locking reads of keys that do not exist yet.
     writer = engine.execution_options(isolation_level="READ COMMITTED") if engine.dialect.name == "mysql" else engine
     mirror = ctx.mirror
-    base = new_write_id(task_id)
+    base = new_write_id(task_id, "crm.ingest_meetings", None)
     by_installation: dict[int, list[Meeting]] = collections.defaultdict(list)
     for m in newest.values():
         by_installation[m.installation_id].append(m)
@@ -209,7 +209,7 @@ def delete(ctx, installation_id, source_ids, chunk_size: int | None = None, task
         return {"deleted": 0}  # the database knows no meeting of this installation
     deleted = 0
     wanted = sorted(set(source_ids))
-    base = new_write_id(task_id)
+    base = new_write_id(task_id, "crm.delete_meetings", installation_id)
     for n, start in enumerate(range(0, len(wanted), chunk_size)):
         chunk = wanted[start:start + chunk_size]
         write_id = f"{base}:{n}"

@@ -30,6 +30,7 @@ holds at that instant.  Access lists are ordered by the user's row lock and vers
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -58,11 +59,15 @@ def database_id(conn) -> str | None:
     return conn.execute(sa.select(crm_meta.c.value).where(crm_meta.c.name == "database_id")).scalar()
 
 
-def new_write_id(task_id: str | None, *parts) -> str:
-    """The id of one write: derived from the task's id (so that a redelivery finds it)
-    and the write's place in the task, or random for a call outside a task."""
-    base = task_id or "local-" + secrets.token_hex(12)
-    return ":".join([base, *map(str, parts)])[:100]
+def new_write_id(task_id: str | None, task: str, installation_id: int | None) -> str:
+    """The base of the ids of one task's writes (each write adds its place in the task).
+    Derived from the task's id, its name and its installation: a redelivery of the task
+    finds its writes, while another task or another installation that reuses the id (a
+    caller choosing ids) makes writes of its own.  Random for a call outside a task."""
+    if task_id is None:
+        return "local-" + secrets.token_hex(12)
+    scope = f"{task}\x00{installation_id}\x00{task_id}".encode()
+    return "t" + hashlib.blake2b(scope, digest_size=16).hexdigest()
 
 
 def once(conn, write_id: str, installation_id: int, effect):

@@ -89,7 +89,8 @@ def _relink(ctx, installation_id: int, token: str, ids: list[int], now_us: int) 
 
 def _upsert(ctx, installation_id, rows, field: str, validate, write, task_id) -> dict:
     """The shared shape of the three upserts: validate each row (rejecting it alone),
-    write the valid ones under the installation's lock once per task, re-link."""
+    write the valid ones under the installation's lock once per task, re-link.  ``field``
+    names the rows (clients, users, contacts) and so the task (``crm.upsert_<field>``)."""
     installation_id = positive_int("installation_id", installation_id)
     _list(field, rows, MAX_ROWS)
     now_us = int(time.time() * 1_000_000)
@@ -100,7 +101,7 @@ def _upsert(ctx, installation_id, rows, field: str, validate, write, task_id) ->
         except InvalidArgument as exc:
             rejected.append({"index": index, "error": str(exc)})
     token = ctx.mirror.writer_token(installation_id)
-    write_id = new_write_id(task_id)
+    write_id = new_write_id(task_id, f"crm.upsert_{field}", installation_id)
 
     def work(conn):
         lock_installation(conn, installation_id)

@@ -182,11 +182,11 @@ def ingest_emails(ctx, installation_id, mailbox_user_id, messages, task_id: str 
     valid, rejected = read_messages(messages, now_us // 1_000_000)
     token = ctx.mirror.writer_token(installation_id)
     writer = locking(ctx.engine)
-    base = new_write_id(task_id)
+    base = new_write_id(task_id, "crm.ingest_emails", installation_id)
     counts = {"new": 0, "duplicates": 0}
     for n, start in enumerate(range(0, len(valid), CHUNK)):
         chunk = valid[start:start + CHUNK]
-        write_id = f"{base}:{installation_id}:e{n}"
+        write_id = f"{base}:e{n}"
         changed: list = []
 
         def write(conn):
