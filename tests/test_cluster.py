@@ -81,6 +81,33 @@ def test_index_database_and_oracle_agree_on_a_cluster(engine, cluster, operation
         r.close()
 
 
+def test_rebuilds_that_overtake_each_other_on_a_cluster(on_cluster):
+    """Six rebuilds of one installation at once (an operator's racing the ones queries
+    queued): each ends normally, the overtaken ones say so, the latest is published."""
+    ctx = on_cluster
+    change(ctx, 1, 1, [1, 2], "set")
+    for start in range(0, 3000, 1000):
+        ingest(ctx, [record(installation_id=1, source_id=f"m{n:04d}", client_id=n % 3 + 1)
+                     for n in range(start, start + 1000)])
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(rebuild(make_context(ctx.engine, ctx.redis), 1)["rebuilt"]["1"])
+        except Exception as exc:  # noqa: BLE001 (the test reports any failure below)
+            errors.append(exc)
+    threads = [threading.Thread(target=run) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert any(r["superseded"] for r in results) and not all(r["superseded"] for r in results)
+    assert ctx.redis.get(keys.ready(1)) == ctx.redis.get(keys.generation(1))
+    assert_index_matches(ctx.engine, ctx.redis, 1)
+    assert query(ctx, installation_id=1, user_id=1)["total"] == 2000
+
+
 def test_a_master_killed_during_queries(on_cluster, cluster):
     """Queries of every installation keep answering, exactly, while a master dies: from the
     database while its slots have no master, from the index again once its replica took

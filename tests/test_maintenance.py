@@ -22,7 +22,7 @@ def test_rebuild_after_a_flush(clean):
     r.flushdb()
     assert query(ctx, installation_id=1, user_id=1)["source"] == "database"
     report = rebuild(ctx)
-    assert report["rebuilt"]["1"] == {"meetings": 40, "users": 2}
+    assert report["rebuilt"]["1"] == {"meetings": 40, "users": 2, "superseded": False}
     assert_index_matches(engine, r)
     assert query(ctx, installation_id=1, user_id=1)["source"] in ("index", "precomputed")
 

@@ -78,11 +78,12 @@ def claim_index(ctx) -> list[int]:
 
 def rebuild(ctx, only: int | None = None) -> dict:
     """Rebuild the index of one installation (or all) from the database.  Queries answer
-    from the database meanwhile."""
+    from the database meanwhile.  An installation's entry says ``superseded`` when a later
+    rebuild of it overtook this one (which then stopped: the later one publishes)."""
     done = {}
     for installation_id in installation_ids(ctx.engine, only):
         report = rebuild_installation(ctx, installation_id)
-        done[str(installation_id)] = {"meetings": report["meetings"], "users": report["users"]}
+        done[str(installation_id)] = {k: report[k] for k in ("meetings", "users", "superseded")}
     return {"rebuilt": done}
 
 

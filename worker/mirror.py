@@ -318,17 +318,24 @@ def repair_ids(ctx, installation_id: int, token: str, ids: list[int]) -> None:
 
 # -- rebuild ---------------------------------------------------------------------------
 
-def _wipe(r, installation_id: int, keep: set[bytes]) -> None:
+def _wipe(ctx, installation_id: int, token: str, keep: set[bytes]) -> None:
+    """Remove the installation's keys but ``keep``, in batches that each check that the
+    index is still written for ``token``: a rebuild overtaken by a later one never removes
+    what that one wrote (raises :class:`redis_index.NotMirrored` instead)."""
+    gen = keys.generation(installation_id)
     batch = []
-    for key in r.scan_iter(match=keys.pattern(installation_id), count=1000):
+
+    def flush():
+        if not ctx.scripts["wipe"](keys=[gen, *batch], args=[token]):
+            raise redis_index.NotMirrored(installation_id)
+        batch.clear()
+    for key in ctx.redis.scan_iter(match=keys.pattern(installation_id), count=1000):
         if key in keep:
             continue
         batch.append(key)
         if len(batch) >= 500:
-            r.unlink(*batch)
-            batch = []
-    if batch:
-        r.unlink(*batch)
+            flush()
+    flush()
 
 
 def rebuild_installation(ctx, installation_id: int, cause: str = "requested") -> dict:
@@ -338,7 +345,9 @@ def rebuild_installation(ctx, installation_id: int, cause: str = "requested") ->
     token when the index rejects their old one); every batch of rows and of access lists
     is read under its locks and written to the index before they are released, so a write
     that commits during the rebuild is either read by it or written after it, never lost
-    and never undone."""
+    and never undone.  A rebuild overtaken by a later one of the same installation (which
+    gave it a newer generation) stops where it is and returns ``superseded``: only the
+    latest generation is published."""
     from worker.access import load_access_locked  # access.py imports this module
     engine, r = ctx.engine, ctx.redis
     require_index(ctx)
@@ -359,24 +368,29 @@ def rebuild_installation(ctx, installation_id: int, cause: str = "requested") ->
     pipe.set(keys.rebuilding(installation_id), 1, ex=3600)
     pipe.execute()
     r.sadd(keys.INSTALLATIONS, installation_id)
-    _wipe(r, installation_id, keep={keys.generation(installation_id).encode(), keys.rebuilding(installation_id).encode()})
-    users = load_access_locked(ctx, installation_id, token)
-    count, last = 0, -1
-    while True:
-        def batch(conn):
-            rows = [StoredRow(*row) for row in conn.execute(
-                sa.select(*COLUMNS).where(meetings.c.installation_id == installation_id, meetings.c.id > last)
-                .order_by(meetings.c.id).limit(BATCH).with_for_update())]
-            apply_locked(ctx, installation_id, token, rows)
-            return rows
-        rows = run_transaction(locking(engine), batch)
-        if not rows:
-            break
-        count += len(rows)
-        last = rows[-1].id
-    # Published only if no later rebuild replaced this generation meanwhile.
-    published = ctx.scripts["publish"](
-        keys=[keys.generation(installation_id), keys.ready(installation_id), keys.rebuilding(installation_id)],
-        args=[token])
+    count, users = 0, 0
+    try:
+        _wipe(ctx, installation_id, token,
+              keep={keys.generation(installation_id).encode(), keys.rebuilding(installation_id).encode()})
+        users = load_access_locked(ctx, installation_id, token)
+        last = -1
+        while True:
+            def batch(conn):
+                rows = [StoredRow(*row) for row in conn.execute(
+                    sa.select(*COLUMNS).where(meetings.c.installation_id == installation_id, meetings.c.id > last)
+                    .order_by(meetings.c.id).limit(BATCH).with_for_update())]
+                apply_locked(ctx, installation_id, token, rows)
+                return rows
+            rows = run_transaction(locking(engine), batch)
+            if not rows:
+                break
+            count += len(rows)
+            last = rows[-1].id
+        # Published only if no later rebuild replaced this generation meanwhile.
+        published = bool(ctx.scripts["publish"](
+            keys=[keys.generation(installation_id), keys.ready(installation_id), keys.rebuilding(installation_id)],
+            args=[token]))
+    except redis_index.NotMirrored:
+        published = False
     ctx.mirror.forget(installation_id)
-    return {"meetings": count, "users": users, "published": bool(published)}
+    return {"meetings": count, "users": users, "published": published, "superseded": not published}

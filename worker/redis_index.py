@@ -17,7 +17,7 @@ from worker.records import item_json
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 #: The scripts a client runs; shared files (common.lua, views.lua) are not run alone.
-NAMES = ("apply", "delete", "access", "query", "build", "publish", "report_cache")
+NAMES = ("apply", "delete", "access", "query", "build", "publish", "report_cache", "wipe")
 
 
 #: URL schemes that name a seed node of a Redis Cluster.
