@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from worker import metrics, redis_index, rollups
 from worker.db import COLUMNS, StoredRow, locking, meeting_reach, meetings, run_transaction, update_rows
-from worker.email.tables import PER_MESSAGE
+from worker.email.tables import PER_MESSAGE, email_links, emails, retired_keys
 from worker.errors import InvalidArgument
 from worker.mirror import new_write_id, once, sync_sources, sync_written
 from worker.records import MAX_BATCH, Meeting, meeting_id, positive_int, validate
@@ -77,8 +77,12 @@ def _write_chunk(conn, installation_id: int, chunk: list[Meeting], given: set[in
               "meeting_s": m.meeting_s, "updated_s": m.updated_s, "updated_us": m.updated_us,
               "subject": m.subject, "details": m.details, "reach": None} for m in updates])
         # A meeting record replaces whatever an email of the same key stored: from now on
-        # only its client makes it visible.
-        conn.execute(meeting_reach.delete().where(meeting_reach.c.meeting_id.in_([m.id for m in updates])))
+        # the record alone decides the row and who sees it (email logic leaves it alone).
+        ids = [m.id for m in updates]
+        conn.execute(meeting_reach.delete().where(meeting_reach.c.meeting_id.in_(ids)))
+        conn.execute(email_links.delete().where(email_links.c.meeting_id.in_(ids)))
+        conn.execute(emails.update().where(emails.c.meeting_id.in_(ids), sa.not_(emails.c.by_record))
+                     .values(by_record=True))
     rollups.apply(conn, installation_id, removed=[existing[m.source_id] for m in updates], added=inserts + updates)
     return stored, updated, unchanged
 
@@ -120,6 +124,18 @@ def free_ids(conn, installation_id: int, source_ids: list[str]) -> list[int]:
                 out[i] = wanted[i]
         pending, salt = again, salt + 1
     return out
+
+
+def retire_keys(conn, installation_id: int, ids: list[int]) -> None:
+    """Remember the keys of the deleted messages ``ids``: no other message takes them."""
+    gone = set(conn.execute(sa.select(emails.c.message_key).where(emails.c.meeting_id.in_(ids))).scalars())
+    if not gone:
+        return
+    known = set(conn.execute(sa.select(retired_keys.c.message_key).where(
+        retired_keys.c.installation_id == installation_id, retired_keys.c.message_key.in_(sorted(gone)))).scalars())
+    if gone - known:
+        conn.execute(retired_keys.insert(), [{"installation_id": installation_id, "message_key": k}
+                                             for k in sorted(gone - known)])
 
 
 def validate_batch(records) -> tuple[list[tuple[int, Meeting]], list[dict]]:
@@ -227,6 +243,7 @@ def delete(ctx, installation_id, source_ids, chunk_size: int | None = None, task
                 mirror.write(installation_id, lambda t: redis_index.delete_meetings(ctx, installation_id, ids, t))
                 count = conn.execute(meetings.delete().where(meetings.c.id.in_(ids))).rowcount
                 rollups.apply(conn, installation_id, removed=gone)
+                retire_keys(conn, installation_id, ids)
                 # A deleted email goes with its rows; its thread keeps the ids it named.
                 for table in (meeting_reach, *PER_MESSAGE):
                     conn.execute(table.delete().where(table.c.meeting_id.in_(ids)))

@@ -32,6 +32,7 @@ import sqlalchemy as sa
 
 from worker import keys, rollups
 from worker.db import meetings
+from worker.email.queries import is_message
 from worker.email.tables import email_links, email_mailboxes, emails
 from worker.errors import InvalidArgument
 from worker.query import narrowing, own_clients, seen_beyond, token_list, visible_parts
@@ -230,8 +231,7 @@ def visible_messages(conn, installation_id: int, user_id: int, p: Params = None)
     m = meetings.c
     p = ALL if p is None else p
     rows = _visible(conn, installation_id, user_id, p,
-                    (m.id, m.meeting_s, m.status, m.subject, emails.c.thread_id),
-                    m.type == "email", emails.c.meeting_id == m.id)
+                    (m.id, m.meeting_s, m.status, m.subject, emails.c.thread_id), *is_message(m))
     is_out = sa.case((rows.c.status == "outbound", 1), else_=0)
     in_thread = dict(partition_by=rows.c.thread_id)
     order = (rows.c.meeting_s, rows.c.id)

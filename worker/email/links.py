@@ -138,7 +138,8 @@ class Fresh:
 
 def materialize(conn, installation_id: int, ids, now_us: int, fresh: dict | None = None) -> list[int]:
     """Derive links, direction, visibility and details of the emails ``ids`` from what is
-    stored now, and write what differs (meeting row, links, reach); and of the messages
+    stored now, and write what differs (meeting row, links, reach), except for those whose
+    meeting row a record owns (``emails.by_record``), which are left as they are; and of the messages
     ``fresh`` ({meeting id: Fresh}), whose meeting rows are inserted here, complete, with
     their links and reach.  The caller holds the installation's email lock.  Returns the
     meeting ids whose row changed or was inserted."""
@@ -152,7 +153,9 @@ def materialize(conn, installation_id: int, ids, now_us: int, fresh: dict | None
                           meetings.c.client_id, meetings.c.type, meetings.c.status, meetings.c.meeting_s,
                           meetings.c.details, meetings.c.reach, meetings.c.updated_us)
                 .join(meetings, meetings.c.id == emails.c.meeting_id)
-                .where(emails.c.meeting_id.in_(part))):
+                # A meeting record that replaced an email owns its row: its fields and
+                # who sees it are the record's alone, whatever the email says.
+                .where(emails.c.meeting_id.in_(part), sa.not_(emails.c.by_record))):
             stored[row.meeting_id] = row
     mailboxes = collections.defaultdict(list)
     old_links = collections.defaultdict(list)

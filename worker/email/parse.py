@@ -14,6 +14,7 @@ import datetime as dt
 import email.header
 import email.utils
 import hashlib
+import json
 import re
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -30,7 +31,13 @@ MAX_REFS = 100
 MAX_PER_ROLE = 100
 ROLES = ("from", "to", "cc", "reply_to")
 _HEADERS = {"from": "From", "to": "To", "cc": "Cc", "reply_to": "Reply-To"}
+#: The headers of a message's content fingerprint, with its body: what a copy of the same
+#: message holds in every mailbox (trace headers such as Received, Delivered-To or
+#: X-Gmail-Labels differ per mailbox and are not part of it).
+FINGERPRINTED = ("from", "date", "subject", "to", "cc")
 _ID = re.compile(r"<([^<>]*)>")
+_SPACE = re.compile(r"\s+")
+_BODY = re.compile(rb"\r?\n\r?\n")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 # Reply and forward prefixes, localized: Re, Fw, Fwd, AW/WG (de), SV/VS (nordic), Antw
 # (nl), RV/RE (es/pt), TR (fr), Odp/PD (pl), YNT/İLT (tr), Ris (it), Vá (hu), Odg (hr),
@@ -55,6 +62,7 @@ class Parsed:
     subject_key: str | None   # normalized subject: prefixes gone, folded, spaces collapsed
     refs: list[str]           # In-Reply-To and References ids, capped
     participants: list[tuple[str, str, str]]  # (role, canonical address, display name)
+    fingerprint: str = ""     # sha256 hex of the content (see fingerprint())
 
 
 def decode_raw(raw) -> bytes:
@@ -107,6 +115,27 @@ def message_key(header: str | None, raw: bytes) -> str:
     if not key or len(key) > MAX_KEY or any(c.isspace() for c in key):
         return "sha256:" + hashlib.sha256(raw).hexdigest()
     return key
+
+
+def fingerprint(msg, data: bytes) -> str:
+    """What makes two messages of one key the same message: From, Date, Subject, To and
+    Cc as sent (every occurrence, folding and runs of white space made one space; a
+    missing header differs from an empty one) and the body bytes (line endings made LF,
+    trailing newlines dropped), as sha256 hex.  Copies of one message read from several
+    mailboxes differ only in trace headers, which are not part of it; a forged copy that
+    reuses a known Message-ID, sender and date differs in its content."""
+    values: dict[str, list[str]] = {name: [] for name in FINGERPRINTED}
+    for name, value in msg.raw_items():
+        name = name.strip().lower()
+        if name in values:
+            values[name].append(_SPACE.sub(" ", str(value)).strip())
+    # ensure_ascii: the undecodable bytes of a header (kept as surrogates) are written
+    # out as escapes, the same for every copy.
+    head = json.dumps([values[name] or None for name in FINGERPRINTED]).encode()
+    found = _BODY.search(data)
+    body = data[found.end():] if found else b""
+    body = body.replace(b"\r\n", b"\n").rstrip(b"\n")
+    return hashlib.sha256(head + b"\x00" + body).hexdigest()
 
 
 def _ids(value: str) -> list[str]:
@@ -184,4 +213,5 @@ def parse(data: bytes) -> Parsed:
         subject_key=subject_key(subject) if subject else None,
         refs=[r for r in unique if r != key],
         participants=participants,
+        fingerprint=fingerprint(msg, data),
     )

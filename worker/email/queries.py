@@ -68,17 +68,24 @@ def _fingerprint(*parts) -> str:
     return json.dumps(parts, sort_keys=True, default=str)
 
 
+def is_message(m=meetings.c) -> tuple:
+    """The conditions that make a meeting row a stored message of email insight: of type
+    ``email``, joined to its ``emails`` row, and not owned by a meeting record that replaced
+    the email (that record decides alone what the meeting is: threads, thread reports and
+    contacts' last email leave it)."""
+    return (m.type == "email", emails.c.meeting_id == m.id, sa.not_(emails.c.by_record))
+
+
 def _visible(installation_id: int, user_id: int, *conds, subject: bool = True):
     """Subquery ``seen(thread_id, id, meeting_s, status[, subject])``: the user's visible
     messages — those of the user's own clients and those seen beyond them, each part read
     through its own index — narrowed by ``conds``.  A message is a meeting of type
-    ``email`` (as in the reports): a ``crm.ingest_meetings`` record that replaced one with
-    another type leaves the threads, and the type bounds the index range to the emails of
-    the user's clients instead of all their meetings."""
+    ``email`` whose row is still the email's (is_message): a ``crm.ingest_meetings`` record
+    that replaced one leaves the threads; and the type bounds the index range to the
+    emails of the user's clients instead of all their meetings."""
     m = meetings.c
     columns = (emails.c.thread_id, m.id, m.meeting_s, m.status) + ((m.subject,) if subject else ())
-    return sa.union_all(*visible_parts(installation_id, user_id, columns, m.type == "email",
-                                       emails.c.meeting_id == m.id, *conds)).subquery("seen")
+    return sa.union_all(*visible_parts(installation_id, user_id, columns, *is_message(m), *conds)).subquery("seen")
 
 
 def _visible_messages(conn, installation_id: int, user_id: int, thread_ids=None):
@@ -228,7 +235,7 @@ def get_thread(ctx, installation_id, user_id, thread_id) -> dict:
             sa.select(meetings, emails.c.participants)
             .join(emails, emails.c.meeting_id == meetings.c.id)
             .where(emails.c.installation_id == installation_id, emails.c.thread_id == thread_id,
-                   meetings.c.type == "email", visible_condition(installation_id, user_id))
+                   *is_message(), visible_condition(installation_id, user_id))
             .order_by(meetings.c.meeting_s, meetings.c.id)).all()
         links = collections.defaultdict(list)
         for part in _chunks([r.id for r in rows]):
@@ -302,8 +309,9 @@ def _last_email_at(conn, installation_id: int, user_id: int, page) -> dict:
         for address, when in conn.execute(
                 sa.select(email_participants.c.address, sa.func.max(meetings.c.meeting_s))
                 .join(meetings, meetings.c.id == email_participants.c.meeting_id)
+                .join(emails, emails.c.meeting_id == email_participants.c.meeting_id)
                 .where(email_participants.c.installation_id == installation_id, email_participants.c.address.in_(part),
-                       visible_condition(installation_id, user_id))
+                       *is_message(), visible_condition(installation_id, user_id))
                 .group_by(email_participants.c.address)):
             for contact in owners[address]:
                 if latest.get(contact) is None or when > latest[contact]:

@@ -70,9 +70,14 @@ contact_terms = sa.Table(
 )
 
 #: One row per stored message (its meeting row has the same id).  ``message_key`` is the
-#: contract's key (``base_key`` plus ``#n`` for a same-id message of another From/Date);
-#: ``threading``: it has References or In-Reply-To; ``participants``: JSON
-#: ``[[role, address, name], …]`` in role and header order.
+#: contract's key: ``base_key`` (from Message-ID) itself, or ``base_key#n`` for another
+#: message under a key that was taken; ``fingerprint``: sha256 hex of its content
+#: (parse.fingerprint), what a copy must match to merge with it (null for messages stored
+#: before fingerprints: they merge only with re-reads from the mailboxes that hold them);
+#: ``by_record``: a ``crm.ingest_meetings`` record of the same key owns the meeting row,
+#: and decides alone its fields and who sees it; ``threading``: it has References or
+#: In-Reply-To; ``participants``: JSON ``[[role, address, name], …]`` in role and header
+#: order.
 emails = sa.Table(
     "emails", metadata,
     sa.Column("meeting_id", BigInt, primary_key=True, autoincrement=False),
@@ -85,6 +90,8 @@ emails = sa.Table(
     sa.Column("subject_key", Utf8Key()),
     sa.Column("threading", sa.Boolean, nullable=False),
     sa.Column("participants", LongText, nullable=False),
+    sa.Column("fingerprint", sa.String(64)),
+    sa.Column("by_record", sa.Boolean, nullable=False, server_default=sa.text("0")),
     sa.UniqueConstraint("installation_id", "message_key", name="uq_emails_key"),
     sa.Index("ix_emails_base", "installation_id", "base_key"),
     sa.Index("ix_emails_thread", "installation_id", "thread_id", "date_s"),
@@ -136,6 +143,14 @@ email_links = sa.Table(
     sa.Column("contact_id", BigInt),
     sa.Column("reason", sa.String(64), nullable=False),
     sa.Index("ix_email_links_client", "installation_id", "client_id"),
+)
+
+#: The keys of deleted messages: a key is never given to another message (a caller may
+#: still hold the old one).
+retired_keys = sa.Table(
+    "retired_keys", metadata,
+    sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("message_key", Utf8Key(), primary_key=True),
 )
 
 #: Every table holding a message's rows, for deletion.
