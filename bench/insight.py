@@ -41,7 +41,7 @@ def index_bytes(r) -> dict:
 def measure_email(bench, count: int) -> None:
     """End to end through two worker processes, then the peers on the same messages."""
     from worker.email.synthetic import seed_directory
-    from worker.email.tables import emails
+    from worker.tables import emails
     say(f"email: {count:,} messages through crm.ingest_emails (2 worker processes)")
     seed_directory(bench.ctx, 1, bench.shape.clients, bench.shape.users)
     deliveries = corpus(count, bench.shape.clients, bench.shape.users)
@@ -224,7 +224,7 @@ def measure_threads(bench, data) -> None:
     for the 2,000-client and the 50-client user: page 1, p50 and p99."""
     from bench.run import percentiles, timed
     from worker.email import queries
-    from worker.email.tables import contacts
+    from worker.tables import contacts
     say("threads and contacts (page 1 of 20)")
     seconds = max(2.0, bench.args.seconds / 4)
     samples = max(20, bench.args.samples // 5)

@@ -214,7 +214,7 @@ class Load:
             self.client.close()
 
     def verify(self, took: float) -> dict:
-        from worker.db import meetings
+        from worker.tables import meetings
         for user, start, end, source, items in self.answers:
             allowed = self.access.allowed(user, start, end)
             leaked = [item for item in items if item[1] not in allowed]

@@ -28,7 +28,7 @@ os.environ.update({
 os.environ.pop("CRM_CURSOR_SECRET", None)
 
 from worker.context import Context, Limits  # noqa: E402
-from worker.db import make_engine  # noqa: E402
+from worker.db import make_engine
 from worker.redis_index import connect  # noqa: E402
 from worker.schema import create_database, data_tables, upgrade  # noqa: E402
 from worker.settings import Settings  # noqa: E402

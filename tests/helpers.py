@@ -114,7 +114,7 @@ def ids_of(engine, installation_id=None):
     """(installation, source_id) -> id, from the database."""
     import sqlalchemy as sa
 
-    from worker.db import meetings
+    from worker.tables import meetings
     with engine.connect() as conn:
         return {(i, s): mid for mid, i, s in conn.execute(
             sa.select(meetings.c.id, meetings.c.installation_id, meetings.c.source_id))}
@@ -149,7 +149,7 @@ def expected_snapshot(engine, installation_id):
     import sqlalchemy as sa
 
     from worker import keys
-    from worker.db import meetings, user_clients
+    from worker.tables import meetings, user_clients
     from worker.records import item_json
     z, payload, access, reverse, extra = {}, {}, {}, {}, {}
     with engine.connect() as conn:

@@ -79,7 +79,7 @@ def test_crm_run_guards_flower_and_says_what_runs_where(tmp_path):
 def test_the_demo_seed_resumes_after_an_interruption(clean, monkeypatch, capsys):
     ctx = clean
     engine = ctx.engine
-    from worker.db import crm_meta
+    from worker.tables import crm_meta
     with engine.begin() as conn:
         conn.execute(crm_meta.delete().where(crm_meta.c.name == "demo_seed"))
     monkeypatch.setattr(seed_module, "DEMO", seed_module.Shape(clients=6, users=3, meetings=60))

@@ -19,9 +19,8 @@ from tests.email_corpus import CLIENTS, CONTACTS, USERS, b64, corpus, expected_t
 from tests.helpers import assert_index_matches, query
 from worker.access import change
 from worker.query import from_database, parse
-from worker.db import meeting_reach
+from worker.tables import email_links, email_refs, emails, meeting_reach
 from worker.email import directory, queries, store
-from worker.email.tables import email_links, email_refs, emails
 from worker.email.threads import thread_id
 
 I = 1

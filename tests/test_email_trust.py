@@ -24,9 +24,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import make_context, wipe
 from tests.helpers import assert_index_matches, call, record
-from worker.db import installations, meetings
+from worker.tables import email_mailboxes, emails, installations, meetings
 from worker.email import directory, store
-from worker.email.tables import email_mailboxes, emails
 from worker.ingest import delete, ingest
 
 I = 1
@@ -472,7 +471,7 @@ def test_a_task_id_used_by_another_installation_or_task_is_not_a_redelivery(work
     assert once("crm.delete_meetings", "del-id", installation_id=2, source_ids=["m"]) == {"deleted": 1}
     assert once("crm.upsert_clients", "up-id", installation_id=1, clients=[CLIENTS[0]])["accepted"] == 1
     assert once("crm.upsert_clients", "up-id", installation_id=2, clients=[CLIENTS[0]])["accepted"] == 1
-    from worker.email.tables import clients
+    from worker.tables import clients
     with engine.connect() as conn:
         assert sorted(conn.execute(sa.select(clients.c.installation_id)).scalars()) == [1, 2]
         assert conn.execute(sa.select(sa.func.count()).select_from(meetings)).scalar() == 0
@@ -540,7 +539,7 @@ def test_a_rebuild_overtaken_midway_stops_and_says_so(clean):
     having removed nothing of B's; B publishes."""
     from worker import keys
     from worker.access import change as change_access
-    from worker.db import users
+    from worker.tables import users
     from worker.mirror import rebuild_installation
     ctx = clean
     change_access(ctx, I, 7, [1], "set")

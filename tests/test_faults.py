@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import TIMEOUT, assert_index_matches, call, query, record
 from worker.access import change
-from worker.db import meetings, user_clients
+from worker.tables import meetings, user_clients
 from worker.ingest import delete, ingest
 from worker.maintenance import rebuild
 

@@ -7,7 +7,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.helpers import assert_index_matches, record
-from worker.db import meetings
+from worker.tables import meetings
 from worker.errors import InvalidArgument
 from worker.ingest import delete, ingest
 

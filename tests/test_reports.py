@@ -20,7 +20,7 @@ from tests.test_email import ingest_corpus, setup_directory
 from worker import rollups
 from worker.access import change
 from worker.email import directory
-from worker.email.tables import emails
+from worker.tables import emails, meeting_days
 from worker.ingest import delete, ingest
 from worker.records import iso_seconds
 from worker.reports import NAMES, report
@@ -86,10 +86,10 @@ def build_world(ctx, seed: int) -> dict:
 
 def assert_rollup_is_a_recount(engine):
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(rollups.meeting_days).where(rollups.meeting_days.c["count"] != 0)).all()
+        rows = conn.execute(sa.select(meeting_days).where(meeting_days.c["count"] != 0)).all()
     with engine.begin() as conn:
         rollups.recount(conn, I)
-        fresh = conn.execute(sa.select(rollups.meeting_days)).all()
+        fresh = conn.execute(sa.select(meeting_days)).all()
         conn.rollback()
     assert sorted(rows) == sorted(fresh)
 

@@ -139,7 +139,7 @@ def test_a_transient_fault_outlasting_the_in_place_retries_is_retried_by_the_tas
 
     import sqlalchemy as sa
 
-    from worker.db import meetings
+    from worker.tables import meetings
     engine, r, webapp = worker_env
     call(webapp, "crm.ingest_meetings", records=[record(subject="v1", updated_at="2024-01-01T00:00:00Z")])
     locked, release = threading.Event(), threading.Event()

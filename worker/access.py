@@ -13,7 +13,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from worker import redis_index
-from worker.db import locking, run_transaction, user_clients, users
+from worker.db import locking, run_transaction
+from worker.tables import user_clients, users
 from worker.errors import InvalidArgument
 from worker.mirror import new_write_id, once
 from worker.records import positive_int

@@ -102,7 +102,7 @@ def used_memory(r) -> int:
 
 def status_report(ctx) -> dict:
     from worker import keys
-    from worker.db import meetings, user_clients
+    from worker.tables import meetings, user_clients
     from worker.maintenance import installation_ids
     from worker.precompute import stats
     engine, r, mirror = ctx.engine, ctx.redis, ctx.mirror

@@ -16,7 +16,8 @@ import redis
 import sqlalchemy as sa
 
 from worker import keys
-from worker.db import crm_meta, make_engine
+from worker.db import make_engine
+from worker.tables import crm_meta
 from worker.mirror import Mirror
 from worker.redis_index import Scripts, connect
 from worker.settings import Settings

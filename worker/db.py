@@ -1,143 +1,20 @@
-"""The source of truth: tables and engines for MariaDB/MySQL, TiDB and SQLite.
-
-The schema itself is created and upgraded by the Alembic migrations in
-``worker/migrations`` (``crm init``); the table objects here are what the code queries.
+"""The source of truth's connections: engines for MariaDB/MySQL, TiDB and SQLite, their
+session settings, transactions with retries, and batched row updates.  The tables are
+defined in worker/tables.py.
 """
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import time
 from typing import Callable
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql
 
 from worker.errors import is_transient
 
 log = logging.getLogger(__name__)
 
-metadata = sa.MetaData()
-
-
-class Utf8Key(sa.TypeDecorator):
-    """A text key compared byte for byte: VARBINARY on MySQL/TiDB, where every text
-    collation treats trailing spaces (and, for most, letter case) as equal."""
-    impl = sa.String(255)
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect):
-        if dialect.name == "mysql":
-            return dialect.type_descriptor(mysql.VARBINARY(1020))
-        return dialect.type_descriptor(sa.String(255))
-
-    def process_bind_param(self, value, dialect):
-        if value is not None and dialect.name == "mysql":
-            return value.encode()
-        return value
-
-    def process_result_value(self, value, dialect):
-        return value.decode() if isinstance(value, (bytes, bytearray)) else value
-
-
-BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-LongText = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql")
-
-#: One row per meeting.  ``id`` is derived from (installation_id, source_id), not
-#: auto-incremented: the index is written from the batch itself, and TiDB spreads the
-#: random keys over regions instead of appending to one hot region.
-meetings = sa.Table(
-    "meetings", metadata,
-    sa.Column("id", BigInt, primary_key=True, autoincrement=False),
-    sa.Column("installation_id", BigInt, nullable=False),
-    sa.Column("source_id", Utf8Key(), nullable=False),
-    sa.Column("client_id", BigInt, nullable=False),
-    sa.Column("type", sa.String(32), nullable=False),
-    sa.Column("status", sa.String(32), nullable=False),
-    sa.Column("meeting_s", BigInt, nullable=False),   # whole seconds since the epoch, UTC
-    sa.Column("updated_s", BigInt, nullable=False),   # whole seconds, the sort key of updated_at
-    sa.Column("updated_us", BigInt, nullable=False),  # microseconds, orders versions
-    sa.Column("subject", sa.String(998)),
-    sa.Column("details", LongText),  # compact JSON text
-    # Who else may see it, for the index: "<secondary clients>/<mailbox users>", comma
-    # separated; null when only client_id makes it visible (see meeting_reach).
-    sa.Column("reach", sa.Text),
-    sa.UniqueConstraint("installation_id", "source_id", name="uq_meetings_source"),
-    # The secured query: one range per (client, type, status), ordered by the sort key.
-    sa.Index("ix_meetings_client_date", "installation_id", "client_id", "type", "status", "meeting_s", "id"),
-    sa.Index("ix_meetings_client_updated", "installation_id", "client_id", "type", "status", "updated_s", "id"),
-)
-
-StoredRow = collections.namedtuple(
-    "StoredRow", "id installation_id source_id client_id type status meeting_s updated_s updated_us subject details reach",
-    defaults=(None,))
-#: The columns of :data:`meetings` in :class:`StoredRow` order.
-COLUMNS = [meetings.c[name] for name in StoredRow._fields]
-
-#: Which clients each user may see.
-user_clients = sa.Table(
-    "user_clients", metadata,
-    sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
-    sa.Column("user_id", BigInt, primary_key=True, autoincrement=False),
-    sa.Column("client_id", BigInt, primary_key=True, autoincrement=False),
-    sa.Index("ix_user_clients_client", "installation_id", "client_id", "user_id"),
-)
-
-#: One row per user whose access was ever set: the lock that serializes access changes,
-#: and the version that orders their copies in Redis.
-users = sa.Table(
-    "users", metadata,
-    sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
-    sa.Column("user_id", BigInt, primary_key=True, autoincrement=False),
-    sa.Column("access_version", BigInt, nullable=False),
-    sa.Column("name", sa.String(255)),  # crm.upsert_users
-    sa.Column("emails", sa.Text),       # crm.upsert_users: JSON list of addresses as given
-)
-
-#: Who besides ``meetings.client_id`` makes a meeting visible: one row per other linked
-#: client (``user_id`` 0) and per mailbox it was read from (``client_id`` 0).  Emails only.
-#: The primary client has no row (since migration 0005): the meetings of a user's own
-#: clients are found through ``meetings``' own index, and a broad user's "seen beyond"
-#: lookup would otherwise walk every one of them again.
-meeting_reach = sa.Table(
-    "meeting_reach", metadata,
-    sa.Column("installation_id", BigInt, nullable=False),
-    sa.Column("meeting_id", BigInt, primary_key=True, autoincrement=False),
-    sa.Column("client_id", BigInt, primary_key=True, autoincrement=False),
-    sa.Column("user_id", BigInt, primary_key=True, autoincrement=False),
-    sa.Index("ix_meeting_reach_client", "installation_id", "client_id", "meeting_id"),
-    sa.Index("ix_meeting_reach_user", "installation_id", "user_id", "meeting_id"),
-)
-
-#: Installations seen by ingestion or access changes.  ``generation`` is the token the
-#: Redis index must carry to answer for the installation; every rebuild replaces it
-#: (worker/mirror.py).
-installations = sa.Table(
-    "installations", metadata,
-    sa.Column("id", BigInt, primary_key=True, autoincrement=False),
-    sa.Column("generation", sa.String(32)),
-)
-
-#: One row per write (a task's chunk, an access change), in the transaction of its effect:
-#: a redelivered task finds its writes here and applies none twice (``result`` is what the
-#: write returned); and the index's recent write ids must all be here, or the database went
-#: back in time (a restore) and the index no longer mirrors it.
-applied_writes = sa.Table(
-    "applied_writes", metadata,
-    sa.Column("write_id", sa.String(100), primary_key=True),
-    sa.Column("installation_id", BigInt, nullable=False),
-    sa.Column("at_us", BigInt, nullable=False),
-    sa.Column("result", sa.Text),
-    sa.Index("ix_applied_writes_installation", "installation_id", "at_us"),
-)
-
-#: Service-wide values kept with the data, e.g. the cursor signing secret.
-crm_meta = sa.Table(
-    "crm_meta", metadata,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("value", sa.String(255), nullable=False),
-)
 
 def make_engine(url: str, lock_wait_timeout: int = 10) -> sa.Engine:
     """A new engine for ``url`` with the session settings the service relies on."""

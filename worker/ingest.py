@@ -15,8 +15,8 @@ import time
 import sqlalchemy as sa
 
 from worker import metrics, redis_index, rollups
-from worker.db import COLUMNS, StoredRow, locking, meeting_reach, meetings, run_transaction, update_rows
-from worker.email.tables import PER_MESSAGE, email_links, emails, retired_keys
+from worker.db import locking, run_transaction, update_rows
+from worker.tables import COLUMNS, PER_MESSAGE, StoredRow, email_links, emails, meeting_reach, meetings, retired_keys
 from worker.errors import InvalidArgument
 from worker.mirror import new_write_id, once, sync_sources, sync_written
 from worker.records import MAX_BATCH, Meeting, meeting_id, positive_int, validate

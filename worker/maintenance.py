@@ -17,7 +17,7 @@ from worker.errors import REDIS_FAULTS
 from worker.access import load_access_locked
 from worker.precompute import drop_user, list_views
 from worker.query import SORTS, sql_conditions, view_query
-from worker.db import COLUMNS, StoredRow, applied_writes, installations, meetings, user_clients, users
+from worker.tables import COLUMNS, StoredRow, applied_writes, installations, meetings, user_clients, users
 from worker.mirror import our_database_id, rebuild_installation, repair_ids
 
 BATCH = 1000

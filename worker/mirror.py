@@ -41,7 +41,8 @@ import redis
 import sqlalchemy as sa
 
 from worker import keys, metrics, redis_index
-from worker.db import COLUMNS, StoredRow, applied_writes, crm_meta, installations, locking, meetings, run_transaction
+from worker.db import locking, run_transaction
+from worker.tables import COLUMNS, StoredRow, applied_writes, crm_meta, installations, meetings
 from worker.errors import REDIS_FAULTS
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import time
 import sqlalchemy as sa
 
 from worker import keys, metrics
-from worker.db import meeting_reach, meetings, user_clients
+from worker.tables import meeting_reach, meetings, user_clients
 from worker.errors import REDIS_FAULTS, InvalidArgument, is_transient
 from worker.mirror import owns_index
 from worker.precompute import fill_view

@@ -171,7 +171,7 @@ def meeting_id(installation_id: int, source_id: str, salt: int = 0) -> int:
 
 def item_json(row) -> str:
     """The meeting item of the contract, as JSON text.  ``row`` has the columns of
-    :data:`worker.db.meetings`; ``client_id`` 0 (an email linked to no client) is null.  Both query paths build items with this one function."""
+    :data:`worker.tables.meetings`; ``client_id`` 0 (an email linked to no client) is null.  Both query paths build items with this one function."""
     details = row.details
     return (
         '{"id":%d,"source_id":%s,"client_id":%s,"type":"%s","status":"%s","meeting_date":"%s",'

@@ -31,9 +31,8 @@ import time
 import sqlalchemy as sa
 
 from worker import keys, rollups
-from worker.db import meetings
+from worker.tables import email_links, email_mailboxes, emails, meeting_days, meetings
 from worker.email.queries import is_message
-from worker.email.tables import email_links, email_mailboxes, emails
 from worker.errors import InvalidArgument
 from worker.query import narrowing, own_clients, seen_beyond, token_list, visible_parts
 from worker.records import iso_seconds, parse_time, positive_int, to_seconds
@@ -323,7 +322,7 @@ def activity(conn, installation_id: int, user_id: int, p: Params) -> list[dict]:
     first_day = None if p.date_from is None else -(-p.date_from // DAY)
     end_day = None if p.date_to is None else p.date_to // DAY
     own = own_clients(installation_id, user_id)
-    d = rollups.meeting_days.c
+    d = meeting_days.c
     column = d.week if p.bucket == "week" else d.month
     conds = [d.installation_id == installation_id, d.client_id.in_(own)]
     if p.client_ids is not None:

@@ -14,24 +14,10 @@ import datetime
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, sqlite
 
-from worker.db import BigInt, meetings, metadata
+from worker.tables import meeting_days, meetings
 
 DAY = 86_400
 EPOCH = datetime.date(1970, 1, 1)
-
-meeting_days = sa.Table(
-    "meeting_days", metadata,
-    sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
-    sa.Column("client_id", BigInt, primary_key=True, autoincrement=False),
-    sa.Column("type", sa.String(32), primary_key=True),
-    sa.Column("status", sa.String(32), primary_key=True),
-    sa.Column("day", sa.Integer, primary_key=True, autoincrement=False),   # days since 1970-01-01, UTC
-    sa.Column("week", sa.Integer, nullable=False),   # the day number of that week's Monday
-    sa.Column("month", sa.Integer, nullable=False),  # YYYYMM
-    sa.Column("count", sa.Integer, nullable=False),
-    # A dashboard's recent range: the days first, then the user's clients among them.
-    sa.Index("ix_meeting_days_day", "installation_id", "day", "client_id"),
-)
 
 #: What a writer knows of a meeting row it removes or adds.
 Cell = collections.namedtuple("Cell", "client_id type status meeting_s")

@@ -8,15 +8,13 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
-from worker.db import crm_meta, metadata
+from worker.tables import crm_meta, metadata
 
 MIGRATIONS = os.path.join(os.path.dirname(__file__), "migrations")
 
 
 def data_tables() -> list:
     """Every table of the service's data (``crm_meta``, its identity and secret, aside)."""
-    import worker.email.tables  # noqa: F401  (registers the email tables in the metadata)
-    import worker.rollups  # noqa: F401  (and the rollup)
     return [table for table in metadata.sorted_tables if table.name != "crm_meta"]
 
 

@@ -9,7 +9,7 @@ import time
 import sqlalchemy as sa
 
 from worker.access import change
-from worker.db import crm_meta, installations
+from worker.tables import crm_meta, installations
 from worker.ingest import ingest
 from worker.records import iso_micros, iso_seconds
 

@@ -10,11 +10,10 @@ import time
 
 import sqlalchemy as sa
 
-from worker.db import locking, run_transaction, users
+from worker.db import locking, run_transaction
+from worker.tables import client_domains, clients, contact_addresses, contact_terms, contacts, user_addresses, users
 from worker.email.addresses import canonical_address, domain_of, fold, is_freemail, name_terms, registrable_domain
 from worker.email.links import affected_messages, lock_installation, materialize, own_domains_of
-from worker.email.tables import (client_domains, clients, contact_addresses, contact_terms, contacts,
-                                 user_addresses)
 from worker.errors import InvalidArgument
 from worker.mirror import new_write_id, once, sync_ids
 from worker.records import meeting_id, parse_time, positive_int, to_micros

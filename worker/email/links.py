@@ -19,10 +19,10 @@ import json
 import sqlalchemy as sa
 
 from worker import rollups
-from worker.db import installations, meeting_reach, meetings, update_rows
+from worker.db import update_rows
 from worker.email.addresses import domain_of, is_freemail
-from worker.email.tables import (client_domains, contact_addresses, contacts, email_links, email_mailboxes,
-                                 email_participants, emails, user_addresses)
+from worker.tables import (client_domains, contact_addresses, contacts, email_links, email_mailboxes,
+                           email_participants, emails, installations, meeting_reach, meetings, user_addresses)
 
 CONTACT = "contact_address"
 DOMAIN = "client_domain"

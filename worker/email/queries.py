@@ -14,9 +14,8 @@ import json
 
 import sqlalchemy as sa
 
-from worker.db import meetings, user_clients
+from worker.tables import contact_terms, contacts, email_links, email_participants, emails, meetings, user_clients
 from worker.email.addresses import fold
-from worker.email.tables import contact_terms, contacts, email_links, email_participants, emails
 from worker.errors import InvalidArgument
 from worker.query import MAX_LIMIT, bounded_int, token_list, visible_condition, visible_parts
 from worker.records import item_json, iso_seconds, parse_time, positive_int, to_seconds

@@ -25,12 +25,12 @@ import time
 import sqlalchemy as sa
 
 from worker import metrics
-from worker.db import locking, meetings, run_transaction
+from worker.db import locking, run_transaction
+from worker.tables import email_mailboxes, email_participants, email_refs, emails, meetings, retired_keys
 from worker.email import threads
 from worker.email.addresses import domain_of
 from worker.email.links import Fresh, lock_installation, materialize
 from worker.email.parse import Parsed, Unusable, decode_raw, parse
-from worker.email.tables import email_mailboxes, email_participants, email_refs, emails, retired_keys
 from worker.errors import InvalidArgument
 from worker.ingest import free_ids
 from worker.mirror import new_write_id, once, sync_ids

@@ -26,7 +26,7 @@ import hashlib
 import sqlalchemy as sa
 
 from worker.db import update_rows
-from worker.email.tables import email_refs, emails
+from worker.tables import email_refs, emails
 
 SUBJECT_WINDOW_S = 30 * 86400
 #: Subject nodes hold a space, which no message key does (parse.message_key).

@@ -22,7 +22,7 @@ LongText = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql")
 
 
 def Key(length=255):
-    """Text compared byte for byte (VARBINARY on MySQL/TiDB), as worker.db.Utf8Key."""
+    """Text compared byte for byte (VARBINARY on MySQL/TiDB), as worker.tables.Utf8Key."""
     return sa.String(length).with_variant(mysql.VARBINARY(4 * length), "mysql")
 
 

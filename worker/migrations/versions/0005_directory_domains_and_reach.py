@@ -18,7 +18,7 @@ depends_on = None
 
 
 def Key(length=255):
-    """Text compared byte for byte (VARBINARY on MySQL/TiDB), as worker.db.Utf8Key."""
+    """Text compared byte for byte (VARBINARY on MySQL/TiDB), as worker.tables.Utf8Key."""
     return sa.String(length).with_variant(mysql.VARBINARY(4 * length), "mysql")
 
 
@@ -27,7 +27,7 @@ def upgrade():
         batch.add_column(sa.Column("domain", Key(), nullable=False, server_default=""))
     op.create_index("ix_user_addresses_domain", "user_addresses", ["installation_id", "domain"])
     from worker.email.addresses import domain_of
-    from worker.email.tables import user_addresses as t
+    from worker.tables import user_addresses as t
     bind = op.get_bind()
     rows = bind.execute(sa.select(t.c.installation_id, t.c.address)).all()
     for installation_id, address in rows:

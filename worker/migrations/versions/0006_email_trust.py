@@ -24,7 +24,7 @@ BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def Key(length=255):
-    """Text compared byte for byte (VARBINARY on MySQL/TiDB), as worker.db.Utf8Key."""
+    """Text compared byte for byte (VARBINARY on MySQL/TiDB), as worker.tables.Utf8Key."""
     return sa.String(length).with_variant(mysql.VARBINARY(4 * length), "mysql")
 
 
