@@ -2,7 +2,7 @@
 contacts (queue ``query``)."""
 from worker.app import app
 from worker.context import current
-from worker.email import directory, queries, store
+from worker.email import directory, ingest, queries
 
 
 @app.task(name="crm.upsert_clients", bind=True)
@@ -26,7 +26,7 @@ def upsert_contacts(self, installation_id, contacts):
 @app.task(name="crm.ingest_emails", bind=True)
 def ingest_emails(self, installation_id, mailbox_user_id, messages):
     """Up to 500 raw messages read from one user's mailbox."""
-    return store.ingest_emails(current(), installation_id, mailbox_user_id, messages, task_id=self.request.id)
+    return ingest.ingest_emails(current(), installation_id, mailbox_user_id, messages, task_id=self.request.id)
 
 
 @app.task(name="crm.query_threads")

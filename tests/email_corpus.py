@@ -1,12 +1,14 @@
-"""A synthetic mail world for the email tests, and a brute-force oracle of what each user
-must see, written independently of worker/email (its own linking rule, its own threads).
-"""
+"""A synthetic mail world for the email tests, a brute-force oracle of what each user must
+see, written independently of worker/email (its own linking rule, its own threads), and
+the helpers that store the world through the service."""
 from __future__ import annotations
 
 import base64
 import dataclasses
 import email.utils
 import random
+
+from worker.email import directory, ingest
 
 CLIENTS = {1: ["c1.com"], 2: ["c2.com"], 3: ["c3.co.uk"]}
 USERS = {1: ["u1@ours.com"], 2: ["u2@ours.com"], 3: ["u3@gmail.com"]}
@@ -213,3 +215,29 @@ def oracle_partition(messages) -> set:
     for m in messages:
         groups.setdefault(find(m.key), set()).add(m.key)
     return {frozenset(g) for g in groups.values()}
+
+
+# -- storing the world through the service --------------------------------------------
+
+#: The installation of the email tests.
+I = 1
+
+
+def setup_directory(ctx):
+    directory.upsert_clients(ctx, I, [{"client_id": c, "name": f"Client {c}", "domains": d} for c, d in CLIENTS.items()])
+    directory.upsert_users(ctx, I, [{"user_id": u, "name": f"User {u}", "emails": a} for u, a in USERS.items()])
+    directory.upsert_contacts(ctx, I, [{"source_id": s, "name": n, "emails": e, "client_id": c, "job_title": j}
+                                       for s, (n, e, c, j) in CONTACTS.items()])
+
+
+def ingest_corpus(ctx, messages, rng=None, chunk=7):
+    """Each message from each of its mailboxes, in the given order, in small tasks."""
+    deliveries = [(u, m) for m in messages for u in m.mailboxes]
+    if rng is not None:
+        rng.shuffle(deliveries)
+    for start in range(0, len(deliveries), chunk):
+        part = deliveries[start:start + chunk]
+        for user in sorted({u for u, _ in part}):
+            batch = [{"raw": b64(m.raw)} for u, m in part if u == user]
+            result = ingest.ingest_emails(ctx, I, user, batch)
+            assert result["rejected"] == []

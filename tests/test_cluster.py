@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from tests.cluster import LocalCluster
 from tests.conftest import make_context, wipe
 from tests.helpers import Oracle, assert_index_matches, query, record
-from tests.test_query import _replay, operations_st
+from tests.replay import operations_st, replay
 from worker import keys
 from worker.access import change
 from worker.ingest import delete, ingest
@@ -76,7 +76,7 @@ def test_installations_spread_over_the_masters_and_everything_works(on_cluster, 
 def test_index_database_and_oracle_agree_on_a_cluster(engine, cluster, operations):
     r = connect(cluster.url)
     try:
-        _replay(make_context(engine, r), operations)
+        replay(make_context(engine, r), operations)
     finally:
         r.close()
 

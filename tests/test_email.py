@@ -15,35 +15,15 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.email_corpus import CLIENTS, CONTACTS, USERS, b64, corpus, expected_threads, visible
+from tests.email_corpus import (CLIENTS, CONTACTS, I, USERS, b64, corpus, expected_threads, ingest_corpus,
+                                setup_directory, visible)
 from tests.helpers import assert_index_matches, query
 from worker.access import change
 from worker.query import from_database, parse
 from worker.tables import email_links, email_refs, emails, meeting_reach
-from worker.email import directory, queries, store
+from worker.email import directory, queries
+from worker.email import ingest as email_ingest
 from worker.email.threads import thread_id
-
-I = 1
-
-
-def setup_directory(ctx):
-    directory.upsert_clients(ctx, I, [{"client_id": c, "name": f"Client {c}", "domains": d} for c, d in CLIENTS.items()])
-    directory.upsert_users(ctx, I, [{"user_id": u, "name": f"User {u}", "emails": a} for u, a in USERS.items()])
-    directory.upsert_contacts(ctx, I, [{"source_id": s, "name": n, "emails": e, "client_id": c, "job_title": j}
-                                       for s, (n, e, c, j) in CONTACTS.items()])
-
-
-def ingest_corpus(ctx, messages, rng=None, chunk=7):
-    """Each message from each of its mailboxes, in the given order, in small tasks."""
-    deliveries = [(u, m) for m in messages for u in m.mailboxes]
-    if rng is not None:
-        rng.shuffle(deliveries)
-    for start in range(0, len(deliveries), chunk):
-        part = deliveries[start:start + chunk]
-        for user in sorted({u for u, _ in part}):
-            batch = [{"raw": b64(m.raw)} for u, m in part if u == user]
-            result = store.ingest_emails(ctx, I, user, batch)
-            assert result["rejected"] == []
 
 
 def stored_state(engine):
@@ -63,13 +43,13 @@ def test_keys_duplicates_across_mailboxes_and_counts(clean):
     setup_directory(ctx)
     messages = corpus()
     m = messages[0]
-    first = store.ingest_emails(ctx, I, 1, [{"raw": b64(m.raw)}, {"raw": b64(m.raw)}])
+    first = email_ingest.ingest_emails(ctx, I, 1, [{"raw": b64(m.raw)}, {"raw": b64(m.raw)}])
     assert (first["accepted"], first["new"], first["duplicates"]) == (2, 1, 1)
-    again = store.ingest_emails(ctx, I, 2, [{"raw": b64(m.raw)}])
+    again = email_ingest.ingest_emails(ctx, I, 2, [{"raw": b64(m.raw)}])
     assert (again["new"], again["duplicates"]) == (0, 1)
     # Same Message-ID, another sender: another message, key#2.
     other = m.raw.replace(b"From: Person <", b"From: Someone <z", 1)
-    assert store.ingest_emails(ctx, I, 1, [{"raw": b64(other)}])["new"] == 1
+    assert email_ingest.ingest_emails(ctx, I, 1, [{"raw": b64(other)}])["new"] == 1
     with ctx.engine.connect() as conn:
         keys_ = sorted(conn.execute(sa.select(emails.c.message_key)).scalars())
     assert keys_ == [m.key, m.key + "#2"]
@@ -110,12 +90,12 @@ def test_a_reply_arriving_first_and_a_message_joining_two_threads_merge(clean):
         if refs:
             text += f"References: {refs}\r\n"
         return {"raw": b64((text + "\r\nx").encode())}
-    store.ingest_emails(ctx, I, 1, [msg("c@x", "<a@x> <b@x>", subject="one")])  # reply first
-    store.ingest_emails(ctx, I, 1, [msg("e@x", "<d@x>", subject="two")])
+    email_ingest.ingest_emails(ctx, I, 1, [msg("c@x", "<a@x> <b@x>", subject="one")])  # reply first
+    email_ingest.ingest_emails(ctx, I, 1, [msg("e@x", "<d@x>", subject="two")])
     threads, _ = stored_state(ctx.engine)
     assert threads["c@x"] != threads["e@x"]
-    store.ingest_emails(ctx, I, 1, [msg("f@x", "<b@x> <d@x>", subject="three")])  # joins both
-    store.ingest_emails(ctx, I, 1, [msg("a@x", subject="zero")])  # the root, last
+    email_ingest.ingest_emails(ctx, I, 1, [msg("f@x", "<b@x> <d@x>", subject="three")])  # joins both
+    email_ingest.ingest_emails(ctx, I, 1, [msg("a@x", subject="zero")])  # the root, last
     threads, _ = stored_state(ctx.engine)
     assert len({threads[k] for k in ("a@x", "c@x", "e@x", "f@x")}) == 1
     # Ghost ids are edges of the stored messages, not messages.
@@ -237,7 +217,7 @@ def test_links_follow_domain_and_contact_changes_everywhere(clean):
     setup_directory(ctx)
     raw = (b"Message-ID: <new@c5.com>\r\nFrom: Nia <nia@c5.com>\r\nTo: u1@ours.com\r\nSubject: hi\r\n"
            b"Date: Mon, 02 Jan 2023 10:00:00 +0000\r\n\r\nx")
-    store.ingest_emails(ctx, I, 1, [{"raw": b64(raw)}])
+    email_ingest.ingest_emails(ctx, I, 1, [{"raw": b64(raw)}])
     change(ctx, I, 2, [5], "set")
     change(ctx, I, 3, [6], "set")
     query(ctx, installation_id=I, user_id=2)  # user 2 now holds a precomputed view
@@ -301,7 +281,7 @@ def test_hostile_input_is_rejected_one_by_one_or_contained(clean):
         {"raw": b64(_message()), "unknown": 1},
         "not an object",
     ]
-    result = store.ingest_emails(ctx, I, 1, batch)
+    result = email_ingest.ingest_emails(ctx, I, 1, batch)
     errors = {r["index"]: r["error"] for r in result["rejected"]}
     assert set(errors) == {0, 1, 2, 8, 9, 10}
     assert "base64" in errors[0] and "empty" in errors[1] and "10 MiB" in errors[2] and "headers" in errors[8]
@@ -319,7 +299,7 @@ def test_hostile_input_is_rejected_one_by_one_or_contained(clean):
     for bad in ({"installation_id": 0}, {"messages": "x"}, {"messages": [{}] * 501}):
         args = {"installation_id": I, "mailbox_user_id": 1, "messages": [], **bad}
         with pytest.raises(ValueError, match="^" + next(iter(bad))):
-            store.ingest_emails(ctx, args["installation_id"], args["mailbox_user_id"], args["messages"])
+            email_ingest.ingest_emails(ctx, args["installation_id"], args["mailbox_user_id"], args["messages"])
 
 
 def test_directory_rules(clean):
@@ -349,7 +329,7 @@ def test_real_world_messages_from_the_python_corpus(clean):
     if not paths:
         pytest.skip("this Python ships without its email test corpus")
     batch = [{"raw": base64.urlsafe_b64encode(open(p, "rb").read()).decode()} for p in paths]
-    result = store.ingest_emails(ctx, I, 1, batch)
+    result = email_ingest.ingest_emails(ctx, I, 1, batch)
     assert result["accepted"] + len(result["rejected"]) == len(paths)
     assert result["accepted"] >= len(paths) - 2
     assert query(ctx, installation_id=I, user_id=1, limit=200)["total"] == result["new"]
@@ -433,7 +413,7 @@ def test_property_any_order_and_batching_gives_the_oracles_threads_and_links(eng
         for user in sorted({u for u, _ in part}):
             batch = [{"raw": b64(m.raw), **({"provider_thread_id": m.hints[u]} if u in m.hints else {})}
                      for u, m in part if u == user]
-            assert store.ingest_emails(ctx, I, user, batch)["rejected"] == []
+            assert email_ingest.ingest_emails(ctx, I, user, batch)["rejected"] == []
     threads, links = stored_state(engine)
     groups = {}
     for key, tid in threads.items():
@@ -470,21 +450,21 @@ def test_provider_thread_ids_join_headerless_messages_of_one_mailbox_only(clean)
                 f"Date: Mon, 02 Jan 2023 10:00:00 +0000\r\n" + (f"References: {refs}\r\n" if refs else ""))
         return {"raw": b64((text + "\r\nx").encode()), **({"provider_thread_id": hint} if hint else {})}
     # Different subjects, one provider thread: one thread.
-    store.ingest_emails(ctx, I, 1, [msg("p1@x", "Quote", "G7"), msg("p2@x", "Changed subject", "G7")])
+    email_ingest.ingest_emails(ctx, I, 1, [msg("p1@x", "Quote", "G7"), msg("p2@x", "Changed subject", "G7")])
     # The same provider id in another mailbox is another account's thread.
-    store.ingest_emails(ctx, I, 2, [msg("p3@x", "Unrelated", "G7")])
+    email_ingest.ingest_emails(ctx, I, 2, [msg("p3@x", "Unrelated", "G7")])
     threads, _ = stored_state(ctx.engine)
     assert threads["p1@x"] == threads["p2@x"] != threads["p3@x"]
     # p3 read from user 1's mailbox in G7 too: the hint of that mailbox joins it.
-    store.ingest_emails(ctx, I, 1, [msg("p3@x", "Unrelated", "G7")])
+    email_ingest.ingest_emails(ctx, I, 1, [msg("p3@x", "Unrelated", "G7")])
     threads, _ = stored_state(ctx.engine)
     assert threads["p1@x"] == threads["p3@x"]
     # A message with threading headers ignores the hint: headers decide.
-    store.ingest_emails(ctx, I, 1, [msg("p4@x", "Quote", "G7", refs="<elsewhere@x>")])
+    email_ingest.ingest_emails(ctx, I, 1, [msg("p4@x", "Quote", "G7", refs="<elsewhere@x>")])
     threads, _ = stored_state(ctx.engine)
     assert threads["p4@x"] != threads["p1@x"]
     # Once a stored message references p2, p2 leaves its weak thread for the reply's.
-    store.ingest_emails(ctx, I, 1, [msg("p5@x", "Re: x", refs="<p2@x>")])
+    email_ingest.ingest_emails(ctx, I, 1, [msg("p5@x", "Re: x", refs="<p2@x>")])
     threads, _ = stored_state(ctx.engine)
     assert threads["p2@x"] == threads["p5@x"] != threads["p1@x"]
     assert threads["p1@x"] == threads["p3@x"]
@@ -503,7 +483,7 @@ def test_a_meeting_record_that_replaces_an_email_with_another_type_leaves_its_th
     change(ctx, I, 1, [1], "set")
     raw = (b"Message-ID: <r1@x>\r\nFrom: a@c1.com\r\nTo: u1@ours.com\r\nSubject: Hello\r\n"
            b"Date: Mon, 02 Jan 2023 10:00:00 +0000\r\n\r\nx")
-    store.ingest_emails(ctx, I, 2, [{"raw": b64(raw)}])
+    email_ingest.ingest_emails(ctx, I, 2, [{"raw": b64(raw)}])
     listed = queries.query_threads(ctx, I, 1)
     assert listed["total"] == 1
     tid = listed["items"][0]["thread_id"]

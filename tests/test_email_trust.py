@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from tests.conftest import make_context, wipe
 from tests.helpers import assert_index_matches, call, record
 from worker.tables import email_mailboxes, emails, installations, meetings
-from worker.email import directory, store
+from worker.email import directory
+from worker.email import ingest as email_ingest
 from worker.ingest import delete, ingest
 
 I = 1
@@ -148,7 +149,7 @@ def test_a_message_that_cannot_be_stored_is_rejected_alone(clean):
         conn.execute(emails.insert().values(meeting_id=meeting_id(I, "taken@x"), installation_id=I,
                                             message_key="stray@x", base_key="stray@x", from_address=None, date_s=0,
                                             thread_id="t", subject_key=None, threading=False, participants="[]"))
-    got = store.ingest_emails(ctx, I, 12, [{"raw": b64(raw("a@x", "p@acme.com"))},
+    got = email_ingest.ingest_emails(ctx, I, 12, [{"raw": b64(raw("a@x", "p@acme.com"))},
                                            {"raw": b64(raw("taken@x", "p@acme.com"))},
                                            {"raw": b64(raw("b@x", "p@acme.com"))}])
     assert got["accepted"] == 2 and got["new"] == 2
@@ -189,7 +190,7 @@ def test_property_every_valid_message_is_stored_exactly_once(engine, redis_clien
         if step[0] == "mail":
             _, user, batch = step
             payload = [{"raw": b64(raw(i, s, subject=f"{i}|{s}|{b}", body=f"body {b}"))} for i, s, b in batch]
-            got = store.ingest_emails(ctx, I, user, payload)
+            got = email_ingest.ingest_emails(ctx, I, user, payload)
             assert got["rejected"] == [] and got["accepted"] == len(batch)
             live |= set(batch)
         elif step[0] == "record":
@@ -253,7 +254,7 @@ def test_property_no_message_content_fails_its_batch(engine, redis_client, deliv
     ctx = make_context(engine, redis_client)
     directory.upsert_clients(ctx, I, CLIENTS)
     for user, batch in deliveries:
-        got = store.ingest_emails(ctx, I, user, [{"raw": b64(m)} for m in batch])
+        got = email_ingest.ingest_emails(ctx, I, user, [{"raw": b64(m)} for m in batch])
         assert got["accepted"] + len(got["rejected"]) == len(batch)
         assert got["new"] + got["duplicates"] == got["accepted"]
         for rejection in got["rejected"]:
@@ -297,8 +298,8 @@ def test_any_difference_in_the_fingerprint_makes_another_message(clean, change):
     ctx = clean
     directory.upsert_clients(ctx, I, CLIENTS)
     base = dict(message_id="f@x", sender="p@acme.com", subject="s", to="u12@ours.com", body="b", cc="c@acme.com")
-    store.ingest_emails(ctx, I, 13, [{"raw": b64(raw(**base))}])
-    got = store.ingest_emails(ctx, I, 12, [{"raw": b64(raw(**{**base, **CHANGES[change]}))}])
+    email_ingest.ingest_emails(ctx, I, 13, [{"raw": b64(raw(**base))}])
+    got = email_ingest.ingest_emails(ctx, I, 12, [{"raw": b64(raw(**{**base, **CHANGES[change]}))}])
     assert (got["new"], got["duplicates"]) == (1, 0)
     assert sorted(stored_keys(ctx.engine)) == ["f@x", "f@x#2"]
     with ctx.engine.connect() as conn:
@@ -314,13 +315,13 @@ def test_a_message_stored_before_fingerprints_merges_only_with_its_own_mailboxes
     ctx = clean
     directory.upsert_clients(ctx, I, CLIENTS)
     original = {"raw": b64(raw("old@x", "p@nowhere.example", subject="secret", to="u13@ours.com"))}
-    store.ingest_emails(ctx, I, 13, [original])
+    email_ingest.ingest_emails(ctx, I, 13, [original])
     with ctx.engine.begin() as conn:
         conn.execute(emails.update().values(fingerprint=None))
-    assert store.ingest_emails(ctx, I, 13, [original])["duplicates"] == 1
+    assert email_ingest.ingest_emails(ctx, I, 13, [original])["duplicates"] == 1
     forged = {"raw": b64(raw("old@x", "p@nowhere.example", subject="hi", date=None))}
-    assert store.ingest_emails(ctx, I, 12, [forged])["new"] == 1
-    assert store.ingest_emails(ctx, I, 12, [original])["new"] == 1
+    assert email_ingest.ingest_emails(ctx, I, 12, [forged])["new"] == 1
+    assert email_ingest.ingest_emails(ctx, I, 12, [original])["new"] == 1
     with ctx.engine.connect() as conn:
         held = sorted(conn.execute(sa.select(emails.c.message_key, email_mailboxes.c.user_id)
                                    .join(email_mailboxes, email_mailboxes.c.meeting_id == emails.c.meeting_id)))
@@ -540,7 +541,7 @@ def test_a_rebuild_overtaken_midway_stops_and_says_so(clean):
     from worker import keys
     from worker.access import change as change_access
     from worker.tables import users
-    from worker.mirror import rebuild_installation
+    from worker.rebuild import rebuild_installation
     ctx = clean
     change_access(ctx, I, 7, [1], "set")
     ingest(ctx, [record(installation_id=I, source_id=f"m{n}", client_id=1) for n in range(50)])

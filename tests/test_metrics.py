@@ -9,7 +9,7 @@ from worker import keys
 from worker.access import change
 from worker.ingest import ingest
 from worker.maintenance import reconcile
-from worker.metrics import Collector
+from worker.exporter import Collector
 from worker.precompute import precompute_user
 
 

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from tests.conftest import make_context
 from tests.email_corpus import USERS, corpus, visible
 from tests.helpers import record
-from tests.test_email import ingest_corpus, setup_directory
+from tests.email_corpus import ingest_corpus, setup_directory
 from worker import rollups
 from worker.access import change
 from worker.email import directory

@@ -91,7 +91,7 @@ def test_email_insight_on_sqlite_matches_the_oracle(sqlite_engine, redis_client)
     import random
 
     from tests.email_corpus import CONTACTS, corpus, expected_threads
-    from tests.test_email import I, ingest_corpus, setup_directory
+    from tests.email_corpus import I, ingest_corpus, setup_directory
     from worker.email import queries
     r = redis_client
     r.flushdb()

@@ -16,14 +16,14 @@ from worker import redis_index
 from worker.db import locking, run_transaction
 from worker.tables import user_clients, users
 from worker.errors import InvalidArgument
-from worker.mirror import new_write_id, once
+from worker.mirror import load_access_locked
+from worker.rebuild import writer_token
+from worker.writes import new_write_id, once
 from worker.records import positive_int
 
 MAX_CLIENTS = 100_000
 #: The task of each mode: a task id names a write of its own task only.
 TASKS = {"set": "crm.set_user_clients", "grant": "crm.grant_clients", "revoke": "crm.revoke_clients"}
-#: Users whose lists one locking transaction of a rebuild reads and writes.
-USERS_PER_BATCH = 200
 
 
 def _client_ids(value) -> list[int]:
@@ -47,7 +47,7 @@ def change(ctx, installation_id, user_id, client_ids, mode: str, task_id: str | 
     user_id = positive_int("user_id", user_id)
     wanted = set(_client_ids(client_ids))
     mirror = ctx.mirror
-    token = mirror.writer_token(installation_id)
+    token = writer_token(ctx, installation_id)
     write_id = new_write_id(task_id, TASKS[mode], installation_id)
     where = (users.c.installation_id == installation_id) & (users.c.user_id == user_id)
 
@@ -92,38 +92,3 @@ def change(ctx, installation_id, user_id, client_ids, mode: str, task_id: str | 
         mirror.write(installation_id,
                      lambda t: redis_index.set_access(ctx, installation_id, user_id, version, after, t, write_id), token)
     return result
-
-
-def load_access_locked(ctx, installation_id: int, token: str, user_ids=None) -> int:
-    """Write the access lists of ``user_ids`` (or of every user of the installation) into
-    Redis as the database holds them, each under the user's row lock; a user the
-    database does not know loses every client.  Returns the users written."""
-    engine, mirror = ctx.engine, ctx.mirror
-    written = 0
-    if user_ids is None:
-        last = 0
-        while True:
-            def page(conn):
-                return list(conn.execute(
-                    sa.select(users.c.user_id).where(users.c.installation_id == installation_id, users.c.user_id > last)
-                    .order_by(users.c.user_id).limit(USERS_PER_BATCH)).scalars())
-            batch = run_transaction(engine, page)
-            if not batch:
-                return written
-            written += load_access_locked(ctx, installation_id, token, batch)
-            last = batch[-1]
-
-    def work(conn):
-        versions = dict(conn.execute(
-            sa.select(users.c.user_id, users.c.access_version)
-            .where(users.c.installation_id == installation_id, users.c.user_id.in_(list(user_ids)))
-            .order_by(users.c.user_id).with_for_update()).all())
-        lists = {u: set() for u in user_ids}
-        for u, c in conn.execute(sa.select(user_clients.c.user_id, user_clients.c.client_id).where(
-                user_clients.c.installation_id == installation_id, user_clients.c.user_id.in_(list(user_ids)))):
-            lists[u].add(c)
-        for u in user_ids:
-            mirror.write(installation_id, lambda t: redis_index.set_access(
-                ctx, installation_id, u, versions.get(u, 0), lists[u], t, force=True), token)
-        return len(user_ids)
-    return run_transaction(locking(engine), work)

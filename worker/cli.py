@@ -282,7 +282,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_exporter(args) -> int:
-    from worker.metrics import serve
+    from worker.exporter import serve
     print(f"metrics on http://{args.address}:{args.port}/metrics", flush=True)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how it stops
         serve(Context.from_settings(), args.address, args.port)

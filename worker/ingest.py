@@ -18,8 +18,10 @@ from worker import metrics, redis_index, rollups
 from worker.db import locking, run_transaction, update_rows
 from worker.tables import COLUMNS, PER_MESSAGE, StoredRow, email_links, emails, meeting_reach, meetings, retired_keys
 from worker.errors import InvalidArgument
-from worker.mirror import new_write_id, once, sync_sources, sync_written
-from worker.records import MAX_BATCH, Meeting, meeting_id, positive_int, validate
+from worker.mirror import sync_sources, sync_written
+from worker.rebuild import writer_token
+from worker.writes import new_write_id, once
+from worker.records import MAX_BATCH, Meeting, free_ids, meeting_id, positive_int, validate
 
 log = logging.getLogger(__name__)
 
@@ -105,27 +107,6 @@ def _assign_ids(conn, new: list[Meeting]) -> None:
         m.id = id_
 
 
-def free_ids(conn, installation_id: int, source_ids: list[str]) -> list[int]:
-    """The derived ids of new meetings ``source_ids``, salting the rare one that collides
-    with an id already taken by another meeting (stored, or earlier in the list)."""
-    out: list = [0] * len(source_ids)
-    taken: set = set()
-    pending, salt = list(range(len(source_ids))), 0
-    while pending:
-        wanted = {i: meeting_id(installation_id, source_ids[i], salt) for i in pending}
-        stored = set(conn.execute(sa.select(meetings.c.id).where(meetings.c.id.in_(sorted(set(wanted.values())))))
-                     .scalars())
-        again = []
-        for i in pending:
-            if wanted[i] in stored or wanted[i] in taken:
-                again.append(i)
-            else:
-                taken.add(wanted[i])
-                out[i] = wanted[i]
-        pending, salt = again, salt + 1
-    return out
-
-
 def retire_keys(conn, installation_id: int, ids: list[int]) -> None:
     """Remember the keys of the deleted messages ``ids``: no other message takes them."""
     gone = set(conn.execute(sa.select(emails.c.message_key).where(emails.c.meeting_id.in_(ids))).scalars())
@@ -185,7 +166,7 @@ def ingest(ctx, records, chunk_size: int | None = None, now_us: int | None = Non
     for m in newest.values():
         by_installation[m.installation_id].append(m)
     for installation_id, group in sorted(by_installation.items()):
-        token = mirror.writer_token(installation_id)
+        token = writer_token(ctx, installation_id)
         group.sort(key=lambda m: m.source_id)  # one lock order for every writer
         for n, start in enumerate(range(0, len(group), chunk_size)):
             chunk = group[start:start + chunk_size]
@@ -221,7 +202,8 @@ def delete(ctx, installation_id, source_ids, chunk_size: int | None = None, task
     if len(source_ids) > MAX_BATCH:
         raise InvalidArgument("source_ids", f"holds {len(source_ids)} ids; at most {MAX_BATCH} per task")
     mirror = ctx.mirror
-    if mirror.token(installation_id) is None:
+    token = mirror.token(installation_id)
+    if token is None:
         return {"deleted": 0}  # the database knows no meeting of this installation
     deleted = 0
     wanted = sorted(set(source_ids))
@@ -240,7 +222,8 @@ def delete(ctx, installation_id, source_ids, chunk_size: int | None = None, task
             if ids:
                 # Out of every query at once, before the rows go: a crash in between leaves
                 # the rows in the database, and the redelivered task deletes them again.
-                mirror.write(installation_id, lambda t: redis_index.delete_meetings(ctx, installation_id, ids, t))
+                mirror.write(installation_id, lambda t: redis_index.delete_meetings(ctx, installation_id, ids, t),
+                             token)
                 count = conn.execute(meetings.delete().where(meetings.c.id.in_(ids))).rowcount
                 rollups.apply(conn, installation_id, removed=gone)
                 retire_keys(conn, installation_id, ids)

@@ -14,11 +14,11 @@ import sqlalchemy as sa
 
 from worker import keys, metrics, redis_index
 from worker.errors import REDIS_FAULTS
-from worker.access import load_access_locked
 from worker.precompute import drop_user, list_views
 from worker.query import SORTS, sql_conditions, view_query
 from worker.tables import COLUMNS, StoredRow, applied_writes, installations, meetings, user_clients, users
-from worker.mirror import our_database_id, rebuild_installation, repair_ids
+from worker.mirror import load_access_locked, our_database_id, repair_ids
+from worker.rebuild import rebuild_installation
 
 BATCH = 1000
 #: Recorded writes are kept this long: far beyond any redelivery of their task.

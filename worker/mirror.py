@@ -17,7 +17,7 @@ nobody (a flushed Redis) never answers and is never written by mistake.
 
 A database restored from an older backup keeps its identity and generations, while the
 index may hold writes made after the backup.  Each write (a chunk of a task, an access
-change) is recorded in ``applied_writes`` in the transaction of its effect, and the index
+change) is recorded in ``applied_writes`` in the transaction of its effect (worker/writes.py), and the index
 remembers the ids of the last writes it applied (``{i:N}:w``).  A process proves that
 none of them is missing from the database before it trusts a token, and again every
 ``CRM_MIRROR_CHECK_MS``; a missing one means the database went back in time, and the
@@ -30,8 +30,6 @@ holds at that instant.  Access lists are ordered by the user's row lock and vers
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import secrets
 import threading
@@ -42,7 +40,7 @@ import sqlalchemy as sa
 
 from worker import keys, metrics, redis_index
 from worker.db import locking, run_transaction
-from worker.tables import COLUMNS, StoredRow, applied_writes, crm_meta, installations, meetings
+from worker.tables import COLUMNS, StoredRow, applied_writes, crm_meta, installations, meetings, user_clients, users
 from worker.errors import REDIS_FAULTS
 
 log = logging.getLogger(__name__)
@@ -58,42 +56,6 @@ def new_generation() -> str:
 
 def database_id(conn) -> str | None:
     return conn.execute(sa.select(crm_meta.c.value).where(crm_meta.c.name == "database_id")).scalar()
-
-
-def new_write_id(task_id: str | None, task: str, installation_id: int | None) -> str:
-    """The base of the ids of one task's writes (each write adds its place in the task).
-    Derived from the task's id, its name and its installation: a redelivery of the task
-    finds its writes, while another task or another installation that reuses the id (a
-    caller choosing ids) makes writes of its own.  Random for a call outside a task."""
-    if task_id is None:
-        return "local-" + secrets.token_hex(12)
-    scope = f"{task}\x00{installation_id}\x00{task_id}".encode()
-    return "t" + hashlib.blake2b(scope, digest_size=16).hexdigest()
-
-
-def once(conn, write_id: str, installation_id: int, effect):
-    """Apply ``effect(conn)`` (which returns a JSON-able result) at most once per write id:
-    a write recorded already returns what it returned then.  Returns (result, applied
-    now)."""
-    done = recorded_result(conn, write_id)
-    if done is not None:
-        return json.loads(done), False
-    result = effect(conn)
-    record_write(conn, write_id, installation_id, json.dumps(result))
-    return result, True
-
-
-def recorded_result(conn, write_id: str) -> str | None:
-    """What write ``write_id`` returned, when it was applied already (else None)."""
-    row = conn.execute(sa.select(applied_writes.c.result).where(applied_writes.c.write_id == write_id)).first()
-    return None if row is None else (row.result or "")
-
-
-def record_write(conn, write_id: str, installation_id: int, result: str = "") -> None:
-    """Record the write in the transaction of its effect.  A concurrent delivery of the
-    same task fails here on the key and rolls its copy of the effect back."""
-    conn.execute(applied_writes.insert().values(write_id=write_id, installation_id=installation_id,
-                                                at_us=int(time.time() * 1_000_000), result=result))
 
 
 class Mirror:
@@ -163,29 +125,6 @@ class Mirror:
                                    .where(installations.c.id == installation_id)).scalar()
         return token.split(":", 1)[0] + ":" + current
 
-    def writer_token(self, installation_id: int) -> str:
-        """The token for a writer; an installation the database does not know yet is
-        recorded first, and when this call recorded it, its (empty) index is initialized."""
-        token = self.token(installation_id)
-        if token is not None:
-            return token
-
-        def work(conn):
-            if conn.execute(sa.select(installations.c.id).where(installations.c.id == installation_id)).first():
-                return False
-            try:
-                with conn.begin_nested():
-                    conn.execute(installations.insert().values(id=installation_id, generation=new_generation()))
-            except sa.exc.IntegrityError:
-                return False
-            return True
-        if run_transaction(self.engine, work):
-            try:
-                rebuild_installation(self.ctx, installation_id, cause="new_installation")
-            except IndexOwnedElsewhere as exc:
-                log.warning("installation %d: %s", installation_id, exc)
-        return self.refresh(installation_id)
-
     def forget(self, installation_id: int | None = None) -> None:
         with self._lock:
             if installation_id is None:
@@ -193,12 +132,15 @@ class Mirror:
             else:
                 self._tokens.pop(installation_id, None)
 
-    def write(self, installation_id: int, fn, token: str | None = None):
-        """``fn(token)`` for a writer of the index; when the index is written for another
-        token, once more with the database's current token (a rebuild replaced it).  When
-        the index is still not written for it, nothing is written: the index is another
-        database's, or being rebuilt from rows that include this write, or gone."""
-        token = token or self.writer_token(installation_id)
+    def write(self, installation_id: int, fn, token: str | None):
+        """``fn(token)`` for a writer of the index (``token``: from worker/rebuild.py's
+        ``writer_token``);
+        when the index is written for another token, once more with the database's
+        current token (a rebuild replaced it).  When the index is still not written for
+        it, nothing is written: the index is another database's, or being rebuilt from
+        rows that include this write, or gone."""
+        if token is None:
+            return None
         try:
             return fn(token)
         except redis_index.NotMirrored:
@@ -243,6 +185,8 @@ def require_index(ctx) -> None:
 # -- writing the index from locked rows -------------------------------------------------
 
 BATCH = 1000
+#: Users whose access lists one locking transaction reads and writes.
+USERS_PER_BATCH = 200
 
 
 def apply_locked(ctx, installation_id: int, token: str, rows: list[StoredRow], write_id: str = "") -> None:
@@ -317,14 +261,67 @@ def repair_ids(ctx, installation_id: int, token: str, ids: list[int]) -> None:
         run_transaction(locking(ctx.engine), work)
 
 
-# -- rebuild ---------------------------------------------------------------------------
+def load_access_locked(ctx, installation_id: int, token: str, user_ids=None) -> int:
+    """Write the access lists of ``user_ids`` (or of every user of the installation) into
+    Redis as the database holds them, each under the user's row lock; a user the
+    database does not know loses every client.  Returns the users written."""
+    engine, mirror = ctx.engine, ctx.mirror
+    written = 0
+    if user_ids is None:
+        last = 0
+        while True:
+            def page(conn):
+                return list(conn.execute(
+                    sa.select(users.c.user_id).where(users.c.installation_id == installation_id, users.c.user_id > last)
+                    .order_by(users.c.user_id).limit(USERS_PER_BATCH)).scalars())
+            batch = run_transaction(engine, page)
+            if not batch:
+                return written
+            written += load_access_locked(ctx, installation_id, token, batch)
+            last = batch[-1]
 
-def _wipe(ctx, installation_id: int, token: str, keep: set[bytes]) -> None:
+    def work(conn):
+        versions = dict(conn.execute(
+            sa.select(users.c.user_id, users.c.access_version)
+            .where(users.c.installation_id == installation_id, users.c.user_id.in_(list(user_ids)))
+            .order_by(users.c.user_id).with_for_update()).all())
+        lists = {u: set() for u in user_ids}
+        for u, c in conn.execute(sa.select(user_clients.c.user_id, user_clients.c.client_id).where(
+                user_clients.c.installation_id == installation_id, user_clients.c.user_id.in_(list(user_ids)))):
+            lists[u].add(c)
+        for u in user_ids:
+            mirror.write(installation_id, lambda t: redis_index.set_access(
+                ctx, installation_id, u, versions.get(u, 0), lists[u], t, force=True), token)
+        return len(user_ids)
+    return run_transaction(locking(engine), work)
+
+
+# -- binding the index to a generation ---------------------------------------------------
+
+def start_generation(ctx, installation_id: int, token: str, rebuilding: bool = False) -> None:
+    """Bind the installation's index to ``token``: not ready, written for ``token`` from
+    now on, and emptied of every key of an earlier generation or database.  Raises
+    :class:`redis_index.NotMirrored` when a later generation took the index meanwhile
+    (then that one owns the keys).  ``rebuilding``: flag a rebuild under way (no query
+    queues another one while it runs)."""
+    r = ctx.redis
+    pipe = r.pipeline(transaction=True)  # keys of one installation: one slot on a cluster
+    pipe.delete(keys.ready(installation_id))
+    pipe.set(keys.generation(installation_id), token)
+    if rebuilding:
+        pipe.set(keys.rebuilding(installation_id), 1, ex=3600)
+    pipe.execute()
+    r.sadd(keys.INSTALLATIONS, installation_id)
+    wipe(ctx, installation_id, token,
+         keep={keys.generation(installation_id).encode(), keys.rebuilding(installation_id).encode()})
+
+
+def wipe(ctx, installation_id: int, token: str, keep: set[bytes]) -> None:
     """Remove the installation's keys but ``keep``, in batches that each check that the
-    index is still written for ``token``: a rebuild overtaken by a later one never removes
-    what that one wrote (raises :class:`redis_index.NotMirrored` instead)."""
+    index is still written for ``token`` (wipe.lua): a generation overtaken by a later
+    one never removes what that one wrote (raises :class:`redis_index.NotMirrored`)."""
     gen = keys.generation(installation_id)
-    batch = []
+    batch: list = []
 
     def flush():
         if not ctx.scripts["wipe"](keys=[gen, *batch], args=[token]):
@@ -339,59 +336,9 @@ def _wipe(ctx, installation_id: int, token: str, keep: set[bytes]) -> None:
     flush()
 
 
-def rebuild_installation(ctx, installation_id: int, cause: str = "requested") -> dict:
-    """Give the installation a new generation and rebuild its index from the database.
-
-    Queries answer from the database meanwhile.  Writers keep writing (they learn the new
-    token when the index rejects their old one); every batch of rows and of access lists
-    is read under its locks and written to the index before they are released, so a write
-    that commits during the rebuild is either read by it or written after it, never lost
-    and never undone.  A rebuild overtaken by a later one of the same installation (which
-    gave it a newer generation) stops where it is and returns ``superseded``: only the
-    latest generation is published."""
-    from worker.access import load_access_locked  # access.py imports this module
-    engine, r = ctx.engine, ctx.redis
-    require_index(ctx)
-    metrics.count(r, {f"rebuild:{cause}": 1})
-    generation = new_generation()
-
-    def work(conn):
-        if conn.execute(sa.select(installations.c.id).where(installations.c.id == installation_id)).first():
-            conn.execute(installations.update().where(installations.c.id == installation_id)
-                         .values(generation=generation))
-        else:
-            conn.execute(installations.insert().values(id=installation_id, generation=generation))
-        return database_id(conn)
-    token = f"{run_transaction(engine, work)}:{generation}"
-    pipe = r.pipeline(transaction=True)  # keys of one installation: one slot on a cluster
-    pipe.delete(keys.ready(installation_id))
-    pipe.set(keys.generation(installation_id), token)
-    pipe.set(keys.rebuilding(installation_id), 1, ex=3600)
-    pipe.execute()
-    r.sadd(keys.INSTALLATIONS, installation_id)
-    count, users = 0, 0
-    try:
-        _wipe(ctx, installation_id, token,
-              keep={keys.generation(installation_id).encode(), keys.rebuilding(installation_id).encode()})
-        users = load_access_locked(ctx, installation_id, token)
-        last = -1
-        while True:
-            def batch(conn):
-                rows = [StoredRow(*row) for row in conn.execute(
-                    sa.select(*COLUMNS).where(meetings.c.installation_id == installation_id, meetings.c.id > last)
-                    .order_by(meetings.c.id).limit(BATCH).with_for_update())]
-                apply_locked(ctx, installation_id, token, rows)
-                return rows
-            rows = run_transaction(locking(engine), batch)
-            if not rows:
-                break
-            count += len(rows)
-            last = rows[-1].id
-        # Published only if no later rebuild replaced this generation meanwhile.
-        published = bool(ctx.scripts["publish"](
-            keys=[keys.generation(installation_id), keys.ready(installation_id), keys.rebuilding(installation_id)],
-            args=[token]))
-    except redis_index.NotMirrored:
-        published = False
-    ctx.mirror.forget(installation_id)
-    return {"meetings": count, "users": users, "published": published, "superseded": not published}
+def publish(ctx, installation_id: int, token: str) -> bool:
+    """The index of ``token`` is complete: it answers from now on, unless a later
+    generation took it meanwhile (then False, and nothing changes)."""
+    return bool(ctx.scripts["publish"](
+        keys=[keys.generation(installation_id), keys.ready(installation_id), keys.rebuilding(installation_id)],
+        args=[token]))

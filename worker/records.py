@@ -12,7 +12,10 @@ import hashlib
 import json
 import re
 
+import sqlalchemy as sa
+
 from worker.errors import InvalidArgument
+from worker.tables import meetings
 
 MAX_BATCH = 1000
 TOKEN = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
@@ -180,3 +183,24 @@ def item_json(row) -> str:
            iso_seconds(row.meeting_s), iso_micros(row.updated_us),
            json.dumps(row.subject, ensure_ascii=False), details if details is not None else "null")
     )
+
+
+def free_ids(conn, installation_id: int, source_ids: list[str]) -> list[int]:
+    """The derived ids of new meetings ``source_ids``, salting the rare one that collides
+    with an id already taken by another meeting (stored, or earlier in the list)."""
+    out: list = [0] * len(source_ids)
+    taken: set = set()
+    pending, salt = list(range(len(source_ids))), 0
+    while pending:
+        wanted = {i: meeting_id(installation_id, source_ids[i], salt) for i in pending}
+        stored = set(conn.execute(sa.select(meetings.c.id).where(meetings.c.id.in_(sorted(set(wanted.values())))))
+                     .scalars())
+        again = []
+        for i in pending:
+            if wanted[i] in stored or wanted[i] in taken:
+                again.append(i)
+            else:
+                taken.add(wanted[i])
+                out[i] = wanted[i]
+        pending, salt = again, salt + 1
+    return out

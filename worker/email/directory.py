@@ -15,7 +15,9 @@ from worker.tables import client_domains, clients, contact_addresses, contact_te
 from worker.email.addresses import canonical_address, domain_of, fold, is_freemail, name_terms, registrable_domain
 from worker.email.links import affected_messages, lock_installation, materialize, own_domains_of
 from worker.errors import InvalidArgument
-from worker.mirror import new_write_id, once, sync_ids
+from worker.mirror import sync_ids
+from worker.rebuild import writer_token
+from worker.writes import new_write_id, once
 from worker.records import meeting_id, parse_time, positive_int, to_micros
 
 MAX_ROWS = 1000
@@ -99,7 +101,7 @@ def _upsert(ctx, installation_id, rows, field: str, validate, write, task_id) ->
             valid.append((index, validate(row, now_us)))
         except InvalidArgument as exc:
             rejected.append({"index": index, "error": str(exc)})
-    token = ctx.mirror.writer_token(installation_id)
+    token = writer_token(ctx, installation_id)
     write_id = new_write_id(task_id, f"crm.upsert_{field}", installation_id)
 
     def work(conn):

@@ -13,7 +13,7 @@ import base64
 import email.utils
 import random
 
-from worker.email import directory, store
+from worker.email import directory, ingest
 
 START = 1_640_995_200  # 2022-01-01T00:00:00Z
 PREFIXES = ("Re: ", "RE: ", "AW: ", "SV: ", "Re[2]: ", "Antw: ", "回复: ")
@@ -98,7 +98,7 @@ def seed_emails(ctx, installation_id: int, count: int, clients: int, users: int,
     totals = {"accepted": 0, "new": 0, "duplicates": 0, "rejected": 0}
 
     def flush(user):
-        result = store.ingest_emails(ctx, installation_id, user, pending.pop(user))
+        result = ingest.ingest_emails(ctx, installation_id, user, pending.pop(user))
         for k in ("accepted", "new", "duplicates"):
             totals[k] += result[k]
         totals["rejected"] += len(result["rejected"])

@@ -16,7 +16,7 @@ message's weak edges.
 The edges are a function of the stored messages alone, and a thread's id is derived from
 its smallest key, so any arrival order of the same messages gives the same threads.
 Threads merge when a message links two, and split again only when a subject edge goes.
-The caller holds the installation's email lock (store.py): components are read and
+The caller holds the installation's email lock (ingest.py): components are read and
 rewritten by one writer at a time.
 """
 from __future__ import annotations

@@ -32,9 +32,10 @@ from worker.email.addresses import domain_of
 from worker.email.links import Fresh, lock_installation, materialize
 from worker.email.parse import Parsed, Unusable, decode_raw, parse
 from worker.errors import InvalidArgument
-from worker.ingest import free_ids
-from worker.mirror import new_write_id, once, sync_ids
-from worker.records import MAX_SOURCE_ID, parse_time, positive_int, to_seconds
+from worker.mirror import sync_ids
+from worker.rebuild import writer_token
+from worker.writes import new_write_id, once
+from worker.records import MAX_SOURCE_ID, free_ids, parse_time, positive_int, to_seconds
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ def ingest_emails(ctx, installation_id, mailbox_user_id, messages, task_id: str 
     mailbox_user_id = positive_int("mailbox_user_id", mailbox_user_id)
     now_us = int(time.time() * 1_000_000) if now_us is None else now_us
     valid, rejected = read_messages(messages, now_us // 1_000_000)
-    token = ctx.mirror.writer_token(installation_id)
+    token = writer_token(ctx, installation_id)
     writer = locking(ctx.engine)
     base = new_write_id(task_id, "crm.ingest_emails", installation_id)
     counts = {"new": 0, "duplicates": 0}
