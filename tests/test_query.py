@@ -208,7 +208,7 @@ def test_seen_beyond_is_driven_from_the_reached_rows_and_keeps_an_optimizer_hint
     from sqlalchemy.dialects import mysql, sqlite
 
     from worker.tables import meetings
-    from worker.query import seen_beyond
+    from worker.visibility import seen_beyond
     stmt = seen_beyond(1, 2, (meetings.c.id,), hint="/*+ READ_FROM_STORAGE(TIFLASH[meetings]) */")
     text = str(stmt.compile(dialect=mysql.dialect()))
     assert text.startswith("SELECT /*+ READ_FROM_STORAGE(TIFLASH[meetings]) */ STRAIGHT_JOIN meetings.id")

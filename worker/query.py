@@ -6,10 +6,7 @@ function, so their answers are identical: same items, same order, same total.
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
-import hmac
 import json
 import logging
 import struct
@@ -17,12 +14,13 @@ import time
 
 import sqlalchemy as sa
 
-from worker import keys, metrics
-from worker.tables import meeting_reach, meetings, user_clients
+from worker import cursors, keys, metrics
+from worker.tables import meetings
 from worker.errors import REDIS_FAULTS, InvalidArgument, is_transient
 from worker.mirror import owns_index
 from worker.precompute import fill_view
 from worker.records import item_json, parse_time, positive_int, to_seconds, token
+from worker.visibility import visible_condition, visible_parts
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +29,6 @@ ORDERS = ("asc", "desc")
 MAX_LIMIT = 200
 MAX_OFFSET = 10**9
 MAX_FILTER = 10_000
-MAX_CURSOR = 200
 ARGUMENTS = {"installation_id", "user_id", "types", "statuses", "client_ids", "date_from", "date_to",
              "sort", "order", "offset", "limit", "cursor"}
 
@@ -124,28 +121,16 @@ def parse(args: dict, secret: bytes) -> Query:
     return query
 
 
-# -- cursors ---------------------------------------------------------------------------
-
-def _mac(secret: bytes, query: Query, member: bytes) -> bytes:
-    return hmac.new(secret, query.fingerprint() + b"\x00" + member, hashlib.sha256).digest()[:12]
-
-
 def encode_cursor(query: Query, member: bytes, secret: bytes) -> str:
-    """Opaque and signed: the last item's sort value and id, bound to this query."""
-    return base64.urlsafe_b64encode(member + _mac(secret, query, member)).decode().rstrip("=")
+    """The next page's cursor: the last item's member (sort value and id), signed and bound
+    to this query (worker/cursors.py)."""
+    return cursors.encode(secret, query.fingerprint(), member)
 
 
 def decode_cursor(cursor, query: Query, secret: bytes) -> bytes:
-    if not isinstance(cursor, str) or not 0 < len(cursor) <= MAX_CURSOR:
-        raise InvalidArgument("cursor", "must be the next_cursor string of an earlier page")
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-    except (ValueError, TypeError):
-        raw = b""
-    member, mac = raw[:12], raw[12:]
-    if len(raw) != 24 or member[:1] != query.letter or not hmac.compare_digest(mac, _mac(secret, query, member)):
-        raise InvalidArgument("cursor", "is malformed, was altered, or belongs to another query "
-                                        "(a cursor only continues the query that returned it)")
+    member = cursors.decode(secret, query.fingerprint(), cursor)
+    if len(member) != 12 or member[:1] != query.letter:
+        raise cursors.foreign()
     return member
 
 
@@ -270,62 +255,6 @@ def from_index(ctx, query: Query, now: int, token: str):
     return source, int(reply[1]), members, items
 
 
-def own_clients(installation_id: int, user_id: int):
-    """Subquery: the client ids the user is assigned."""
-    return sa.select(user_clients.c.client_id).where(
-        user_clients.c.installation_id == installation_id, user_clients.c.user_id == user_id)
-
-
-def reached_meetings(installation_id: int, user_id: int):
-    """Subquery: the meetings (emails) the user sees besides their client's: another
-    client they link to is the user's, or they were read from the user's own mailbox."""
-    return sa.select(meeting_reach.c.meeting_id).where(
-        meeting_reach.c.installation_id == installation_id,
-        sa.or_(meeting_reach.c.client_id.in_(own_clients(installation_id, user_id)),
-               meeting_reach.c.user_id == user_id))
-
-
-def reached_rows(installation_id: int, user_id: int):
-    """Derived table ``reached(meeting_id)``: the same meetings as reached_meetings, in a
-    form a planner drives from (the user's mailbox rows, and the link rows of the user's
-    clients, each through its index) instead of testing every email against it."""
-    r, uc = meeting_reach.c, user_clients.c
-    via_mailbox = sa.select(r.meeting_id).where(r.installation_id == installation_id, r.user_id == user_id)
-    # From the user's clients to their rows (STRAIGHT_JOIN: MariaDB otherwise read every
-    # reach row of the installation and probed the user's clients with each).
-    via_clients = (sa.select(r.meeting_id)
-                   .select_from(user_clients.join(meeting_reach, sa.and_(r.installation_id == uc.installation_id,
-                                                                         r.client_id == uc.client_id)))
-                   .where(uc.installation_id == installation_id, uc.user_id == user_id, r.client_id != 0)
-                   .prefix_with("STRAIGHT_JOIN", dialect="mysql"))
-    return sa.union(via_mailbox, via_clients).subquery("reached")
-
-
-def seen_beyond(installation_id: int, user_id: int, columns, *conds, hint: str | None = None):
-    """SELECT ``columns`` of the meetings the user sees beyond their own clients (reached
-    through another linked client or their mailbox), driven from the reached rows.
-    ``hint``: an optimizer hint comment (MySQL dialects), placed first after SELECT."""
-    reached = reached_rows(installation_id, user_id)
-    # STRAIGHT_JOIN (MySQL, MariaDB, TiDB): the planner otherwise may scan every meeting
-    # of the installation against the derived table, as MariaDB 10.11 did where all of
-    # them were emails; driving from the reached rows is never more work.
-    stmt = (sa.select(*columns).select_from(reached.join(meetings, meetings.c.id == reached.c.meeting_id))
-            .where(meetings.c.installation_id == installation_id,
-                   meetings.c.client_id.notin_(own_clients(installation_id, user_id)), *conds))
-    if hint:
-        stmt = stmt.prefix_with(hint, dialect="mysql")
-    return stmt.prefix_with("STRAIGHT_JOIN", dialect="mysql")
-
-
-def visible_condition(installation_id: int, user_id: int):
-    """Client security in SQL: the meetings the user may see — their client is the user's,
-    or (emails) another client they link to is, or they were read from the user's own
-    mailbox."""
-    return sa.and_(meetings.c.installation_id == installation_id,
-                   sa.or_(meetings.c.client_id.in_(own_clients(installation_id, user_id)),
-                          meetings.c.id.in_(reached_meetings(installation_id, user_id))))
-
-
 def narrowing(client_ids, date_from, date_to) -> list:
     """Conditions on ``meetings``: the client filter, and the date range [from, to)."""
     m = meetings.c
@@ -362,20 +291,6 @@ def _query_conditions(query: Query, with_cursor: bool):
         else:
             conds.append(sa.or_(col > value, sa.and_(col == value, m.id > last_id)))
     return conds, col
-
-
-def visible_parts(installation_id: int, user_id: int, columns, *conds, hint: str | None = None):
-    """The meetings the user may see as two disjoint SELECTs of ``columns`` that each use
-    an index: those of the user's own clients (the (client, type, status, date) index),
-    and those seen beyond them (driven from the user's reach rows, ``seen_beyond``).  One
-    ``client_id IN … OR id IN …`` condition instead made MariaDB scan every meeting of the
-    installation.  ``hint`` goes on both (seen_beyond)."""
-    m = meetings.c
-    mine = sa.select(*columns).where(m.installation_id == installation_id,
-                                     m.client_id.in_(own_clients(installation_id, user_id)), *conds)
-    if hint:
-        mine = mine.prefix_with(hint, dialect="mysql")
-    return mine, seen_beyond(installation_id, user_id, columns, *conds, hint=hint)
 
 
 def from_database(conn, query: Query):

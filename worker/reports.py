@@ -34,7 +34,8 @@ from worker import keys, rollups
 from worker.tables import email_links, email_mailboxes, emails, meeting_days, meetings
 from worker.email.queries import is_message
 from worker.errors import InvalidArgument
-from worker.query import narrowing, own_clients, seen_beyond, token_list, visible_parts
+from worker.query import narrowing, token_list
+from worker.visibility import own_clients, seen_beyond, visible_parts
 from worker.records import iso_seconds, parse_time, positive_int, to_seconds
 from worker.errors import REDIS_FAULTS, is_transient
 

@@ -6,22 +6,18 @@ subject, participants and clients come from those alone.
 """
 from __future__ import annotations
 
-import base64
 import collections
-import hashlib
-import hmac
 import json
 
 import sqlalchemy as sa
 
-from worker.tables import contact_terms, contacts, email_links, email_participants, emails, meetings, user_clients
+from worker.tables import contact_terms, contacts, email_links, email_participants, emails, meetings
 from worker.email.addresses import fold
+from worker import cursors
 from worker.errors import InvalidArgument
-from worker.query import MAX_LIMIT, bounded_int, token_list, visible_condition, visible_parts
+from worker.query import MAX_LIMIT, bounded_int, token_list
+from worker.visibility import own_clients, visible_condition, visible_parts
 from worker.records import item_json, iso_seconds, parse_time, positive_int, to_seconds
-
-MAX_CURSOR = 2048
-
 
 def _limit(value) -> int:
     return bounded_int("limit", value, 1, MAX_LIMIT)
@@ -35,36 +31,9 @@ def _optional_seconds(field, value):
     return None if value is None else to_seconds(parse_time(field, value))
 
 
-# -- cursors: the last item's position, signed and bound to the query ------------------
-
-def _mac(secret: bytes, fingerprint: str, position: str) -> str:
-    return hmac.new(secret, f"{fingerprint}\x00{position}".encode(), hashlib.sha256).hexdigest()[:24]
-
-
-def encode_cursor(secret: bytes, fingerprint: str, position: list) -> str:
-    text = json.dumps(position, separators=(",", ":"), ensure_ascii=False)
-    blob = json.dumps([text, _mac(secret, fingerprint, text)], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(blob).decode().rstrip("=")
-
-
-def decode_cursor(secret: bytes, fingerprint: str, cursor) -> list:
-    problem = InvalidArgument("cursor", "is malformed, was altered, or belongs to another query "
-                                        "(a cursor only continues the query that returned it)")
-    if not isinstance(cursor, str) or not 0 < len(cursor) <= MAX_CURSOR:
-        raise InvalidArgument("cursor", "must be the next_cursor string of an earlier page")
-    try:
-        text, mac = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if not hmac.compare_digest(mac, _mac(secret, fingerprint, text)):
-            raise problem
-        return json.loads(text)
-    except InvalidArgument:
-        raise
-    except Exception:
-        raise problem from None
-
-
-def _fingerprint(*parts) -> str:
-    return json.dumps(parts, sort_keys=True, default=str)
+def _fingerprint(*parts) -> bytes:
+    """What a cursor is bound to: the query's name and arguments but its page."""
+    return json.dumps(parts, sort_keys=True, default=str).encode()
 
 
 def is_message(m=meetings.c) -> tuple:
@@ -180,7 +149,7 @@ def query_threads(ctx, installation_id, user_id, client_ids=None, contact_source
     secret = ctx.cursor_secret()
     fingerprint = _fingerprint("threads", installation_id, user_id, client_ids, contact_source_id, awaiting_reply,
                                date_from, date_to, order)
-    after = decode_cursor(secret, fingerprint, cursor) if cursor is not None else None
+    after = cursors.decode_json(secret, fingerprint, cursor) if cursor is not None else None
     linked = _linked_to(installation_id, client_ids, contact_source_id) \
         if client_ids is not None or contact_source_id is not None else None
     with ctx.engine.connect() as conn:
@@ -193,7 +162,7 @@ def query_threads(ctx, installation_id, user_id, client_ids=None, contact_source
         # One snapshot (the connection's transaction) holds both reads: every thread found has its rows.
         page = [(last_at, tid, summarize(by_thread[tid]), by_thread[tid]) for last_at, tid in found if by_thread[tid]]
         items = _thread_items(conn, installation_id, page)
-    next_cursor = encode_cursor(secret, fingerprint, [page[-1][0], page[-1][1]]) if more else None
+    next_cursor = cursors.encode_json(secret, fingerprint, [page[-1][0], page[-1][1]]) if more else None
     return {"total": total, "items": items, "next_cursor": next_cursor}
 
 
@@ -268,11 +237,10 @@ def search_contacts(ctx, installation_id, user_id, q=None, client_ids=None, job_
     limit = _limit(limit)
     secret = ctx.cursor_secret()
     fingerprint = _fingerprint("contacts", installation_id, user_id, q, client_ids, job_title)
-    after = decode_cursor(secret, fingerprint, cursor) if cursor is not None else None
+    after = cursors.decode_json(secret, fingerprint, cursor) if cursor is not None else None
     c = contacts.c
-    allowed = sa.select(user_clients.c.client_id).where(
-        user_clients.c.installation_id == installation_id, user_clients.c.user_id == user_id)
-    conds = [c.installation_id == installation_id, c.client_id.in_(allowed)]
+    # A contact is the user's when its client is (client security: worker/visibility.py).
+    conds = [c.installation_id == installation_id, c.client_id.in_(own_clients(installation_id, user_id))]
     if client_ids is not None:
         conds.append(c.client_id.in_(client_ids))
     if job_title is not None:
@@ -293,7 +261,7 @@ def search_contacts(ctx, installation_id, user_id, q=None, client_ids=None, job_
     items = [{"source_id": r.source_id, "name": r.name, "emails": json.loads(r.emails), "client_id": r.client_id,
               "job_title": r.job_title,
               "last_email_at": iso_seconds(last_at[r.id]) if last_at.get(r.id) is not None else None} for r in page]
-    next_cursor = encode_cursor(secret, fingerprint, [page[-1].sort_name, page[-1].source_id]) if more else None
+    next_cursor = cursors.encode_json(secret, fingerprint, [page[-1].sort_name, page[-1].source_id]) if more else None
     return {"total": total, "items": items, "next_cursor": next_cursor}
 
 
