@@ -15,10 +15,7 @@ import time
 
 import sqlalchemy as sa
 
-
-def say(text: str) -> None:
-    from bench.run import say as _say
-    _say(text)
+from bench.measure import percentiles, say, timed
 
 
 def corpus(count: int, clients: int, users: int) -> list[tuple[int, dict]]:
@@ -162,7 +159,6 @@ class CountingRedis:
 
 
 def measure_reports(bench, data) -> None:
-    from bench.run import percentiles, timed
     from worker import reports
     from worker.context import Context
     from worker.redis_index import connect
@@ -222,7 +218,6 @@ def measure_reports(bench, data) -> None:
 def measure_threads(bench, data) -> None:
     """crm.query_threads and crm.search_contacts (their plain functions, database-served)
     for the 2,000-client and the 50-client user: page 1, p50 and p99."""
-    from bench.run import percentiles, timed
     from worker.email import queries
     from worker.tables import contacts
     say("threads and contacts (page 1 of 20)")

@@ -18,7 +18,7 @@ import time
 
 import sqlalchemy as sa
 
-from bench.run import percentiles, redis_url_db, say
+from bench.measure import percentiles, redis_url_db, say
 
 INSTALLATION = 1
 

@@ -67,18 +67,46 @@ def test_no_script_spells_a_key_template_itself():
         assert not re.search(r'prefix \.\. "[a-z]+:?"', text), path
 
 
-@pytest.mark.parametrize("script,args", [("query", "worker.query:QueryArgs"),
-                                         ("build", "worker.precompute:BuildArgs")])
-def test_each_scripts_arguments_are_named_as_python_builds_them(script, args):
+SCRIPT_ARGS = {"query": "worker.query:QueryArgs", "build": "worker.precompute:BuildArgs",
+               "apply": "worker.redis_index:ApplyArgs", "delete": "worker.redis_index:DeleteArgs",
+               "access": "worker.redis_index:AccessArgs", "report_cache": "worker.reports:ReportCacheArgs",
+               "publish": "worker.mirror:PublishArgs", "wipe": "worker.mirror:WipeArgs"}
+
+
+def test_every_script_has_a_typed_argument_builder():
+    from worker.redis_index import NAMES
+    assert set(SCRIPT_ARGS) == set(NAMES)
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPT_ARGS))
+def test_each_scripts_arguments_are_named_as_python_builds_them(script):
     """The script copies ARGV into named locals at its top; the Python structure that
-    builds ARGV has the same names in the same order."""
+    builds ARGV has the same names in the same order, and a variable tail (``rest``) is
+    documented as ``ARGV[n..]`` right after them."""
     import dataclasses
     import importlib
     import re
 
-    from worker.redis_index import _read
-    module, name = args.split(":")
-    fields = [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))]
-    named = re.findall(r"^local (\w+) = ARGV\[(\d+)\]", _read(script), re.M)
-    assert [n for n, _ in named] == fields
-    assert [int(i) for _, i in named] == list(range(1, len(fields) + 1))
+    from worker.redis_index import ScriptArgs, _read
+    module, name = SCRIPT_ARGS[script].split(":")
+    builder = getattr(importlib.import_module(module), name)
+    assert issubclass(builder, ScriptArgs)
+    fields = [f.name for f in dataclasses.fields(builder)]
+    text = _read(script)
+    named = re.findall(r"^local (\w+) = ARGV\[(\d+)\]", text, re.M)
+    fixed = [f for f in fields if f != "rest"]
+    assert [n for n, _ in named] == fixed
+    assert [int(i) for _, i in named] == list(range(1, len(fixed) + 1))
+    tail = re.search(r"^-- ARGV\[(\d+)\.\.\] \(rest\)", text, re.M)
+    assert ("rest" in fields) == (tail is not None)
+    if tail:
+        assert int(tail.group(1)) == len(fixed) + 1 and fields[-1] == "rest"
+    assert re.search(r"^-- ARGV \(worker/\w+\.py " + name + r"\):", text, re.M)
+
+
+def test_no_script_is_longer_than_two_hundred_lines():
+    import glob
+    import os
+    for path in glob.glob(os.path.join(os.path.dirname(keys.__file__), "scripts", "*.lua")):
+        with open(path) as f:
+            assert len(f.read().splitlines()) <= 200, path

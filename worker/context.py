@@ -1,8 +1,9 @@
 """The context of one process: everything the plain functions beneath the tasks need.
 
 Settings, the database engine, the index Redis with its loaded scripts, the precomputed
-view ids, the limits of the index scripts, the cursor secret and the tokens of the
-installations (worker/mirror.py) live here and nowhere else.  A worker process builds one
+view ids, the limits of the index scripts, the cursor secret, whether the database has
+TiFlash replicas, and the tokens of the installations (worker/mirror.py) live here and
+nowhere else.  A worker process builds one
 when it first needs it (after a fork, :func:`reset` drops the parent's); the tasks hand it
 to the plain functions, which take it as their first argument.  Tests and the benchmark
 build their own.
@@ -16,7 +17,7 @@ import redis
 import sqlalchemy as sa
 
 from worker import keys
-from worker.db import make_engine
+from worker.db import make_engine, tiflash_available
 from worker.tables import crm_meta
 from worker.mirror import Mirror
 from worker.redis_index import Scripts, connect
@@ -46,6 +47,7 @@ class Context:
                                for sort, t, s in settings.precompute_views)
         self.mirror = Mirror(self)
         self._secret: bytes | None = None
+        self._tiflash: bool | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -68,6 +70,14 @@ class Context:
                     raise RuntimeError("the database has no identity or cursor secret: run `crm init`")
                 self._secret = f"{secret}\x00{values['database_id']}".encode()
             return self._secret
+
+    def tiflash(self) -> bool:
+        """Whether reports read TiDB's TiFlash replicas (checked once per context)."""
+        with self._lock:
+            if self._tiflash is None:
+                with self.engine.connect() as conn:
+                    self._tiflash = tiflash_available(conn)
+            return self._tiflash
 
     def close(self) -> None:
         self.engine.dispose()

@@ -107,3 +107,16 @@ def update_rows(conn, table: sa.Table, key: str, rows: list[dict], size: int = 2
             + " END" for i, c in enumerate(columns, 1))
         keys_ = ", ".join(f":p{n}_0" for n in range(len(part)))
         conn.execute(sa.text(f"UPDATE {quote(table.name)} SET {sets} WHERE {quote(key)} IN ({keys_})"), params)
+
+
+def tiflash_available(conn) -> bool:
+    """True on TiDB when ``meetings`` has an available TiFlash (columnar) replica;
+    ``SELECT VERSION()`` tells TiDB from MySQL/MariaDB.  False on SQLite."""
+    if conn.dialect.name != "mysql":
+        return False
+    version = conn.execute(sa.text("SELECT VERSION()")).scalar() or ""
+    if "TiDB" not in version:
+        return False
+    return bool(conn.execute(sa.text(
+        "SELECT COUNT(*) FROM information_schema.tiflash_replica "
+        "WHERE table_schema = DATABASE() AND table_name = 'meetings' AND available = 1")).scalar())

@@ -74,19 +74,24 @@ def _write_chunk(conn, installation_id: int, chunk: list[Meeting], given: set[in
         conn.execute(meetings.insert(), [_row(m)._asdict() for m in inserts])
         stored += [_row(m) for m in inserts]
     if updates:
-        update_rows(conn, meetings, "id",
-            [{"id": m.id, "client_id": m.client_id, "type": m.type, "status": m.status,
-              "meeting_s": m.meeting_s, "updated_s": m.updated_s, "updated_us": m.updated_us,
-              "subject": m.subject, "details": m.details, "reach": None} for m in updates])
-        # A meeting record replaces whatever an email of the same key stored: from now on
-        # the record alone decides the row and who sees it (email logic leaves it alone).
-        ids = [m.id for m in updates]
-        conn.execute(meeting_reach.delete().where(meeting_reach.c.meeting_id.in_(ids)))
-        conn.execute(email_links.delete().where(email_links.c.meeting_id.in_(ids)))
-        conn.execute(emails.update().where(emails.c.meeting_id.in_(ids), sa.not_(emails.c.by_record))
-                     .values(by_record=True))
+        _replace(conn, updates)
     rollups.apply(conn, installation_id, removed=[existing[m.source_id] for m in updates], added=inserts + updates)
     return stored, updated, unchanged
+
+
+def _replace(conn, updates: list[Meeting]) -> None:
+    """Write newer versions over stored meetings.  A meeting record replaces whatever an
+    email of the same key stored: from now on the record alone decides the row and who
+    sees it (email logic leaves a row its ``emails.by_record`` marks alone)."""
+    update_rows(conn, meetings, "id",
+                [{"id": m.id, "client_id": m.client_id, "type": m.type, "status": m.status,
+                  "meeting_s": m.meeting_s, "updated_s": m.updated_s, "updated_us": m.updated_us,
+                  "subject": m.subject, "details": m.details, "reach": None} for m in updates])
+    ids = [m.id for m in updates]
+    conn.execute(meeting_reach.delete().where(meeting_reach.c.meeting_id.in_(ids)))
+    conn.execute(email_links.delete().where(email_links.c.meeting_id.in_(ids)))
+    conn.execute(emails.update().where(emails.c.meeting_id.in_(ids), sa.not_(emails.c.by_record))
+                 .values(by_record=True))
 
 
 def _insert_all(conn, chunk: list[Meeting]) -> bool:

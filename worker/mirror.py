@@ -30,6 +30,7 @@ holds at that instant.  Access lists are ordered by the user's row lock and vers
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
@@ -298,6 +299,18 @@ def load_access_locked(ctx, installation_id: int, token: str, user_ids=None) -> 
 
 # -- binding the index to a generation ---------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class WipeArgs(redis_index.ScriptArgs):
+    """ARGV of ``wipe.lua``."""
+    token: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishArgs(redis_index.ScriptArgs):
+    """ARGV of ``publish.lua``."""
+    token: str
+
+
 def start_generation(ctx, installation_id: int, token: str, rebuilding: bool = False) -> None:
     """Bind the installation's index to ``token``: not ready, written for ``token`` from
     now on, and emptied of every key of an earlier generation or database.  Raises
@@ -324,7 +337,7 @@ def wipe(ctx, installation_id: int, token: str, keep: set[bytes]) -> None:
     batch: list = []
 
     def flush():
-        if not ctx.scripts["wipe"](keys=[gen, *batch], args=[token]):
+        if not ctx.scripts["wipe"](keys=[gen, *batch], args=WipeArgs(token).argv()):
             raise redis_index.NotMirrored(installation_id)
         batch.clear()
     for key in ctx.redis.scan_iter(match=keys.pattern(installation_id), count=1000):
@@ -341,4 +354,4 @@ def publish(ctx, installation_id: int, token: str) -> bool:
     generation took it meanwhile (then False, and nothing changes)."""
     return bool(ctx.scripts["publish"](
         keys=[keys.generation(installation_id), keys.ready(installation_id), keys.rebuilding(installation_id)],
-        args=[token]))
+        args=PublishArgs(token).argv()))

@@ -13,13 +13,14 @@ import secrets
 import redis
 
 from worker import keys, metrics
+from worker.redis_index import ScriptArgs
 
 #: build.lua's replies besides a count.
 TOO_BROAD, CANCELLED, NOT_MIRRORED = -2, -1, -3
 
 
 @dataclasses.dataclass(frozen=True)
-class BuildArgs:
+class BuildArgs(ScriptArgs):
     """The ARGV of ``build.lua``, in order (its header names each; a test checks both)."""
     prefix: str
     token: str
@@ -31,9 +32,6 @@ class BuildArgs:
     count: int = 0
     now: int = 0
     max_sets: int = 0
-
-    def argv(self) -> list:
-        return [getattr(self, field.name) for field in dataclasses.fields(self)]
 
 
 def _builder(ctx, installation_id: int, user_id: int, view: str, token: str):

@@ -20,6 +20,7 @@ from worker.errors import REDIS_FAULTS, InvalidArgument, is_transient
 from worker.mirror import owns_index
 from worker.precompute import fill_view
 from worker.records import item_json, parse_time, positive_int, to_seconds, token
+from worker.redis_index import ScriptArgs
 from worker.visibility import visible_condition, visible_parts
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def lex_bounds(query: Query) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
 
 
 @dataclasses.dataclass(frozen=True)
-class QueryArgs:
+class QueryArgs(ScriptArgs):
     """The ARGV of ``query.lua``, in order (its header names each; a test checks both)."""
     prefix: str
     token: str
@@ -186,9 +187,6 @@ class QueryArgs:
     max_merge: int
     whole: str
     first_page: str
-
-    def argv(self) -> list:
-        return [getattr(self, field.name) for field in dataclasses.fields(self)]
 
 
 def call_script(ctx, query: Query, view: str, limit: int, now: int, token: str) -> list:

@@ -6,6 +6,7 @@ SQL stays the source of truth; everything here can be rebuilt from the database
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Iterable
@@ -61,6 +62,52 @@ def script_source(name: str) -> str:
     return "\n".join([_read(part) for part in shared] + [text])
 
 
+@dataclasses.dataclass(frozen=True)
+class ScriptArgs:
+    """The ARGV of one script, built by name: its fields in order, then ``rest``, the
+    variable tail of a script that takes one.  Each script copies its ARGV into locals
+    named like the fields (tests/test_keys.py checks every script against its class)."""
+
+    def argv(self) -> list:
+        out: list = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "rest":
+                out.extend(value)
+            else:
+                out.append(value)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyArgs(ScriptArgs):
+    """ARGV of ``apply.lua``; ``rest``: (7-byte id, head, item JSON) of each meeting."""
+    prefix: str
+    token: str
+    write_id: str
+    rest: list
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteArgs(ScriptArgs):
+    """ARGV of ``delete.lua``; ``rest``: 7-byte meeting ids."""
+    prefix: str
+    token: str
+    rest: list
+
+
+@dataclasses.dataclass(frozen=True)
+class AccessArgs(ScriptArgs):
+    """ARGV of ``access.lua``; ``rest``: client ids."""
+    prefix: str
+    token: str
+    user: int
+    mode: str
+    version: int
+    write_id: str
+    rest: list
+
+
 class Scripts:
     """The scripts registered with one client (EVALSHA, reloaded when Redis lost them)."""
 
@@ -89,14 +136,15 @@ def apply_meetings(ctx, installation_id: int, rows: Iterable, token: str, write_
     """Write ``rows`` (database rows of one installation) into the index in one atomic
     step; a stored newer or identical version is kept.  Returns (written, fanned_out);
     raises :class:`NotMirrored` when the index is not written for ``token``."""
-    args: list = [keys.prefix(installation_id), token, write_id]
+    rest: list = []
     for row in rows:
-        args += [keys.id_field(row.id), head(row), item_json(row)]
-    if len(args) == 3 and not write_id:
+        rest += [keys.id_field(row.id), head(row), item_json(row)]
+    if not rest and not write_id:
         return 0, 0
     written, fanned = ctx.scripts["apply"](
         keys=[keys.payloads(installation_id), keys.pairs(installation_id), keys.generation(installation_id),
-              keys.writes(installation_id)], args=args)
+              keys.writes(installation_id)],
+        args=ApplyArgs(keys.prefix(installation_id), token, write_id, rest).argv())
     if int(written) < 0:
         raise NotMirrored(installation_id)
     return int(written), int(fanned)
@@ -104,11 +152,12 @@ def apply_meetings(ctx, installation_id: int, rows: Iterable, token: str, write_
 
 def delete_meetings(ctx, installation_id: int, ids: Iterable[int], token: str) -> tuple[int, int]:
     """Remove meetings from the index and every precomputed set in one atomic step."""
-    args: list = [keys.prefix(installation_id), token] + [keys.id_field(i) for i in ids]
-    if len(args) == 2:
+    rest = [keys.id_field(i) for i in ids]
+    if not rest:
         return 0, 0
     removed, fanned = ctx.scripts["delete"](
-        keys=[keys.payloads(installation_id), keys.generation(installation_id)], args=args)
+        keys=[keys.payloads(installation_id), keys.generation(installation_id)],
+        args=DeleteArgs(keys.prefix(installation_id), token, rest).argv())
     if int(removed) < 0:
         raise NotMirrored(installation_id)
     return int(removed), int(fanned)
@@ -119,7 +168,8 @@ def _access(ctx, installation_id, user_id, token, mode, version, write_id, clien
         keys=[keys.user_clients(installation_id, user_id), keys.access_versions(installation_id),
               keys.user_views(installation_id, user_id), keys.generation(installation_id),
               keys.writes(installation_id)],
-        args=[keys.prefix(installation_id), token, user_id, mode, version, write_id, *sorted(client_ids)]))
+        args=AccessArgs(keys.prefix(installation_id), token, user_id, mode, version, write_id,
+                        sorted(client_ids)).argv()))
     if written < 0:
         raise NotMirrored(installation_id)
     return written

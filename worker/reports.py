@@ -36,6 +36,7 @@ from worker.email.queries import is_message
 from worker.errors import InvalidArgument
 from worker.query import narrowing, token_list
 from worker.visibility import own_clients, seen_beyond, visible_parts
+from worker.redis_index import ScriptArgs
 from worker.records import iso_seconds, parse_time, positive_int, to_seconds
 from worker.errors import REDIS_FAULTS, is_transient
 
@@ -106,8 +107,18 @@ def validate(installation_id, user_id, name, params) -> tuple[int, int, str, Par
         date_from=dates["date_from"], date_to=dates["date_to"], bucket=bucket)
 
 
-#: Reports a user asked for in this many seconds are kept computed by the beat.
-REQUESTS_MAX = 10_000   # requests noted per installation (a new one beyond is not noted)
+#: Report requests noted per installation (report_cache.lua; the beat keeps the noted ones
+#: computed while asked for within ``CRM_REPORT_IDLE``): a new request beyond is not noted.
+REQUESTS_MAX = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportCacheArgs(ScriptArgs):
+    """ARGV of ``report_cache.lua``."""
+    token: str
+    field: str
+    request: str
+    max_requests: int
 
 
 def report(ctx, installation_id, user_id, name, params=None, now: int | None = None) -> dict:
@@ -124,7 +135,8 @@ def report(ctx, installation_id, user_id, name, params=None, now: int | None = N
             found = ctx.scripts["report_cache"](
                 keys=[keys.ready(installation_id), keys.data_version(installation_id), key,
                       keys.report_requests(installation_id)],
-                args=[token, f"{user_id}:{digest}", json.dumps([now, name, p.to_json()]), REQUESTS_MAX])
+                args=ReportCacheArgs(token, f"{user_id}:{digest}", json.dumps([now, name, p.to_json()]),
+                                     REQUESTS_MAX).argv())
             if int(found[0]) == 1:
                 return {**json.loads(found[1]), "source": "cache"}
             if int(found[0]) == 2:
@@ -140,7 +152,7 @@ def _compute_and_store(ctx, installation_id: int, user_id: int, name: str, p: Pa
                        tag: str | None) -> dict:
     """Compute the report; store it under ``tag`` (read before computing) when given."""
     with ctx.engine.connect() as conn:
-        rows, source = compute(conn, installation_id, user_id, name, p, now)
+        rows, source = compute(conn, installation_id, user_id, name, p, now, tiflash=ctx.tiflash())
     result = {"name": name, "rows": rows, "generated_at": iso_seconds(now), "source": source}
     if tag is not None:
         try:
@@ -201,13 +213,16 @@ def precompute(ctx, installation_id: int, token: str, now: int, idle: int, inter
     return counts
 
 
-def compute(conn, installation_id: int, user_id: int, name: str, p: Params, now: int) -> tuple[list, str]:
-    """The report's rows from the database, and where they came from."""
+def compute(conn, installation_id: int, user_id: int, name: str, p: Params, now: int,
+            tiflash: bool = False) -> tuple[list, str]:
+    """The report's rows from the database, and where they came from.  ``tiflash``: read
+    TiDB's columnar replicas (the context knows whether the database has them)."""
+    hint = TIFLASH_HINT if tiflash else None
     if p.date_from is not None and p.date_to is not None and p.date_from >= p.date_to:
         return [], "database"
     if name == "activity":
-        return activity(conn, installation_id, user_id, p), "rollup"
-    return REPORTS[name](conn, installation_id, user_id, p, now), "database"
+        return activity(conn, installation_id, user_id, p, hint), "rollup"
+    return REPORTS[name](conn, installation_id, user_id, p, now, hint), "database"
 
 
 # -- what the user sees ------------------------------------------------------------------
@@ -216,22 +231,22 @@ def _filters(p: Params) -> list:
     return narrowing(p.client_ids, p.date_from, p.date_to)
 
 
-def _visible(conn, installation_id: int, user_id: int, p: Params, columns, *conds):
+def _visible(installation_id: int, user_id: int, p: Params, columns, *conds, hint: str | None = None):
     """The user's visible meetings in range and filter, as two disjoint parts that each
     use an index: those of the user's own clients, and those seen beyond them (reached
     through another linked client or the user's mailbox).  A UNION ALL subquery."""
     return sa.union_all(*visible_parts(installation_id, user_id, columns, *_filters(p), *conds,
-                                       hint=_hint(conn))).subquery("seen")
+                                       hint=hint)).subquery("seen")
 
 
-def visible_messages(conn, installation_id: int, user_id: int, p: Params = None):
+def visible_messages(installation_id: int, user_id: int, p: Params = None, hint: str | None = None):
     """CTE ``v``: the visible stored messages, with their thread, and each message's
     ``outs_so_far`` (outbound messages of its thread up to and including it, in (date,
     id) order) and ``outs`` (outbound messages of its thread)."""
     m = meetings.c
     p = ALL if p is None else p
-    rows = _visible(conn, installation_id, user_id, p,
-                    (m.id, m.meeting_s, m.status, m.subject, emails.c.thread_id), *is_message(m))
+    rows = _visible(installation_id, user_id, p,
+                    (m.id, m.meeting_s, m.status, m.subject, emails.c.thread_id), *is_message(m), hint=hint)
     is_out = sa.case((rows.c.status == "outbound", 1), else_=0)
     in_thread = dict(partition_by=rows.c.thread_id)
     order = (rows.c.meeting_s, rows.c.id)
@@ -260,35 +275,13 @@ def _awaiting(v):
             .group_by(v.c.thread_id))
 
 
-def _hint(conn) -> str | None:
-    """On TiDB with TiFlash replicas of the tables, read the columnar replicas (the hint
-    goes in the query block that reads the tables, by their unaliased names)."""
-    return "/*+ READ_FROM_STORAGE(TIFLASH[meetings, emails, meeting_days]) */" if tiflash_ready(conn) else None
+#: On TiDB with TiFlash replicas of the tables, read the columnar replicas (the hint goes
+#: in the query block that reads the tables, by their unaliased names).
+TIFLASH_HINT = "/*+ READ_FROM_STORAGE(TIFLASH[meetings, emails, meeting_days]) */"
 
 
-def _hinted(conn, stmt):
-    hint = _hint(conn)
+def _hinted(stmt, hint: str | None):
     return stmt.prefix_with(hint, dialect="mysql") if hint else stmt
-
-
-_tiflash: dict = {}
-
-
-def tiflash_ready(conn) -> bool:
-    """True on TiDB when ``meetings`` has an available TiFlash replica (checked once per
-    engine; ``SELECT VERSION()`` tells TiDB from MySQL/MariaDB)."""
-    if conn.dialect.name != "mysql":
-        return False
-    engine_key = id(conn.engine)
-    if engine_key not in _tiflash:
-        ready = False
-        version = conn.execute(sa.text("SELECT VERSION()")).scalar() or ""
-        if "TiDB" in version:
-            ready = bool(conn.execute(sa.text(
-                "SELECT COUNT(*) FROM information_schema.tiflash_replica "
-                "WHERE table_schema = DATABASE() AND table_name = 'meetings' AND available = 1")).scalar())
-        _tiflash[engine_key] = ready
-    return _tiflash[engine_key]
 
 
 # -- the reports -----------------------------------------------------------------------
@@ -314,7 +307,7 @@ def _partial_days(p: Params) -> set[int]:
     return days
 
 
-def activity(conn, installation_id: int, user_id: int, p: Params) -> list[dict]:
+def activity(conn, installation_id: int, user_id: int, p: Params, hint: str | None = None) -> list[dict]:
     """Meetings per (client, type, bucket) with running totals.  The whole days of the
     range, for the user's own clients, come from the rollup; the rest (meetings seen
     through another link or the user's mailbox, the partial days at the range's edges)
@@ -334,11 +327,11 @@ def activity(conn, installation_id: int, user_id: int, p: Params) -> list[dict]:
         conds.append(d.day < end_day)
     stmt = (sa.select(d.client_id, d.type, column, sa.func.sum(d["count"]))
             .where(*conds).group_by(d.client_id, d.type, column))
-    for client_id, type_, bucket, n in conn.execute(_hinted(conn, stmt)):
+    for client_id, type_, bucket, n in conn.execute(_hinted(stmt, hint)):
         label = _bucket_label(bucket, "week") if p.bucket == "week" else _month_label(bucket)
         counts[(client_id, type_, label)] += int(n)
     m = meetings.c
-    raw = [seen_beyond(installation_id, user_id, (m.client_id, m.type, m.meeting_s), *_filters(p), hint=_hint(conn))]
+    raw = [seen_beyond(installation_id, user_id, (m.client_id, m.type, m.meeting_s), *_filters(p), hint=hint)]
     # The partial days at the range's edges, from the rows of the clients the rollup says
     # had meetings on those days (a few, instead of a probe per client of the user).  A
     # range inside one day has one partial day: read once, it counts each meeting once.
@@ -349,7 +342,7 @@ def activity(conn, installation_id: int, user_id: int, p: Params) -> list[dict]:
             m.installation_id == installation_id, m.client_id.in_(active), *_filters(p),
             m.meeting_s >= edge_day * DAY, m.meeting_s < (edge_day + 1) * DAY))
     for n, stmt in enumerate(raw):
-        for client_id, type_, seconds in conn.execute(stmt if n == 0 else _hinted(conn, stmt)):
+        for client_id, type_, seconds in conn.execute(stmt if n == 0 else _hinted(stmt, hint)):
             counts[(client_id, type_, _bucket_label(seconds // DAY, p.bucket))] += 1
     rows, running = [], collections.Counter()
     for (client_id, type_, label), n in sorted(counts.items(), key=lambda kv: (kv[0][0] != 0, kv[0])):
@@ -371,8 +364,8 @@ def percentile(sorted_values: list, q: float) -> float | None:
     return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
 
 
-def response_times(conn, installation_id: int, user_id: int, p: Params, now: int) -> list[dict]:
-    v = visible_messages(conn, installation_id, user_id, p)
+def response_times(conn, installation_id: int, user_id: int, p: Params, now: int, hint: str | None = None) -> list[dict]:
+    v = visible_messages(installation_id, user_id, p, hint)
     pairs = _pairs(v).cte("pairs")
     waits = sorted(conn.execute(sa.select(pairs.c.wait_s)).scalars())
     threads = conn.execute(sa.select(sa.func.count(sa.distinct(v.c.thread_id)))
@@ -389,8 +382,8 @@ def response_times(conn, installation_id: int, user_id: int, p: Params, now: int
              "histogram": histogram}]
 
 
-def awaiting_reply(conn, installation_id: int, user_id: int, p: Params, now: int) -> list[dict]:
-    v = visible_messages(conn, installation_id, user_id, p)
+def awaiting_reply(conn, installation_id: int, user_id: int, p: Params, now: int, hint: str | None = None) -> list[dict]:
+    v = visible_messages(installation_id, user_id, p, hint)
     waiting = _awaiting(v).cte("waiting")
     threads = {}
     stmt = (sa.select(waiting.c.thread_id, waiting.c.since, v.c.subject)
@@ -409,8 +402,8 @@ def awaiting_reply(conn, installation_id: int, user_id: int, p: Params, now: int
              "client_ids": sorted(t["client_ids"])} for t in rows]
 
 
-def workload(conn, installation_id: int, user_id: int, p: Params, now: int) -> list[dict]:
-    v = visible_messages(conn, installation_id, user_id, p)
+def workload(conn, installation_id: int, user_id: int, p: Params, now: int, hint: str | None = None) -> list[dict]:
+    v = visible_messages(installation_id, user_id, p, hint)
     box = email_mailboxes.c
     figures: dict = collections.defaultdict(lambda: {"received": 0, "sent": 0, "awaiting": 0, "waits": []})
     stmt = (sa.select(box.user_id, v.c.status, sa.func.count())
@@ -435,9 +428,9 @@ def workload(conn, installation_id: int, user_id: int, p: Params, now: int) -> l
             for u, f in sorted(figures.items()) if f["received"] or f["sent"]]
 
 
-def going_cold(conn, installation_id: int, user_id: int, p: Params, now: int) -> list[dict]:
+def going_cold(conn, installation_id: int, user_id: int, p: Params, now: int, hint: str | None = None) -> list[dict]:
     m = meetings.c
-    rows = _visible(conn, installation_id, user_id, p, (m.id, m.client_id, m.meeting_s), m.client_id != 0)
+    rows = _visible(installation_id, user_id, p, (m.id, m.client_id, m.meeting_s), m.client_id != 0, hint=hint)
     seen = sa.select(rows.c.client_id, rows.c.meeting_s,
                      (rows.c.meeting_s - sa.func.lag(rows.c.meeting_s).over(
                          partition_by=rows.c.client_id, order_by=(rows.c.meeting_s, rows.c.id))).label("gap")).cte("seen")

@@ -306,6 +306,25 @@ def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming]
     return {"new": len(new), "duplicates": len(placed) - len(new), "rejected": rejected}, changed
 
 
+def _store_or_isolate(store, installation_id: int, write_id: str, chunk: list[Incoming]) -> list[dict]:
+    """``store(write_id, chunk)``; when the database refuses the chunk, each message is
+    tried alone (write ids ``<write_id>.<k>``), so that only the one that cannot be stored
+    is rejected.  Returns each write's result."""
+    try:
+        return [store(write_id, chunk)]
+    except _REFUSED as exc:
+        log.warning("installation %d: a chunk of %d messages was refused (%s); storing them one by one",
+                    installation_id, len(chunk), exc.__class__.__name__)
+    results = []
+    for k, m in enumerate(chunk):
+        try:
+            results.append(store(f"{write_id}.{k}", [m]))
+        except _REFUSED as alone:
+            results.append({"new": 0, "duplicates": 0, "rejected": [{
+                "index": m.index, "error": f"raw: the message could not be stored ({alone.__class__.__name__})"}]})
+    return results
+
+
 def _stored_ids(conn, installation_id: int, chunk: list[Incoming]) -> list[int]:
     """The meetings of the stored messages under the chunk's keys (for a redelivery)."""
     return list(conn.execute(sa.select(emails.c.meeting_id).where(
@@ -315,6 +334,8 @@ def _stored_ids(conn, installation_id: int, chunk: list[Incoming]) -> list[int]:
 
 def ingest_emails(ctx, installation_id, mailbox_user_id, messages, task_id: str | None = None,
                   now_us: int | None = None) -> dict:
+    """``crm.ingest_emails``: read, place and store the messages in chunks of ``CHUNK``, each
+    one write of the task; returns the contract's counts and rejections."""
     installation_id = positive_int("installation_id", installation_id)
     mailbox_user_id = positive_int("mailbox_user_id", mailbox_user_id)
     now_us = int(time.time() * 1_000_000) if now_us is None else now_us
@@ -343,23 +364,7 @@ def ingest_emails(ctx, installation_id, mailbox_user_id, messages, task_id: str 
 
     for n, start in enumerate(range(0, len(valid), CHUNK)):
         chunk = valid[start:start + CHUNK]
-        write_id = f"{base}:e{n}"
-        try:
-            results = [store(write_id, chunk)]
-        except _REFUSED as exc:
-            # One message's rows were refused: each message is tried alone, so that only
-            # the one that cannot be stored is rejected.
-            log.warning("installation %d: a chunk of %d messages was refused (%s); storing them one by one",
-                        installation_id, len(chunk), exc.__class__.__name__)
-            results = []
-            for k, m in enumerate(chunk):
-                try:
-                    results.append(store(f"{write_id}.{k}", [m]))
-                except _REFUSED as alone:
-                    results.append({"new": 0, "duplicates": 0, "rejected": [{
-                        "index": m.index,
-                        "error": f"raw: the message could not be stored ({alone.__class__.__name__})"}]})
-        for result in results:
+        for result in _store_or_isolate(store, installation_id, f"{base}:e{n}", chunk):
             for k in counts:
                 counts[k] += result[k]
             rejected += result.get("rejected", [])

@@ -136,16 +136,60 @@ class Fresh:
     mailbox_user: int
 
 
+@dataclasses.dataclass
+class _Changes:
+    """What one materialize call writes, gathered so that each table gets a few
+    statements per chunk, not one per message."""
+    installation_id: int
+    inserts: list = dataclasses.field(default_factory=list)   # new meeting rows
+    updates: list = dataclasses.field(default_factory=list)   # changed columns of stored ones
+    relinked: list = dataclasses.field(default_factory=list)  # messages whose links are replaced
+    links: list = dataclasses.field(default_factory=list)     # their link rows (and the new ones')
+    reached: list = dataclasses.field(default_factory=list)   # messages whose reach rows are replaced
+    reach: list = dataclasses.field(default_factory=list)     # their reach rows (and the new ones')
+    removed: list = dataclasses.field(default_factory=list)   # rollup cells out
+    added: list = dataclasses.field(default_factory=list)     # rollup cells in
+    changed: list = dataclasses.field(default_factory=list)   # meeting ids written
+
+    def set_links(self, meeting_id: int, links, replace: bool) -> None:
+        """The message's link rows; ``replace``: its stored ones go first."""
+        if replace:
+            self.relinked.append(meeting_id)
+        self.links += _link_rows(self.installation_id, meeting_id, links)
+
+    def set_reach(self, meeting_id: int, primary: int, links, mailbox_users, replace: bool) -> None:
+        """The message's reach rows; ``replace``: its stored ones go first."""
+        if replace:
+            self.reached.append(meeting_id)
+        self.reach += _reach_rows(self.installation_id, meeting_id, primary, links, mailbox_users)
+
+
 def materialize(conn, installation_id: int, ids, now_us: int, fresh: dict | None = None) -> list[int]:
     """Derive links, direction, visibility and details of the emails ``ids`` from what is
     stored now, and write what differs (meeting row, links, reach), except for those whose
-    meeting row a record owns (``emails.by_record``), which are left as they are; and of the messages
-    ``fresh`` ({meeting id: Fresh}), whose meeting rows are inserted here, complete, with
-    their links and reach.  The caller holds the installation's email lock.  Returns the
-    meeting ids whose row changed or was inserted."""
+    meeting row a record owns (``emails.by_record``), which are left as they are; and of
+    the messages ``fresh`` ({meeting id: Fresh}), whose meeting rows are inserted here,
+    complete, with their links and reach.  The caller holds the installation's email
+    lock.  Returns the meeting ids whose row changed or was inserted."""
     fresh = fresh or {}
-    ids = sorted(set(ids) - set(fresh))
-    stored = {}
+    stored, mailboxes, old_links = _load_stored(conn, sorted(set(ids) - set(fresh)))
+    parts = {i: [tuple(p) for p in json.loads(row.participants)] for i, row in stored.items()}
+    parts.update((i, f.participants) for i, f in fresh.items())
+    directory = load_directory(conn, installation_id, {a for ps in parts.values() for _, a, _ in ps})
+    changes = _Changes(installation_id)
+    for meeting_id, f in sorted(fresh.items()):
+        _derive_new(changes, meeting_id, f, directory)
+    for meeting_id, row in stored.items():
+        _derive_stored(changes, meeting_id, row, parts[meeting_id], mailboxes[meeting_id], old_links[meeting_id],
+                       directory, now_us)
+    _write(conn, changes)
+    return changes.changed
+
+
+def _load_stored(conn, ids: list[int]):
+    """The stored messages ``ids`` (email and meeting columns; not those a record owns),
+    their mailboxes and their links as stored."""
+    stored, mailboxes, old_links = {}, collections.defaultdict(list), collections.defaultdict(list)
     for start in range(0, len(ids), 500):
         part = ids[start:start + 500]
         for row in conn.execute(
@@ -157,10 +201,7 @@ def materialize(conn, installation_id: int, ids, now_us: int, fresh: dict | None
                 # who sees it are the record's alone, whatever the email says.
                 .where(emails.c.meeting_id.in_(part), sa.not_(emails.c.by_record))):
             stored[row.meeting_id] = row
-    mailboxes = collections.defaultdict(list)
-    old_links = collections.defaultdict(list)
-    for start in range(0, len(ids), 500):
-        part = ids[start:start + 500]
+        part = sorted(set(part) & set(stored))
         for meeting_id, user_id in conn.execute(sa.select(email_mailboxes.c.meeting_id, email_mailboxes.c.user_id)
                                                 .where(email_mailboxes.c.meeting_id.in_(part))):
             mailboxes[meeting_id].append(user_id)
@@ -169,48 +210,52 @@ def materialize(conn, installation_id: int, ids, now_us: int, fresh: dict | None
                                  .where(email_links.c.meeting_id.in_(part))
                                  .order_by(email_links.c.meeting_id, email_links.c.position)):
             old_links[link.meeting_id].append((link.client_id, link.contact_id, link.reason, link.position))
-    parts = {i: [tuple(p) for p in json.loads(row.participants)] for i, row in stored.items()}
-    parts.update((i, f.participants) for i, f in fresh.items())
-    directory = load_directory(conn, installation_id, {a for ps in parts.values() for _, a, _ in ps})
-    changed, removed, added = [], [], []
-    relinked, link_rows, reach_ids, reach_rows, updates, inserts = [], [], [], [], [], []
-    for meeting_id, f in sorted(fresh.items()):
-        links, primary, direction, details, reach = _derive(f.participants, f.from_address, f.thread_id,
-                                                            [f.mailbox_user], directory)
-        link_rows += _link_rows(installation_id, meeting_id, links)
-        reach_rows += _reach_rows(installation_id, meeting_id, primary, links, [f.mailbox_user])
-        inserts.append({**f.row, "client_id": primary, "status": direction, "details": details, "reach": reach})
-        added.append(rollups.Cell(primary, f.row["type"], direction, f.row["meeting_s"]))
-        changed.append(meeting_id)
-    for meeting_id, row in stored.items():
-        links, primary, direction, details, reach = _derive(parts[meeting_id], row.from_address, row.thread_id,
-                                                            mailboxes[meeting_id], directory)
-        if links != old_links[meeting_id]:
-            relinked.append(meeting_id)
-            link_rows += _link_rows(installation_id, meeting_id, links)
-        if (primary, direction, details, reach) == (row.client_id, row.status, row.details, row.reach):
-            continue
-        if reach != row.reach or primary != row.client_id:
-            reach_ids.append(meeting_id)
-            reach_rows += _reach_rows(installation_id, meeting_id, primary, links, mailboxes[meeting_id])
-        if (primary, direction) != (row.client_id, row.status):
-            removed.append(rollups.cell(row))
-            added.append(rollups.Cell(primary, row.type, direction, row.meeting_s))
-        updated_us = max(now_us, row.updated_us + 1)
-        updates.append({"id": meeting_id, "client_id": primary, "status": direction, "details": details,
-                        "reach": reach, "updated_us": updated_us, "updated_s": updated_us // 1_000_000})
-        changed.append(meeting_id)
-    # A few statements per chunk, not per message.
-    if inserts:
-        conn.execute(meetings.insert(), inserts)
-    for table, ids_, rows in ((email_links, relinked, link_rows), (meeting_reach, reach_ids, reach_rows)):
-        for start in range(0, len(ids_), 500):
-            conn.execute(table.delete().where(table.c.meeting_id.in_(ids_[start:start + 500])))
+    return stored, mailboxes, old_links
+
+
+def _derive_new(changes: _Changes, meeting_id: int, f: Fresh, directory: Directory) -> None:
+    """A new message's meeting row, complete, with its links and reach rows."""
+    links, primary, direction, details, reach = _derive(f.participants, f.from_address, f.thread_id,
+                                                        [f.mailbox_user], directory)
+    changes.set_links(meeting_id, links, replace=False)
+    changes.set_reach(meeting_id, primary, links, [f.mailbox_user], replace=False)
+    changes.inserts.append({**f.row, "client_id": primary, "status": direction, "details": details, "reach": reach})
+    changes.added.append(rollups.Cell(primary, f.row["type"], direction, f.row["meeting_s"]))
+    changes.changed.append(meeting_id)
+
+
+def _derive_stored(changes: _Changes, meeting_id: int, row, participants, mailbox_users, old_links,
+                   directory: Directory, now_us: int) -> None:
+    """A stored message as the directory stands now: what differs is written."""
+    links, primary, direction, details, reach = _derive(participants, row.from_address, row.thread_id,
+                                                        mailbox_users, directory)
+    if links != old_links:
+        changes.set_links(meeting_id, links, replace=True)
+    if (primary, direction, details, reach) == (row.client_id, row.status, row.details, row.reach):
+        return
+    if reach != row.reach or primary != row.client_id:
+        changes.set_reach(meeting_id, primary, links, mailbox_users, replace=True)
+    if (primary, direction) != (row.client_id, row.status):
+        changes.removed.append(rollups.cell(row))
+        changes.added.append(rollups.Cell(primary, row.type, direction, row.meeting_s))
+    updated_us = max(now_us, row.updated_us + 1)
+    changes.updates.append({"id": meeting_id, "client_id": primary, "status": direction, "details": details,
+                            "reach": reach, "updated_us": updated_us, "updated_s": updated_us // 1_000_000})
+    changes.changed.append(meeting_id)
+
+
+def _write(conn, changes: _Changes) -> None:
+    """A few statements per table for the whole call."""
+    if changes.inserts:
+        conn.execute(meetings.insert(), changes.inserts)
+    for table, ids, rows in ((email_links, changes.relinked, changes.links),
+                             (meeting_reach, changes.reached, changes.reach)):
+        for start in range(0, len(ids), 500):
+            conn.execute(table.delete().where(table.c.meeting_id.in_(ids[start:start + 500])))
         if rows:
             conn.execute(table.insert(), rows)
-    update_rows(conn, meetings, "id", updates)
-    rollups.apply(conn, installation_id, removed, added)
-    return changed
+    update_rows(conn, meetings, "id", changes.updates)
+    rollups.apply(conn, changes.installation_id, changes.removed, changes.added)
 
 
 def _derive(participants, from_address, thread_id: str, mailbox_users, directory: Directory):

@@ -24,8 +24,9 @@ from worker.records import MAX_SECONDS, MAX_SUBJECT
 
 MAX_RAW = 10 * 1024 * 1024
 MAX_KEY = 250
-#: References kept per message: the first (the thread's root) and the last ones.  A
-#: hostile message may list thousands; each would become a ghost id.
+#: Ids kept per message (In-Reply-To's, then References'): the first (the parent named by
+#: In-Reply-To when there is one, else the thread's root) and the last ones.  A hostile
+#: message may list thousands; each would become a ghost id.
 MAX_REFS = 100
 #: Participants kept per role: a message to 10,000 recipients is a mailing, not a meeting.
 MAX_PER_ROLE = 100

@@ -7,23 +7,24 @@
 -- KEYS[3]  {i:N}:pv:<user>  hash  view -> last use of the user's precomputed sets
 -- KEYS[4]  {i:N}:gen        string "<database_id>:<generation>" the index is written for
 -- KEYS[5]  {i:N}:w          list  ids of the last writes applied
--- ARGV[1]  the installation's key prefix "{i:N}:" (derives cu:<client>, p:<user>:<view>,
---          ph:<user>:<view>, vu:<view>, x:<user>:<pair>, mb:<user>, sc:<client>, m, ts)
--- ARGV[2]  token: the caller's "<database_id>:<generation>"; nothing is written unless
---          KEYS[4] holds it
--- ARGV[3]  user id
--- ARGV[4]  mode: "remove" takes the listed clients away now (under the user's row lock,
---          before the database commits, so a revocation is never late); "set" makes the
---          listed clients the whole list unless Redis already holds this or a newer
---          version; "force" makes them the whole list at this version whatever Redis
---          holds (a repair made under the user's row lock)
--- ARGV[5]  access version (for "set" and "force")
--- ARGV[6]  write id to remember in KEYS[5], or ""
--- ARGV[7..] client ids
+--
+-- ARGV (worker/redis_index.py AccessArgs):
+local prefix = ARGV[1]    -- the installation's key prefix "{i:N}:" (derives cu:<client>, p:<user>:<view>,
+                          -- ph:<user>:<view>, vu:<view>, x:<user>:<pair>, mb:<user>, sc:<client>, m, ts)
+local token = ARGV[2]     -- the caller's "<database_id>:<generation>": nothing is written unless KEYS[4] holds it
+local user = ARGV[3]      -- user id
+local mode = ARGV[4]      -- "remove" takes the listed clients away now (under the user's row lock, before
+                          -- the database commits, so a revocation is never late); "set" makes the listed
+                          -- clients the whole list unless Redis already holds this or a newer version;
+                          -- "force" makes them the whole list at this version whatever Redis holds (a
+                          -- repair made under the user's row lock)
+local version = ARGV[5]   -- access version (for "set" and "force")
+local write_id = ARGV[6]  -- write id to remember in KEYS[5], or ""
+-- ARGV[7..] (rest)       client ids
+local FIRST_CLIENT = 7
+--
 -- Reply:   1 when the list was written, 0 when a newer version was already there, -1 when
 --          the index is not written for the caller's token.
-local prefix, token, user, mode, version, write_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local FIRST_CLIENT = 7
 
 if redis.call("GET", KEYS[4]) ~= token then
   return -1

@@ -5,20 +5,19 @@
 -- KEYS[2]  {i:N}:ts   set   "type:status" pairs present
 -- KEYS[3]  {i:N}:gen  string "<database_id>:<generation>" the index is written for
 -- KEYS[4]  {i:N}:w    list  ids of the last writes applied, newest first
--- ARGV[1]  the installation's key prefix "{i:N}:"; the script derives from it the keys
---          z:<client>:<type>:<status>, cu:<client>, views, vu:<view>, p:<user>:<view>,
---          ph:<user>:<view>
---          (worker/keys.py)
--- ARGV[2]  token: the caller's "<database_id>:<generation>"; nothing is written unless
---          KEYS[3] holds it
--- ARGV[3]  write id to remember in KEYS[4], or ""
--- ARGV[4], ARGV[5], ARGV[6], then the same for each further meeting:
---          7-byte id, head "client type status meeting_s updated_s updated_us[ reach]",
---          item JSON (reach: an email's "<secondary clients>/<mailbox users>", views.lua)
+--
+-- ARGV (worker/redis_index.py ApplyArgs):
+local prefix = ARGV[1]    -- the installation's key prefix "{i:N}:"; derives z:<client>:<type>:<status>,
+                          -- cu:<client>, views, vu:<view>, p:<user>:<view>, ph:<user>:<view> (keys.lua)
+local token = ARGV[2]     -- the caller's "<database_id>:<generation>": nothing is written unless KEYS[3] holds it
+local write_id = ARGV[3]  -- write id to remember in KEYS[4], or ""
+-- ARGV[4..] (rest)       for each meeting: 7-byte id, head "client type status meeting_s updated_s
+--                        updated_us[ reach]", item JSON (reach: an email's "<secondary clients>/<mailbox
+--                        users>", views.lua)
+--
 -- Reply:   {written, fanned_out}: meetings written (a meeting whose stored version is newer
 --          or identical is left alone) and precomputed-set entries touched; {-1, 0} when
 --          the index is not written for the caller's token.
-local prefix, token, write_id = ARGV[1], ARGV[2], ARGV[3]
 if redis.call("GET", KEYS[3]) ~= token then
   return {-1, 0}
 end

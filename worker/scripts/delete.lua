@@ -3,14 +3,15 @@
 --
 -- KEYS[1]  {i:N}:m   hash  7-byte id -> "client type status meeting_s updated_s updated_us|json"
 -- KEYS[2]  {i:N}:gen string "<database_id>:<generation>" the index is written for
--- ARGV[1]  the installation's key prefix "{i:N}:" (derived keys as in apply.lua)
--- ARGV[2]  token: the caller's "<database_id>:<generation>"; nothing is removed unless
---          KEYS[2] holds it
--- ARGV[3..] 7-byte meeting ids
+--
+-- ARGV (worker/redis_index.py DeleteArgs):
+local prefix = ARGV[1]  -- the installation's key prefix "{i:N}:" (derived keys as in apply.lua)
+local token = ARGV[2]   -- the caller's "<database_id>:<generation>": nothing is removed unless KEYS[2] holds it
+-- ARGV[3..] (rest)     7-byte meeting ids
+--
 -- Reply:   {removed, fanned_out}: meetings removed, precomputed-set entries removed;
 --          {-1, 0} when the index is not written for the caller's token.
-local prefix = ARGV[1]
-if redis.call("GET", KEYS[2]) ~= ARGV[2] then
+if redis.call("GET", KEYS[2]) ~= token then
   return {-1, 0}
 end
 redis.call("INCR", K.data_version(prefix))  -- cached reports of the installation are stale

@@ -5,19 +5,20 @@
 -- KEYS[2]  {i:N}:dv              counter bumped by every write to the installation's index
 -- KEYS[3]  {i:N}:rc:<user>:<d>   string "<token>|<data version>\n<report JSON>"
 -- KEYS[4]  {i:N}:rq              hash "<user>:<d>" -> request JSON (see worker/keys.py)
--- ARGV[1]  token: the caller's "<database_id>:<generation>"
--- ARGV[2]  the request's field in KEYS[4], "<user>:<d>"
--- ARGV[3]  the request JSON "[now, name, params]"
--- ARGV[4]  how many requests KEYS[4] may hold: a new one beyond that is not noted
+--
+-- ARGV (worker/reports.py ReportCacheArgs):
+local token = ARGV[1]         -- the caller's "<database_id>:<generation>"
+local field = ARGV[2]         -- the request's field in KEYS[4], "<user>:<d>"
+local request = ARGV[3]       -- the request JSON "[now, name, params]"
+local max_requests = ARGV[4]  -- how many requests KEYS[4] may hold: a new one beyond that is not noted
 --
 -- Reply:   {1, json} the cached report; {2, "<token>|<version>"}: not cached, compute it
 --          and store it under that tag (read before computing, so that a write landing
 --          meanwhile makes the stored copy stale at once); {0}: the index does not mirror
 --          the database for this token, do not cache.
-if redis.call("HEXISTS", KEYS[4], ARGV[2]) == 1 or redis.call("HLEN", KEYS[4]) < tonumber(ARGV[4]) then
-  redis.call("HSET", KEYS[4], ARGV[2], ARGV[3])
+if redis.call("HEXISTS", KEYS[4], field) == 1 or redis.call("HLEN", KEYS[4]) < tonumber(max_requests) then
+  redis.call("HSET", KEYS[4], field, request)
 end
-local token = ARGV[1]
 if redis.call("GET", KEYS[1]) ~= token then
   return {0}
 end

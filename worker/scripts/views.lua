@@ -1,5 +1,7 @@
--- Shared by apply.lua, delete.lua and build.lua (prepended when loaded): the precomputed views
--- of every user who may see a client, kept in step with the client's meetings.
+-- views.lua: prepended to the scripts that write meetings or access lists (apply.lua,
+-- delete.lua, access.lua, build.lua: their "requires" line): the precomputed views of
+-- every user who may see a client, and the emails' reach (extra sets), kept in step with
+-- the meetings.
 local function view_matches(view, typ, status)
   local _, _, tlist, slist = string.find(view, "^(.-):(.-)$", 3)
   local function has(list, token)
@@ -67,17 +69,6 @@ local function fan_out(prefix, client, typ, status, members, op)
     end
   end
   return touched
-end
-
--- client, type, status, meeting_s, updated_s, updated_us, reach ("" when none) of a
--- payload "head|json" (or of a head alone).
-local function parse_head(value)
-  return string.match(value, "^(%d+) (%S+) (%S+) (%d+) (%d+) (%d+) ?([%d,/]*)[|]?")
-end
-
-local function members_of(id, meeting_s, updated_s)
-  return {d = "d" .. struct.pack(">I4", tonumber(meeting_s)) .. id,
-          u = "u" .. struct.pack(">I4", tonumber(updated_s)) .. id}
 end
 
 -- An email's reach "<clients>/<users>": the clients it links to besides its own and the

@@ -4,9 +4,12 @@
 --
 -- KEYS[1]   {i:N}:gen   string "<database_id>:<generation>" the index is written for
 -- KEYS[2..] keys of the same installation to remove
--- ARGV[1]   token of the rebuild
--- Reply:    1 when removed, 0 when the rebuild was superseded (nothing removed).
-if redis.call("GET", KEYS[1]) ~= ARGV[1] then
+--
+-- ARGV (worker/mirror.py WipeArgs):
+local token = ARGV[1]  -- the generation's "<database_id>:<generation>"
+--
+-- Reply:    1 when removed, 0 when a later generation took the index (nothing removed).
+if redis.call("GET", KEYS[1]) ~= token then
   return 0
 end
 if #KEYS > 1 then
