@@ -14,6 +14,7 @@ from worker.access import change
 from worker.context import Limits
 from worker.errors import InvalidArgument
 from worker.ingest import ingest
+from worker.maintenance import rebuild
 from worker.precompute import precompute_user
 from worker.query import from_database, parse, run
 
@@ -149,13 +150,24 @@ def test_fallback_answers_identically_after_a_flush(two_users):
     shapes = [{}, {"types": ["email"], "statuses": ["open"]}, {"sort": "updated_at", "order": "asc", "limit": 4},
               {"date_from": "2024-01-02T00:00:00Z", "client_ids": [2]}]
     before = [query(ctx, installation_id=1, user_id=1, **s) for s in shapes]
+    from_index = query(ctx, installation_id=1, user_id=1, limit=2)
+    assert from_index["source"] in ("index", "precomputed") and from_index["next_cursor"]
     r.flushdb()
     after = [query(ctx, installation_id=1, user_id=1, **s) for s in shapes]
     for b, a in zip(before, after):
         assert a["source"] == "database"
         assert {k: v for k, v in a.items() if k != "source"} == {k: v for k, v in b.items() if k != "source"}
-    # A cursor from the index continues on the database, and the other way round.
-    assert query(ctx, installation_id=1, user_id=1, limit=2, cursor=before[0]["next_cursor"]) is not None
+    # A cursor from the index continues on the database, and the other way round: each
+    # gives the items right after the page that returned it.
+    everything = page_sources(query(ctx, installation_id=1, user_id=1, limit=200))
+    assert len(everything) == 6
+    on_database = query(ctx, installation_id=1, user_id=1, limit=3, cursor=from_index["next_cursor"])
+    assert on_database["source"] == "database" and page_sources(on_database) == everything[2:5]
+    from_database_page = query(ctx, installation_id=1, user_id=1, limit=3)
+    assert from_database_page["source"] == "database"
+    rebuild(ctx, 1)
+    on_index = query(ctx, installation_id=1, user_id=1, limit=2, cursor=from_database_page["next_cursor"])
+    assert on_index["source"] in ("index", "precomputed") and page_sources(on_index) == everything[3:5]
 
 
 def test_fallback_when_redis_is_unreachable(two_users):
