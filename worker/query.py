@@ -233,24 +233,38 @@ def precomputable(query: Query, views: frozenset) -> str:
 
 
 def from_index(ctx, query: Query, now: int, token: str):
-    """The answer from Redis as (source, total, members, item JSON bytes); or ``"notready"``
-    when the index is not ready for ``token``, ``"toobig"`` when the answer would merge too
-    many sets, ``"drift"`` when a payload is missing.  The source may be ``index:fill``:
-    the view this query could use should be precomputed."""
+    """The answer from Redis as (source, total, members, items as one JSON array); or
+    ``"notready"`` when the index is not ready for ``token``, ``"toobig"`` when the answer
+    would merge too many sets, ``"drift"`` when a payload is missing.  The source may be
+    ``index:fill``: the view this query could use should be precomputed."""
     view = precomputable(query, ctx.views)
     reply = call_script(ctx, query, view, query.limit + 1, now, token)
     source = reply[0].decode()
-    if source in ("notready", "toobig"):
-        return source
-    members = reply[2::2]
-    values = reply[3::2]
-    if any(not v for v in values):
+    if source == "drift":
         # A member without its payload: the index has drifted; the database answers.
         log.error("index drift: payload missing for installation %d; answering from the database",
                   query.installation_id)
-        return "drift"
-    items = [v[v.index(b"|") + 1:] for v in values]
-    return source, int(reply[1]), members, items
+    if len(reply) == 1:
+        return source
+    if source == "precomputed:head":
+        return ("precomputed",) + unpack_head(reply[1], query.limit + 1)
+    packed = reply[2]
+    members = [packed[i:i + 12] for i in range(0, len(packed), 12)]
+    return source, int(reply[1]), members, reply[3]
+
+
+def unpack_head(head: bytes, size: int) -> tuple[int, list, bytes]:
+    """The first ``size`` members and items of a precomputed set's cached head (layout:
+    scripts/page.lua head_of): (total, members, items as one JSON array)."""
+    total, n = struct.unpack_from(">II", head)
+    k = min(n, size)
+    members = [head[8 + 12 * i:20 + 12 * i] for i in range(k)]
+    if not k:
+        return total, members, b"[]"
+    offsets = 8 + 12 * n
+    end = struct.unpack_from(">I", head, offsets + 4 * (k - 1))[0]
+    text = offsets + 4 * n
+    return total, members, b"[" + head[text:text + end] + b"]"
 
 
 def narrowing(client_ids, date_from, date_to) -> list:
@@ -349,17 +363,18 @@ def run(ctx, query: Query, now: int | None = None) -> tuple[dict, set]:
         with ctx.engine.connect() as conn:
             total, members, items = from_database(conn, query)
         source = "database"
+        # One parse for the page: each item alone costs a json.loads call.
+        items = json.loads(b"[" + b",".join(items) + b"]")
         if answer is not None:  # Redis answered, so it can count
             metrics.count_answer(ctx.redis, query.installation_id, "database")
     else:
-        source, total, members, items = answer
+        source, total, members, array = answer
+        items = json.loads(array)
     more = len(items) > query.limit
-    items, members = items[:query.limit], members[:query.limit]
     result = {
         "total": total,
-        # One parse for the page: each item alone costs a json.loads call.
-        "items": json.loads(b"[" + b",".join(items) + b"]"),
-        "next_cursor": encode_cursor(query, members[-1], ctx.cursor_secret()) if more else None,
+        "items": items[:query.limit],
+        "next_cursor": encode_cursor(query, members[query.limit - 1], ctx.cursor_secret()) if more else None,
         "source": source,
     }
     return result, follow_ups

@@ -69,13 +69,13 @@ class ScriptArgs:
     named like the fields (tests/test_keys.py checks every script against its class)."""
 
     def argv(self) -> list:
-        out: list = []
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name == "rest":
-                out.extend(value)
-            else:
-                out.append(value)
+        names = type(self).__dict__.get("_names")
+        if names is None:  # once per class: the query path builds one per call
+            names = tuple(f.name for f in dataclasses.fields(self) if f.name != "rest")
+            type.__setattr__(type(self), "_names", names)
+        out = [getattr(self, name) for name in names]
+        if "rest" in self.__dataclass_fields__:
+            out.extend(self.rest)
         return out
 
 

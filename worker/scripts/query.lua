@@ -18,7 +18,7 @@
 --
 -- Further keys derived from the prefix (keys.lua): z:<client>:<pair>, x:<user>:<pair>,
 -- p:<user>:<view>, ph:<user>:<view>, tmpx.
--- requires: page
+-- requires: page, merge
 --
 -- ARGV (worker/query.py QueryArgs):
 local prefix = ARGV[1]         -- the installation's key prefix "{i:N}:" (worker/scripts/keys.lua)
@@ -43,11 +43,15 @@ local max_merge = ARGV[19]     -- most sorted sets one answer may merge (more wo
 local whole = ARGV[20]         -- "1" when the count bounds are the whole letter (no date range)
 local first_page = ARGV[21]    -- "1" for offset 0 and no cursor: a precomputed set's head may answer
 --
--- Reply:   {source, total, member1, payload1, member2, payload2, ...}; source is
---          "precomputed", "index", or "index:fill" (answered by the index; the user's
---          view `view` is missing and worth building); or, alone, "notready" (the index
---          does not mirror the caller's database and generation) or "toobig" (more than
---          max_merge sets to merge and no precomputed set).
+-- Reply:   {source, total, members, items}: the page's members concatenated (12 bytes
+--          each), its items as one JSON array; source is "precomputed", "index", or
+--          "index:fill" (answered by the index; the user's view `view` is missing and
+--          worth building); or {"precomputed:head", head}: the first page of the user's
+--          precomputed set as its cached head (page.lua head_of), for the caller to cut
+--          (moving 6 KB through Lua strings costs more than the rest of the script); or,
+--          alone, "notready" (the index does not mirror the caller's database and
+--          generation), "toobig" (more than max_merge sets to merge and no precomputed
+--          set) or "drift" (a member without its payload).
 -- A view being built in slices has the last use "b:<build>": not served until complete.
 local q = {payloads = KEYS[1], desc = descending == "1", offset = tonumber(offset), limit = tonumber(limit),
            cmin = cmin, cmax = cmax, pmin = pmin, pmax = pmax}
@@ -69,13 +73,15 @@ local function from_view()
   end
   redis.call("HINCRBY", KEYS[8], "hit", 1)
   if first_page == "1" and whole == "1" and q.limit <= HEAD then
-    local headkey, side = K.view_head(prefix, user, view), q.desc and "desc" or "asc"
+    -- Fields "d" and "a" (an earlier layout used "desc" and "asc": never read as this one).
+    local headkey, side = K.view_head(prefix, user, view), q.desc and "d" or "a"
     local blob = redis.call("HGET", headkey, side)
     if not blob then
-      blob = pack_head(answer(q, "precomputed", viewkey, true, HEAD))
+      blob = head_of(q, viewkey)
+      if not blob then return {"drift"}, used end
       redis.call("HSET", headkey, side, blob)
     end
-    return unpack_head(blob, "precomputed", q.limit), used
+    return {"precomputed:head", blob}, used
   end
   return answer(q, "precomputed", viewkey, whole == "1"), used
 end
