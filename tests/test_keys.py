@@ -15,7 +15,8 @@ def test_scripts_write_the_keys_python_names(clean):
     r.zadd(keys.active_users(7), {"3": 1})
     expected = {keys.client_set(7, 11, "sms", "closed"), keys.payloads(7), keys.pairs(7), keys.user_clients(7, 3),
                 keys.client_users(7, 11), keys.access_versions(7), keys.ready(7), keys.active_users(7),
-                keys.generation(7), keys.writes(7), keys.data_version(7)}
+                keys.generation(7), keys.writes(7), keys.data_version(7), keys.client_stamps(7),
+                keys.user_stamps(7)}
     assert {k.decode() for k in r.keys("*")} - {keys.INSTALLATIONS, keys.DATABASE, keys.METRICS} == expected
     from tests.helpers import query
     query(ctx, installation_id=7, user_id=3)  # fills the d:*:* view
@@ -26,7 +27,8 @@ def test_scripts_write_the_keys_python_names(clean):
 def test_every_key_of_an_installation_shares_its_hash_tag():
     for key in (keys.client_set(5, 1, "a", "b"), keys.payloads(5), keys.user_clients(5, 2), keys.view_set(5, 2, "d:*:*"),
                 keys.ready(5), keys.scratch(5), keys.stats(5), keys.active_users(5), keys.access_versions(5),
-                keys.generation(5), keys.writes(5), keys.data_version(5), keys.report_cache(5, 2, "ab")):
+                keys.generation(5), keys.writes(5), keys.data_version(5), keys.report_cache(5, 2, "ab"),
+                keys.client_stamps(5), keys.user_stamps(5)):
         assert key.startswith("{i:5}:")
 
 

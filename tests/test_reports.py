@@ -398,6 +398,145 @@ def test_the_beat_keeps_asked_reports_computed_and_exact_after_writes_and_revoca
     assert ctx.redis.hlen(keys.report_requests(I)) == 0
 
 
+def _mail(key, sender, to="u1@ours.com", cc=None, date="Mon, 02 Jan 2023 10:00:00 +0000"):
+    from tests.email_corpus import b64
+    text = f"Message-ID: <{key}>\r\nFrom: {sender}\r\nTo: {to}\r\n" + (f"Cc: {cc}\r\n" if cc else "")
+    return {"raw": b64((text + f"Subject: s {key}\r\nDate: {date}\r\n\r\nbody {key}").encode())}
+
+
+def test_a_cached_report_goes_stale_only_when_something_it_could_include_changed(clean):
+    """User 9 sees clients 1 and 2 and reads mailbox 9.  Writes elsewhere leave the copy
+    current; each kind of write that could change it makes it stale."""
+    from worker.email import ingest as email_ingest
+    ctx = clean
+    setup_directory(ctx)  # c1.com -> client 1, c2.com -> client 2, c3.co.uk -> client 3
+    directory.upsert_users(ctx, I, [{"user_id": 9, "name": "Nine", "emails": ["u9@ours.com"]}])
+    change(ctx, I, 9, [1, 2], "set")
+    change(ctx, I, 8, [3], "set")
+    ingest(ctx, [record(installation_id=I, source_id=f"m{c}", client_id=c, meeting_date=iso(BASE)) for c in (1, 2, 3, 4)])
+
+    def source():
+        return report(ctx, I, 9, "activity", now=NOW)["source"]
+
+    def stays_current(write):
+        assert source() in ("rollup", "cache")
+        assert source() == "cache"
+        write()
+        assert source() == "cache", write.__doc__
+
+    def makes_stale(write):
+        assert source() in ("rollup", "cache")
+        assert source() == "cache"
+        write()
+        assert source() == "rollup", write.__doc__
+
+    def other_client():
+        """a meeting of a client the user may not see"""
+        ingest(ctx, [record(installation_id=I, source_id="o1", client_id=999, meeting_date=iso(BASE))])
+
+    def other_mailbox():
+        """an email of client 3, read from another user's mailbox"""
+        email_ingest.ingest_emails(ctx, I, 8, [_mail("e1@x", "a@c3.co.uk", to="u8@ours.com")])
+
+    def other_access():
+        """another user's access list"""
+        change(ctx, I, 8, [3, 4], "set")
+
+    def other_delete():
+        """a meeting of a client the user may not see, deleted"""
+        delete(ctx, I, ["m4"])
+    for write in (other_client, other_mailbox, other_access, other_delete):
+        stays_current(write)
+
+    def own_client():
+        """a meeting of one of the user's clients"""
+        ingest(ctx, [record(installation_id=I, source_id="n1", client_id=2, meeting_date=iso(BASE + 5))])
+
+    def moved_away():
+        """a meeting of the user's client moved to another client"""
+        ingest(ctx, [record(installation_id=I, source_id="m1", client_id=3, meeting_date=iso(BASE),
+                            updated_at="2030-01-01T00:00:00Z")])
+
+    def moved_in():
+        """a meeting of another client moved to the user's"""
+        ingest(ctx, [record(installation_id=I, source_id="m3", client_id=1, meeting_date=iso(BASE),
+                            updated_at="2030-01-01T00:00:00Z")])
+
+    def own_mailbox():
+        """an email of no client of the user's, read from the user's mailbox"""
+        email_ingest.ingest_emails(ctx, I, 9, [_mail("e2@x", "z@c3.co.uk", to="u9@ours.com")])
+
+    def secondary_link():
+        """an email of client 3 that also links one of the user's clients"""
+        email_ingest.ingest_emails(ctx, I, 8, [_mail("e3@x", "b@c3.co.uk", to="u8@ours.com", cc="k@c2.com")])
+
+    def relinked():
+        """a domain moved: the user's client's email now links elsewhere"""
+        directory.upsert_clients(ctx, I, [{"client_id": 2, "name": "Two", "domains": []},
+                                          {"client_id": 5, "name": "Five", "domains": ["c2.com"]}])
+
+    def own_delete():
+        """a meeting of the user's client, deleted"""
+        delete(ctx, I, ["m2"])
+
+    def revoked():
+        """one of the user's clients revoked"""
+        change(ctx, I, 9, [1], "revoke")
+
+    def granted():
+        """a client granted to the user"""
+        change(ctx, I, 9, [1, 6], "set")
+    for write in (own_client, moved_away, moved_in, own_mailbox, secondary_link, relinked, own_delete, revoked,
+                  granted):
+        makes_stale(write)
+
+
+def test_every_answer_while_data_streams_in_equals_a_fresh_computation(clean):
+    """A random stream of writes (meetings into random clients, emails from random
+    mailboxes, updates, deletes, access changes, re-links) with reports asked in between:
+    whatever answers (the cache or the database), the rows equal the report computed
+    afresh for the access in force; and the cache answers some of them."""
+    from worker.email import ingest as email_ingest
+    from worker.reports import ALL, compute
+    ctx = clean
+    rng = random.Random(77)
+    setup_directory(ctx)
+    change(ctx, I, 9, [1, 2], "set")
+    sources = collections.Counter()
+    live = []  # meeting records stored and not deleted
+    for step in range(100):
+        op = rng.choice(["meeting", "meeting", "email", "update", "update", "delete", "access", "relink"])
+        if op in ("update", "delete") and not live:
+            op = "meeting"
+        if op == "meeting":
+            live.append(f"s{step}")
+            ingest(ctx, [record(installation_id=I, source_id=live[-1], client_id=rng.randint(1, 6),
+                                type=rng.choice(TYPES), meeting_date=iso(BASE + rng.randrange(80 * 86_400)))])
+        elif op == "email":
+            domain = rng.choice(["c1.com", "c2.com", "c3.co.uk", "elsewhere.org"])
+            email_ingest.ingest_emails(ctx, I, rng.choice([8, 9]), [_mail(f"e{step}@x", f"p@{domain}",
+                                                                         to=rng.choice(["u8@ours.com", "u9@ours.com"]))])
+        elif op == "update":  # another client, type or day: a meeting moves in, out, or within
+            ingest(ctx, [record(installation_id=I, source_id=rng.choice(live), client_id=rng.randint(1, 6),
+                                type=rng.choice(TYPES), meeting_date=iso(BASE + rng.randrange(80 * 86_400)),
+                                updated_at=f"2031-01-01T00:{step // 60:02d}:{step % 60:02d}Z")])
+        elif op == "delete":
+            gone = live.pop(rng.randrange(len(live)))
+            delete(ctx, I, [gone, f"e{rng.randrange(step + 1)}@x"])
+        elif op == "access":
+            change(ctx, I, rng.choice([8, 9]), sorted(rng.sample(range(1, 7), rng.randint(0, 3))), "set")
+        else:
+            directory.upsert_clients(ctx, I, [{"client_id": rng.randint(1, 4), "name": "C",
+                                               "domains": [rng.choice(["c1.com", "c2.com", "elsewhere.org"])]}])
+        for name in NAMES:  # every report is cached after every step: each write meets them all
+            got = report(ctx, I, 9, name, now=NOW)
+            sources[got["source"] == "cache"] += 1
+            with ctx.engine.connect() as conn:
+                fresh = compute(conn, I, 9, name, ALL, NOW)[0]
+            assert got["rows"] == approx(fresh), (step, op, name, got["source"])
+    assert sources[True] > 0 and sources[False] > 0
+
+
 def test_report_precompute_runs_once_per_tick(clean):
     from freezegun import freeze_time
 

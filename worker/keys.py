@@ -184,14 +184,32 @@ def scratch_extra(installation_id: int) -> str:
 
 def data_version(installation_id: int) -> str:
     """Counter: bumped by every script that writes the installation's index (meetings,
-    emails, access).  A cached report carries the version it was computed at."""
+    emails, access).  Its value stamps what each write touched (:func:`client_stamps`,
+    :func:`user_stamps`); a cached report carries the value read before computing it."""
     return f"{prefix(installation_id)}dv"
 
 
+def client_stamps(installation_id: int) -> str:
+    """Hash client id -> the data version of the last write that touched a meeting the
+    client makes visible (its own ``client_id``, old or new, or another client an email
+    links to).  A user's cached reports are stale once one of the user's clients has a
+    stamp newer than theirs."""
+    return f"{prefix(installation_id)}cs"
+
+
+def user_stamps(installation_id: int) -> str:
+    """Hash user id -> the data version of the last write that touched what the user
+    sees beyond their clients (an email read from the user's mailbox) or the user's
+    access list."""
+    return f"{prefix(installation_id)}us"
+
+
 def report_cache(installation_id: int, user_id: int, digest: str) -> str:
-    """String ``<token>|<data version>\n<report JSON>``: one user's report for one
-    (name, params) digest, served while both still hold (worker/reports.py)."""
-    return f"{prefix(installation_id)}rc:{user_id}:{digest}"
+    """Hash ``t`` -> ``<token>|s<data version>``, ``b`` -> report JSON, with a TTL: one
+    user's report for one (name, params) digest, served while the token holds and nothing
+    the report could include changed after that data version (worker/reports.py,
+    report_cache.lua).  (An earlier layout kept strings under ``rc:``; they expire.)"""
+    return f"{prefix(installation_id)}rr:{user_id}:{digest}"
 
 
 def report_requests(installation_id: int) -> str:

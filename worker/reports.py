@@ -13,8 +13,12 @@ ranking ever includes a meeting the user may not see.
   between a client's visible meetings with ``LAG``.  The same SQL runs on MariaDB/MySQL,
   TiDB and SQLite; on TiDB with TiFlash replicas it reads the columnar replicas.
 - A result is cached in Redis per (user, report, params), tagged with the index's token
-  and the installation's data version: any write to the index (meetings, emails, access)
-  makes every cached report of the installation stale at once.
+  and the installation's data version read before computing it.  Every write to the
+  index stamps what it touched (the clients of the meetings it wrote, the users whose
+  mailbox or access it changed) with the next data version; a cached report is stale
+  once one of the user's clients, or the user, has a stamp above its tag.  A write to
+  other clients leaves it current; a revocation stamps the user before the database
+  commits.
 
 Every report covers the visible meetings dated in ``[date_from, date_to)`` whose
 ``client_id`` is in ``params.client_ids`` (when given).  Times are UTC.
@@ -116,9 +120,11 @@ REQUESTS_MAX = 10_000
 class ReportCacheArgs(ScriptArgs):
     """ARGV of ``report_cache.lua``."""
     token: str
+    user: int
     field: str
     request: str
     max_requests: int
+    mode: str
 
 
 def report(ctx, installation_id, user_id, name, params=None, now: int | None = None) -> dict:
@@ -126,38 +132,52 @@ def report(ctx, installation_id, user_id, name, params=None, now: int | None = N
     way the request is noted, so the beat keeps it computed while the user is active."""
     installation_id, user_id, name, p = validate(installation_id, user_id, name, params)
     now = int(time.time()) if now is None else now
-    digest = p.digest(name)
-    key = keys.report_cache(installation_id, user_id, digest)
     tag = None
     token = ctx.mirror.token(installation_id)
     try:
         if token is not None:
-            found = ctx.scripts["report_cache"](
-                keys=[keys.ready(installation_id), keys.data_version(installation_id), key,
-                      keys.report_requests(installation_id)],
-                args=ReportCacheArgs(token, f"{user_id}:{digest}", json.dumps([now, name, p.to_json()]),
-                                     REQUESTS_MAX).argv())
+            found = _cached(ctx, installation_id, user_id, name, p, token, "ask",
+                            request=json.dumps([now, name, p.to_json()]))
             if int(found[0]) == 1:
                 return {**json.loads(found[1]), "source": "cache"}
             if int(found[0]) == 2:
-                tag = found[1].decode() if isinstance(found[1], bytes) else found[1]
+                tag = found[1].decode()
     except REDIS_FAULTS as exc:
         if not is_transient(exc):
             raise
         log.warning("index unreachable (%s); report computed without its cache", exc.__class__.__name__)
-    return _compute_and_store(ctx, installation_id, user_id, name, p, now, key, tag)
+    return _compute_and_store(ctx, installation_id, user_id, name, p, now, tag)
 
 
-def _compute_and_store(ctx, installation_id: int, user_id: int, name: str, p: Params, now: int, key: str,
+def _cached(ctx, installation_id: int, user_id: int, name: str, p: Params, token: str, mode: str,
+            request: str = "", client=None):
+    """report_cache.lua for one (user, report, params): ``mode`` "ask" (the user's request:
+    noted, the copy returned when current) or "check" (the beat's: nothing noted, no copy
+    returned).  ``client``: a pipeline to queue the call on."""
+    digest = p.digest(name)
+    return ctx.scripts["report_cache"](
+        keys=[keys.ready(installation_id), keys.data_version(installation_id),
+              keys.report_cache(installation_id, user_id, digest), keys.report_requests(installation_id),
+              keys.user_clients(installation_id, user_id), keys.client_stamps(installation_id),
+              keys.user_stamps(installation_id)],
+        args=ReportCacheArgs(token, user_id, f"{user_id}:{digest}", request, REQUESTS_MAX, mode).argv(),
+        client=client)
+
+
+def _compute_and_store(ctx, installation_id: int, user_id: int, name: str, p: Params, now: int,
                        tag: str | None) -> dict:
     """Compute the report; store it under ``tag`` (read before computing) when given."""
     with ctx.engine.connect() as conn:
         rows, source = compute(conn, installation_id, user_id, name, p, now, tiflash=ctx.tiflash())
     result = {"name": name, "rows": rows, "generated_at": iso_seconds(now), "source": source}
     if tag is not None:
+        key = keys.report_cache(installation_id, user_id, p.digest(name))
+        body = json.dumps({k: v for k, v in result.items() if k != "source"}, separators=(",", ":"))
         try:
-            ctx.redis.set(key, tag + "\n" + json.dumps({k: v for k, v in result.items() if k != "source"},
-                                                       separators=(",", ":")), ex=CACHE_SECONDS)
+            pipe = ctx.redis.pipeline(transaction=True)  # keys of one installation: one slot
+            pipe.hset(key, mapping={"t": tag, "b": body})
+            pipe.expire(key, CACHE_SECONDS)
+            pipe.execute()
         except REDIS_FAULTS as exc:
             if not is_transient(exc):
                 raise
@@ -167,8 +187,8 @@ def _compute_and_store(ctx, installation_id: int, user_id: int, name: str, p: Pa
 def precompute(ctx, installation_id: int, token: str, now: int, idle: int, interval: int,
                deadline: float) -> dict:
     """Keep the reports users asked for in the last ``idle`` seconds computed: each whose
-    cached copy is stale (a write or an access change since) or would expire before the
-    next run is computed again, most recently asked first, until ``deadline``
+    cached copy is stale (something it could include changed since) or would expire
+    before the next run is computed again, most recently asked first, until ``deadline``
     (``time.monotonic()``).  Requests older than ``idle`` are forgotten.  Counts."""
     requests_key = keys.report_requests(installation_id)
     counts = {"computed": 0, "current": 0, "forgotten": 0, "left": 0}
@@ -183,32 +203,26 @@ def precompute(ctx, installation_id: int, token: str, now: int, idle: int, inter
         if type(asked) is not int or asked < now - idle or name not in NAMES:
             forgotten.append(field)
             continue
-        noted.append((asked, user_id, name, p, keys.report_cache(installation_id, user_id, p.digest(name))))
+        noted.append((asked, user_id, name, p))
     if forgotten:
         ctx.redis.hdel(requests_key, *forgotten)
         counts["forgotten"] = len(forgotten)
     noted.sort(key=lambda n: -n[0])
     pipe = ctx.redis.pipeline(transaction=False)
-    pipe.get(keys.ready(installation_id))
-    pipe.get(keys.data_version(installation_id))
-    for *_, key in noted:
-        pipe.getrange(key, 0, len(token) + 24)
-        pipe.ttl(key)
-    replies = pipe.execute()
-    ready, version = replies[0], replies[1]
-    if (ready.decode() if ready else None) != token:
-        counts["left"] = len(noted)
-        return counts  # the index does not mirror the database: nothing may be cached
-    tag = f"{token}|{int(version or 0)}"
-    for n, (_, user_id, name, p, key) in enumerate(noted):
-        head, ttl = replies[2 + 2 * n], replies[3 + 2 * n]
-        if head.split(b"\n", 1)[0].decode() == tag and ttl > interval + 30:
+    for _, user_id, name, p in noted:
+        _cached(ctx, installation_id, user_id, name, p, token, "check", client=pipe)
+    for (_, user_id, name, p), found in zip(noted, pipe.execute()):
+        if int(found[0]) == 0:
+            counts["left"] += 1  # the index does not mirror the database: nothing may be cached
+            continue
+        if int(found[0]) == 1 and int(found[2]) > interval + 30:
             counts["current"] += 1
             continue
         if time.monotonic() > deadline:
             counts["left"] += 1
             continue
-        _compute_and_store(ctx, installation_id, user_id, name, p, now, key, tag)
+        tag = found[3] if int(found[0]) == 1 else found[1]
+        _compute_and_store(ctx, installation_id, user_id, name, p, now, tag.decode())
         counts["computed"] += 1
     return counts
 

@@ -30,7 +30,8 @@ if redis.call("GET", KEYS[4]) ~= token then
   return -1
 end
 
-redis.call("INCR", K.data_version(prefix))  -- cached reports of the installation are stale
+-- The user's cached reports are stale from this step on (report_cache.lua).
+touched_users[user] = true
 local function drop_views()
   local views = redis.call("HKEYS", KEYS[3])
   for _, view in ipairs(views) do
@@ -47,6 +48,7 @@ if mode == "remove" then
   end
   rebuild_extra(prefix, user, K.payloads(prefix))
   drop_views()
+  stamp_touched(prefix)
   return 1
 end
 
@@ -70,4 +72,5 @@ redis.call("HSET", KEYS[2], user, version)
 rebuild_extra(prefix, user, K.payloads(prefix))
 drop_views()
 remember_write(KEYS[5], write_id)
+stamp_touched(prefix)
 return 1

@@ -21,7 +21,6 @@ local write_id = ARGV[3]  -- write id to remember in KEYS[4], or ""
 if redis.call("GET", KEYS[3]) ~= token then
   return {-1, 0}
 end
-redis.call("INCR", K.data_version(prefix))  -- cached reports of the installation are stale
 local written, fanned = 0, 0
 local pairs_added = {}
 for i = 4, #ARGV, 3 do
@@ -36,6 +35,7 @@ for i = 4, #ARGV, 3 do
     if old == value or tonumber(ouus) > tonumber(updated_us) then
       skip = true
     else
+      touch(oc, oreach)
       local gone = members_of(id, oms, ous)
       redis.call("ZREM", K.client_set(prefix, oc, ot .. ":" .. os), gone.d, gone.u)
       fanned = fanned + fan_out(prefix, oc, ot, os, gone, "rem")
@@ -43,6 +43,7 @@ for i = 4, #ARGV, 3 do
     end
   end
   if not skip then
+    touch(client, reach)
     local new = members_of(id, meeting_s, updated_s)
     redis.call("ZADD", K.client_set(prefix, client, typ .. ":" .. status), 0, new.d, 0, new.u)
     redis.call("HSET", KEYS[1], id, value)
@@ -57,4 +58,5 @@ for i = 4, #ARGV, 3 do
   end
 end
 remember_write(KEYS[4], write_id)
+stamp_touched(prefix)
 return {written, fanned}

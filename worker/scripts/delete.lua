@@ -14,13 +14,13 @@ local token = ARGV[2]   -- the caller's "<database_id>:<generation>": nothing is
 if redis.call("GET", KEYS[2]) ~= token then
   return {-1, 0}
 end
-redis.call("INCR", K.data_version(prefix))  -- cached reports of the installation are stale
 local removed, fanned = 0, 0
 for i = 3, #ARGV do
   local id = ARGV[i]
   local old = redis.call("HGET", KEYS[1], id)
   if old then
     local oc, ot, os, oms, ous, _, oreach = parse_head(old)
+    touch(oc, oreach)
     local gone = members_of(id, oms, ous)
     redis.call("ZREM", K.client_set(prefix, oc, ot .. ":" .. os), gone.d, gone.u)
     fanned = fanned + fan_out(prefix, oc, ot, os, gone, "rem")
@@ -29,4 +29,5 @@ for i = 3, #ARGV do
     removed = removed + 1
   end
 end
+stamp_touched(prefix)
 return {removed, fanned}

@@ -26,8 +26,12 @@ function K.secondary(prefix, client) return prefix .. "sc:" .. client end
 function K.user_clients(prefix, user) return prefix .. "uc:" .. user end
 -- set: the "type:status" pairs present
 function K.pairs(prefix) return prefix .. "ts" end
--- counter: bumped by every write to the installation's index (cached reports compare it)
+-- counter: bumped by every write to the installation's index; its values are the stamps
 function K.data_version(prefix) return prefix .. "dv" end
+-- hash: client id -> stamp of the last write that touched what the client makes visible
+function K.client_stamps(prefix) return prefix .. "cs" end
+-- hash: user id -> stamp of the last write to the user's mailbox emails or access list
+function K.user_stamps(prefix) return prefix .. "us" end
 -- sorted set: scratch of one query (the extra sets' members a client filter selects)
 function K.scratch_extra(prefix) return prefix .. "tmpx" end
 -- hash: meeting id -> "head|item JSON"

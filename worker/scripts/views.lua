@@ -81,6 +81,34 @@ local function split_reach(reach)
   return clients, users
 end
 
+-- What this script call touched, for the cached reports (report_cache.lua): the clients
+-- (a meeting's own client, old and new, and the others an email links to) and the users
+-- (whose mailbox an email was read from, or whose access list changed).
+local touched_clients, touched_users = {}, {}
+local function touch(client, reach)
+  if client then touched_clients[client] = true end
+  local clients, users = split_reach(reach)
+  for _, c in ipairs(clients) do touched_clients[c] = true end
+  for _, u in ipairs(users) do touched_users[u] = true end
+end
+
+-- Stamp what was touched with the installation's next data version (worker/keys.py
+-- client_stamps, user_stamps); nothing when nothing was touched.
+local function stamp_touched(prefix)
+  local fields = {[K.client_stamps(prefix)] = touched_clients, [K.user_stamps(prefix)] = touched_users}
+  local version
+  for key, set in pairs(fields) do
+    local args = {}
+    for id in pairs(set) do
+      version = version or redis.call("INCR", K.data_version(prefix))
+      args[#args + 1] = id
+      args[#args + 1] = version
+      if #args >= 1000 then redis.call("HSET", key, unpack(args)); args = {} end
+    end
+    if #args > 0 then redis.call("HSET", key, unpack(args)) end
+  end
+end
+
 -- Op "add": remember the email in mb:<user> and sc:<client> of its reach, and put it in
 -- x:<user>:<type>:<status> (and the matching precomputed views) of every user it reaches
 -- who may not see its own client, so that each user sees it through exactly one set.
