@@ -184,3 +184,27 @@ def assert_index_matches(engine, r, installation_id=1):
     got, want = index_snapshot(r, installation_id), expected_snapshot(engine, installation_id)
     for part in ("z", "payload", "access", "reverse", "x"):
         assert got[part] == want[part], f"index and database differ in {part}"
+
+
+def assert_thread_state_matches(engine, installation_id=1):
+    """The kept thread state (threads, thread_pairs, thread_mailboxes, thread_reach) equals
+    the state computed afresh from every stored message: what incremental maintenance
+    must keep."""
+    import collections
+
+    import sqlalchemy as sa
+
+    from worker.email import thread_state
+    from worker.tables import emails
+    with engine.connect() as conn:
+        ids = set(conn.execute(sa.select(emails.c.thread_id).where(emails.c.installation_id == installation_id,
+                                                                   emails.c.thread_id != "")).scalars())
+        found = thread_state.load(conn, installation_id, ids)
+        stored = {table.name: sorted(tuple(r) for r in conn.execute(sa.select(table).where(
+            table.c.installation_id == installation_id))) for table in thread_state.TABLES}
+    want = collections.defaultdict(list)
+    for tid, messages in found.items():
+        for table, row in thread_state.rows_of(installation_id, tid, messages):
+            want[table.name].append(tuple(row[c.name] for c in table.columns))
+    for table in thread_state.TABLES:
+        assert stored[table.name] == sorted(want[table.name]), f"kept {table.name} differs from the messages'"

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from tests.email_corpus import (CLIENTS, CONTACTS, I, USERS, b64, corpus, expected_threads, ingest_corpus,
                                 setup_directory, visible)
-from tests.helpers import assert_index_matches, query
+from tests.helpers import assert_index_matches, assert_thread_state_matches, query
 from worker.access import change
 from worker.query import from_database, parse
 from worker.tables import email_links, email_refs, emails, meeting_reach
@@ -57,6 +57,7 @@ def test_keys_duplicates_across_mailboxes_and_counts(clean):
     for user in (1, 2):
         assert m.key in {i["source_id"] for i in query(ctx, installation_id=I, user_id=user)["items"]}
     assert_index_matches(ctx.engine, ctx.redis, I)
+    assert_thread_state_matches(ctx.engine, I)
 
 
 def test_any_arrival_order_gives_the_same_threads_and_links(engine, redis_client):
@@ -132,6 +133,7 @@ def test_visibility_matches_the_oracle_in_every_query(clean, seed):
         for user, clients in access.items():
             change(ctx, I, user, sorted(clients), "set")
         assert_index_matches(ctx.engine, ctx.redis, I)
+        assert_thread_state_matches(ctx.engine, I)
         for user, clients in access.items():
             want = sorted((m for m in messages if visible(m, clients, user)), key=lambda m: (m.date_s, m.key),
                           reverse=True)
@@ -239,6 +241,7 @@ def test_links_follow_domain_and_contact_changes_everywhere(clean):
     directory.upsert_users(ctx, I, [{"user_id": 7, "name": "Nia", "emails": ["nia@c5.com"]}])
     assert query(ctx, installation_id=I, user_id=1)["items"][0]["status"] == "outbound"
     assert_index_matches(ctx.engine, ctx.redis, I)
+    assert_thread_state_matches(ctx.engine, I)
 
 
 def test_revocation_hides_linked_email_but_not_the_own_mailbox(clean):
@@ -254,6 +257,7 @@ def test_revocation_hides_linked_email_but_not_the_own_mailbox(clean):
     assert all(queries.get_thread(ctx, I, 1, t["thread_id"])["messages"] for t in
                queries.query_threads(ctx, I, 1, limit=200)["items"])
     assert_index_matches(ctx.engine, ctx.redis, I)
+    assert_thread_state_matches(ctx.engine, I)
 
 
 def _message(**headers):
@@ -334,6 +338,7 @@ def test_real_world_messages_from_the_python_corpus(clean):
     assert result["accepted"] >= len(paths) - 2
     assert query(ctx, installation_id=I, user_id=1, limit=200)["total"] == result["new"]
     assert_index_matches(ctx.engine, ctx.redis, I)
+    assert_thread_state_matches(ctx.engine, I)
 
 
 def test_email_tasks_through_a_worker(worker_env):
@@ -382,6 +387,7 @@ def test_rebuild_and_reconcile_restore_the_email_index(clean):
     before = {u: query(ctx, views=(), installation_id=I, user_id=u, limit=200)["total"] for u in (1, 2, 3, 4)}
     rebuild(ctx, I)
     assert_index_matches(ctx.engine, ctx.redis, I)
+    assert_thread_state_matches(ctx.engine, I)
     assert {u: query(ctx, views=(), installation_id=I, user_id=u, limit=200)["total"] for u in (1, 2, 3, 4)} == before
     # A payload whose head lost its reach (drift) is repaired from the database.
     field = next(iter(ctx.redis.hkeys(keys.payloads(I))))
@@ -390,6 +396,7 @@ def test_rebuild_and_reconcile_restore_the_email_index(clean):
     ctx.redis.hset(keys.payloads(I), field, b" ".join(head.split(b" ")[:6]) + b"|" + item)
     assert reconcile(ctx, I)["meetings_repaired"] == 1
     assert_index_matches(ctx.engine, ctx.redis, I)
+    assert_thread_state_matches(ctx.engine, I)
 
 
 @settings(max_examples=25, deadline=None,
@@ -439,6 +446,7 @@ def test_property_any_order_and_batching_gives_the_oracles_threads_and_links(eng
     expect |= {(ids[m.key], 0, u) for m in messages for u in m.mailboxes}
     assert reach == expect
     assert_index_matches(ctx.engine, ctx.redis, I)
+    assert_thread_state_matches(ctx.engine, I)
 
 
 def test_provider_thread_ids_join_headerless_messages_of_one_mailbox_only(clean):
@@ -469,6 +477,7 @@ def test_provider_thread_ids_join_headerless_messages_of_one_mailbox_only(clean)
     assert threads["p2@x"] == threads["p5@x"] != threads["p1@x"]
     assert threads["p1@x"] == threads["p3@x"]
     assert_index_matches(ctx.engine, ctx.redis, I)
+    assert_thread_state_matches(ctx.engine, I)
 
 
 def test_a_meeting_record_that_replaces_an_email_with_another_type_leaves_its_thread(clean):

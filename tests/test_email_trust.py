@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import make_context, wipe
-from tests.helpers import assert_index_matches, call, record
+from tests.helpers import assert_index_matches, assert_thread_state_matches, call, record
 from worker.tables import email_mailboxes, emails, installations, meetings
 from worker.email import directory
 from worker.email import ingest as email_ingest
@@ -103,6 +103,7 @@ def test_a_literal_suffixed_id_never_collides_with_an_allocated_variant(worker_e
     if arrangement != "literal last, separate batches":
         assert keys["d@x#2"] == "literal"
     assert_index_matches(engine, r, I)
+    assert_thread_state_matches(engine, I)
 
 
 def test_a_deleted_variants_key_is_never_given_again(worker_env):
@@ -119,6 +120,7 @@ def test_a_deleted_variants_key_is_never_given_again(worker_env):
     keys = stored_keys(engine)
     assert keys == {"v@x": "p@acme.com", "v@x#3": "s@acme.com", "v@x#4": "fourth"}
     assert_index_matches(engine, r, I)
+    assert_thread_state_matches(engine, I)
 
 
 def test_an_email_whose_key_is_a_meeting_records_source_id_is_stored_beside_it(worker_env):
@@ -134,6 +136,7 @@ def test_an_email_whose_key_is_a_meeting_records_source_id_is_stored_beside_it(w
     assert "k1@x" not in seen_by(webapp, 21) and "k1@x" not in seen_by(webapp, 12)
     assert {"ok1@x", "ok2@x"} <= set(seen_by(webapp, 21))
     assert_index_matches(engine, r, I)
+    assert_thread_state_matches(engine, I)
 
 
 def test_a_message_that_cannot_be_stored_is_rejected_alone(clean):
@@ -227,6 +230,7 @@ def test_property_every_valid_message_is_stored_exactly_once(engine, redis_clien
     for source_id, client in records.items():
         assert by_source[source_id] == (client, "call"), source_id
     assert_index_matches(engine, redis_client, I)
+    assert_thread_state_matches(engine, I)
 
 
 HEADERS = [b"From", b"To", b"Cc", b"Reply-To", b"Subject", b"Date", b"Message-ID", b"In-Reply-To", b"References",
@@ -260,6 +264,7 @@ def test_property_no_message_content_fails_its_batch(engine, redis_client, deliv
         for rejection in got["rejected"]:
             assert rejection["error"].split(":", 1)[0] in ("raw", "Message-ID"), rejection
     assert_index_matches(engine, redis_client, I)
+    assert_thread_state_matches(engine, I)
 
 
 # -- 2. a forged copy never gains the original's visibility --------------------------------
@@ -284,6 +289,7 @@ def test_a_forged_copy_never_gains_the_originals_visibility(worker_env, forged_d
         thread = call(webapp, "crm.get_thread", installation_id=I, user_id=12, thread_id=t["thread_id"])
         assert {m["subject"] for m in thread["messages"]} == {"hello"}
     assert_index_matches(engine, r, I)
+    assert_thread_state_matches(engine, I)
 
 
 #: One field of the fingerprint changed (or missing where the original has it).
@@ -354,6 +360,7 @@ def test_true_copies_from_several_mailboxes_still_merge(worker_env):
     for user in (12, 13, 14, 21):
         assert set(seen_by(webapp, user)) == {"multi@acme.com"}
     assert_index_matches(engine, r, I)
+    assert_thread_state_matches(engine, I)
 
 
 # -- 3. a meeting record that replaced an email is never turned back -------------------------
@@ -365,6 +372,7 @@ def _assert_the_record_decides(webapp, engine, r, date="2024-05-01T09:00:00Z"):
     for user in (12, 13, 21, 23):
         assert "r1@x" not in seen_by(webapp, user), user
     assert_index_matches(engine, r, I)
+    assert_thread_state_matches(engine, I)
 
 
 def test_a_meeting_record_that_replaced_an_email_is_never_turned_back(worker_env):
@@ -532,6 +540,7 @@ def test_rebuilds_sent_at_once_end_normally_and_the_latest_is_published(worker_e
     assert r.get(keys.ready(I)) == r.get(keys.generation(I))
     assert r.get(keys.ready(I)).decode().endswith(":" + generation)
     assert_index_matches(engine, r, I)
+    assert_thread_state_matches(engine, I)
 
 
 def test_a_rebuild_overtaken_midway_stops_and_says_so(clean):
@@ -571,3 +580,4 @@ def test_a_rebuild_overtaken_midway_stops_and_says_so(clean):
     assert not out["b"]["superseded"] and out["b"]["published"]
     assert ctx.redis.get(keys.ready(I)) == token_b
     assert_index_matches(ctx.engine, ctx.redis, I)
+    assert_thread_state_matches(ctx.engine, I)

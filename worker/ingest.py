@@ -18,6 +18,8 @@ from worker import metrics, redis_index, rollups
 from worker.db import locking, run_transaction, update_rows
 from worker.tables import COLUMNS, PER_MESSAGE, StoredRow, email_links, emails, meeting_reach, meetings, retired_keys
 from worker.errors import InvalidArgument
+from worker.email import thread_state
+from worker.email.links import lock_installation
 from worker.mirror import sync_sources, sync_written
 from worker.rebuild import writer_token
 from worker.writes import new_write_id, once
@@ -89,9 +91,14 @@ def _replace(conn, updates: list[Meeting]) -> None:
                   "subject": m.subject, "details": m.details, "reach": None} for m in updates])
     ids = [m.id for m in updates]
     conn.execute(meeting_reach.delete().where(meeting_reach.c.meeting_id.in_(ids)))
-    conn.execute(email_links.delete().where(email_links.c.meeting_id.in_(ids)))
-    conn.execute(emails.update().where(emails.c.meeting_id.in_(ids), sa.not_(emails.c.by_record))
-                 .values(by_record=True))
+    replaced = conn.execute(sa.select(emails.c.meeting_id).where(emails.c.meeting_id.in_(ids),
+                                                                 sa.not_(emails.c.by_record))).scalars().all()
+    if replaced:
+        # Emails leave their threads: the thread states change, under the email lock.
+        lock_installation(conn, updates[0].installation_id)
+        conn.execute(email_links.delete().where(email_links.c.meeting_id.in_(replaced)))
+        conn.execute(emails.update().where(emails.c.meeting_id.in_(replaced)).values(by_record=True))
+        thread_state.refresh(conn, updates[0].installation_id, thread_state.threads_of(conn, replaced))
 
 
 def _insert_all(conn, chunk: list[Meeting]) -> bool:
@@ -232,9 +239,13 @@ def delete(ctx, installation_id, source_ids, chunk_size: int | None = None, task
                 count = conn.execute(meetings.delete().where(meetings.c.id.in_(ids))).rowcount
                 rollups.apply(conn, installation_id, removed=gone)
                 retire_keys(conn, installation_id, ids)
+                left = thread_state.threads_of(conn, ids)
+                if left:
+                    lock_installation(conn, installation_id)  # thread states change
                 # A deleted email goes with its rows; its thread keeps the ids it named.
                 for table in (meeting_reach, *PER_MESSAGE):
                     conn.execute(table.delete().where(table.c.meeting_id.in_(ids)))
+                thread_state.refresh(conn, installation_id, left)
             return count
         deleted += run_transaction(locking(ctx.engine), lambda conn: once(conn, write_id, installation_id, remove),
                                    retry_duplicates=True)[0]

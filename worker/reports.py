@@ -36,10 +36,13 @@ import sqlalchemy as sa
 
 from worker import keys, rollups
 from worker.tables import email_links, email_mailboxes, emails, meeting_days, meetings
-from worker.email.queries import is_message
+from worker.tables import thread_mailboxes, thread_pairs
+from worker.tables import threads as thread_table
+from worker.email import thread_state
+from worker.email.thread_state import is_message
 from worker.errors import InvalidArgument
 from worker.query import narrowing, token_list
-from worker.visibility import own_clients, seen_beyond, visible_parts
+from worker.visibility import own_clients, seen_beyond, threads_seen, visible_parts
 from worker.redis_index import ScriptArgs
 from worker.records import iso_seconds, parse_time, positive_int, to_seconds
 from worker.errors import REDIS_FAULTS, is_transient
@@ -75,6 +78,12 @@ class Params:
             raise ValueError(bucket)
         return cls(None if client_ids is None else tuple(int(c) for c in client_ids),
                    None if date_from is None else int(date_from), None if date_to is None else int(date_to), bucket)
+
+    @property
+    def narrowed(self) -> bool:
+        """Narrowed by client or date: the thread reports then read the messages in range,
+        not the threads' kept state."""
+        return self.client_ids is not None or self.date_from is not None or self.date_to is not None
 
     def digest(self, name: str) -> str:
         text = json.dumps([name, self.client_ids, self.date_from, self.date_to, self.bucket])
@@ -378,12 +387,51 @@ def percentile(sorted_values: list, q: float) -> float | None:
     return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
 
 
+def _seen(installation_id: int, user_id: int):
+    """CTE ``seen``: the threads the user sees a message of, and whether whole
+    (worker/visibility.py threads_seen): one grouping, read by both parts of a report's
+    statement."""
+    return sa.select(threads_seen(installation_id, user_id)).cte("seen")
+
+
+def _on_thread(installation_id: int, table, seen):
+    return sa.and_(table.c.installation_id == installation_id, table.c.thread_id == seen.c.thread_id)
+
+
+def _from_seen(stmt):
+    """Join from the user's threads to their rows, in that order (STRAIGHT_JOIN: MariaDB
+    otherwise scanned every thread row of the installation, probing the user's set)."""
+    return stmt.prefix_with("STRAIGHT_JOIN", dialect="mysql")
+
+
+def _in_part(conn, installation_id: int, user_id: int, ids) -> list[dict]:
+    """The summaries, for the user, of the threads ``ids``, which the user sees only in
+    part, from their visible messages."""
+    return [{"thread_id": tid, **thread_state.summary(messages)}
+            for tid, messages in thread_state.visible_part(conn, installation_id, user_id, ids).items()]
+
+
 def response_times(conn, installation_id: int, user_id: int, p: Params, now: int, hint: str | None = None) -> list[dict]:
-    v = visible_messages(installation_id, user_id, p, hint)
-    pairs = _pairs(v).cte("pairs")
-    waits = sorted(conn.execute(sa.select(pairs.c.wait_s)).scalars())
-    threads = conn.execute(sa.select(sa.func.count(sa.distinct(v.c.thread_id)))
-                           .where(v.c.status == "inbound")).scalar() or 0
+    if p.narrowed:
+        v = visible_messages(installation_id, user_id, p, hint)
+        pairs = _pairs(v).cte("pairs")
+        waits = sorted(conn.execute(sa.select(pairs.c.wait_s)).scalars())
+        threads = conn.execute(sa.select(sa.func.count(sa.distinct(v.c.thread_id)))
+                               .where(v.c.status == "inbound")).scalar() or 0
+    else:
+        seen, t, pr = _seen(installation_id, user_id), thread_table, thread_pairs
+        # One statement, the user's threads read once: those seen whole with their pairs
+        # (whole 1), and the ids of those seen in part (whole 0).
+        rows = conn.execute(_from_seen(
+            sa.select(seen.c.whole, t.c.thread_id, pr.c.wait_s)
+            .select_from(seen.join(t, _on_thread(installation_id, t, seen))
+                         .outerjoin(pr, sa.and_(_on_thread(installation_id, pr, seen), pr.c.first, seen.c.whole == 1)))
+            .where(sa.or_(seen.c.whole == 0, t.c.inbound > 0)))).all()
+        part = [th for th in _in_part(conn, installation_id, user_id, {r.thread_id for r in rows if not r.whole})
+                if th["inbound"]]
+        waits = sorted([r.wait_s for r in rows if r.whole and r.wait_s is not None]
+                       + [wait for th in part for wait, _ in th["pairs"]])
+        threads = len({r.thread_id for r in rows if r.whole}) + len(part)
     histogram = {label: 0 for label, _ in HISTOGRAM}
     for wait in waits:
         for label, upper in HISTOGRAM:
@@ -397,6 +445,18 @@ def response_times(conn, installation_id: int, user_id: int, p: Params, now: int
 
 
 def awaiting_reply(conn, installation_id: int, user_id: int, p: Params, now: int, hint: str | None = None) -> list[dict]:
+    if not p.narrowed:
+        seen, t = _seen(installation_id, user_id), thread_table
+        rows = conn.execute(_from_seen(
+            sa.select(seen.c.whole, t.c.thread_id, t.c.subject, t.c.awaiting_s, t.c.clients)
+            .select_from(seen.join(t, _on_thread(installation_id, t, seen)))
+            .where(sa.or_(seen.c.whole == 0, t.c.awaiting_s.isnot(None))))).all()
+        waiting = [(r.awaiting_s, r.thread_id, r.subject, json.loads(r.clients)) for r in rows if r.whole]
+        waiting += [(th["awaiting_s"], th["thread_id"], th["subject"], th["clients"])
+                    for th in _in_part(conn, installation_id, user_id, {r.thread_id for r in rows if not r.whole})
+                    if th["awaiting_s"] is not None]
+        return [{"thread_id": tid, "subject": subject, "awaiting_reply_since": iso_seconds(since),
+                 "client_ids": list(clients)} for since, tid, subject, clients in sorted(waiting, key=lambda w: w[:2])]
     v = visible_messages(installation_id, user_id, p, hint)
     waiting = _awaiting(v).cte("waiting")
     threads = {}
@@ -417,9 +477,75 @@ def awaiting_reply(conn, installation_id: int, user_id: int, p: Params, now: int
 
 
 def workload(conn, installation_id: int, user_id: int, p: Params, now: int, hint: str | None = None) -> list[dict]:
-    v = visible_messages(installation_id, user_id, p, hint)
-    box = email_mailboxes.c
     figures: dict = collections.defaultdict(lambda: {"received": 0, "sent": 0, "awaiting": 0, "waits": []})
+    if not p.narrowed:
+        _workload_kept(conn, installation_id, user_id, figures)
+    else:
+        _workload_sql(conn, visible_messages(installation_id, user_id, p, hint), figures)
+    return [{"user_id": u, "received": f["received"], "sent": f["sent"], "awaiting": f["awaiting"],
+             "median_reply_s": f["median"] if "median" in f else percentile(sorted(f["waits"]), 0.5)}
+            for u, f in sorted(figures.items()) if f["received"] or f["sent"]]
+
+
+def _workload_kept(conn, installation_id: int, user_id: int, figures: dict) -> None:
+    """workload from the kept thread state: per mailbox, the counts of the threads the user
+    sees whole summed by the database, and the median reply picked there (the two middle
+    waits by rank); threads seen in part from their visible messages.  A mailbox with
+    pairs in both gets its whole list of waits, so its median stays exact."""
+    seen, pr, mb = _seen(installation_id, user_id), thread_pairs, thread_mailboxes
+    counts = _from_seen(
+        sa.select(sa.literal("c").label("kind"), mb.c.user_id, sa.func.sum(mb.c.received).label("a"),
+                  sa.func.sum(mb.c.sent).label("b"), sa.func.sum(seen.c.awaiting).label("c"),
+                  sa.null().label("thread_id"))
+        .select_from(seen.join(mb, _on_thread(installation_id, mb, seen)))
+        .where(seen.c.whole == 1).group_by(mb.c.user_id))
+    ranked = _from_seen(
+        sa.select(pr.c.user_id, pr.c.wait_s,
+                  sa.func.row_number().over(partition_by=pr.c.user_id, order_by=pr.c.wait_s).label("rank"),
+                  sa.func.count().over(partition_by=pr.c.user_id).label("n"))
+        .select_from(seen.join(pr, _on_thread(installation_id, pr, seen))).where(seen.c.whole == 1)).subquery("ranked")
+    low = (ranked.c.n - 1) // 2 + 1  # the median's rank(s), 1-based: low, and low + 1 when n is even
+    middle = (sa.select(sa.literal("m"), ranked.c.user_id, ranked.c.wait_s, ranked.c.rank, ranked.c.n, sa.null())
+              .where(ranked.c.rank.in_([low, low + 1])))
+    partial = sa.select(sa.literal("p"), sa.null(), sa.null(), sa.null(), sa.null(), seen.c.thread_id).where(
+        seen.c.whole == 0)
+    rows = conn.execute(sa.union_all(counts, middle, partial)).all()
+    middles: dict = collections.defaultdict(dict)  # user -> {rank: wait}, and the count of waits
+    for r in rows:
+        if r.kind == "c":
+            f = figures[r.user_id]
+            f["received"] += int(r.a)
+            f["sent"] += int(r.b)
+            f["awaiting"] += int(r.c)
+        elif r.kind == "m":
+            middles[r.user_id][int(r.b)] = int(r.a)
+            middles[r.user_id]["n"] = int(r.c)
+    extra: dict = collections.defaultdict(list)
+    for th in _in_part(conn, installation_id, user_id, [r.thread_id for r in rows if r.kind == "p"]):
+        for user, (received, sent) in th["mailboxes"].items():
+            f = figures[int(user)]
+            f["received"] += received
+            f["sent"] += sent
+            f["awaiting"] += th["awaiting_s"] is not None
+        for wait, users in th["pairs"]:
+            for user in users:
+                extra[user].append(wait)
+    if extra:  # those mailboxes' whole lists, to merge
+        stmt = _from_seen(sa.select(pr.c.user_id, pr.c.wait_s)
+                          .select_from(seen.join(pr, _on_thread(installation_id, pr, seen)))
+                          .where(seen.c.whole == 1, pr.c.user_id.in_(sorted(extra))))
+        for user, wait in conn.execute(stmt):
+            extra[user].append(wait)
+    for user, m in middles.items():
+        if user not in extra:  # the median of the whole threads' waits alone
+            n, low = m["n"], (m["n"] - 1) // 2 + 1
+            figures[user]["median"] = percentile([m[low]] if n % 2 else [m[low], m[low + 1]], 0.5)
+    for user, waits in extra.items():
+        figures[user]["waits"] = waits
+
+
+def _workload_sql(conn, v, figures: dict) -> None:
+    box = email_mailboxes.c
     stmt = (sa.select(box.user_id, v.c.status, sa.func.count())
             .select_from(v.join(email_mailboxes, box.meeting_id == v.c.id))
             .group_by(box.user_id, v.c.status))
@@ -437,9 +563,6 @@ def workload(conn, installation_id: int, user_id: int, p: Params, now: int, hint
             .select_from(pairs.join(email_mailboxes, box.meeting_id == pairs.c.reply_id)))
     for mailbox_user, wait in conn.execute(stmt):
         figures[mailbox_user]["waits"].append(wait)
-    return [{"user_id": u, "received": f["received"], "sent": f["sent"], "awaiting": f["awaiting"],
-             "median_reply_s": percentile(sorted(f["waits"]), 0.5)}
-            for u, f in sorted(figures.items()) if f["received"] or f["sent"]]
 
 
 def going_cold(conn, installation_id: int, user_id: int, p: Params, now: int, hint: str | None = None) -> list[dict]:

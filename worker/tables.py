@@ -296,6 +296,69 @@ email_links = sa.Table(
     sa.Index("ix_email_links_client", "installation_id", "client_id"),
 )
 
+#: Each thread's state, kept in the transaction of every change to its messages
+#: (worker/email/thread_state.py): what a user who sees the whole thread is shown, so that
+#: a thread list does not group every visible message again.  Made of the thread's stored
+#: messages whose meeting row is still the email's (a record that replaced one takes it
+#: out).  ``inbound``: how many are inbound; ``participants``: JSON ``[[address, name], …]``
+#: in message order; ``clients``: JSON sorted ids of every client a message links to.
+threads = sa.Table(
+    "threads", metadata,
+    sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("thread_id", sa.String(40), primary_key=True),
+    sa.Column("messages", sa.Integer, nullable=False),
+    sa.Column("inbound", sa.Integer, nullable=False),
+    sa.Column("first_s", BigInt, nullable=False),
+    sa.Column("last_s", BigInt, nullable=False),
+    sa.Column("last_direction", sa.String(32), nullable=False),
+    sa.Column("awaiting_s", BigInt),
+    sa.Column("subject", sa.String(998)),
+    sa.Column("participants", LongText, nullable=False),
+    sa.Column("clients", sa.Text, nullable=False),
+)
+
+#: A thread's response pairs: each inbound message with the next outbound one (``n`` in
+#: thread order, ``wait_s`` between them), one row per mailbox user the reply was read
+#: from (``first`` on one row per pair).
+thread_pairs = sa.Table(
+    "thread_pairs", metadata,
+    sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("thread_id", sa.String(40), primary_key=True),
+    sa.Column("n", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("user_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("wait_s", BigInt, nullable=False),
+    sa.Column("first", sa.Boolean, nullable=False),
+)
+
+#: A thread's messages by the mailbox they were read from: inbound (received) and
+#: outbound (sent).
+thread_mailboxes = sa.Table(
+    "thread_mailboxes", metadata,
+    sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("thread_id", sa.String(40), primary_key=True),
+    sa.Column("user_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("received", sa.Integer, nullable=False),
+    sa.Column("sent", sa.Integer, nullable=False),
+)
+
+#: Who sees each thread: one row per client a message links to (``user_id`` 0) and per
+#: user whose mailbox a message was read from (``client_id`` 0).  ``whole``: every message
+#: of the thread links that client, or was read from that mailbox, so whoever holds the row
+#: sees the whole thread, as ``threads`` has it.  ``last_s`` and ``awaiting`` repeat the
+#: thread's, so that a user's thread list sorts and filters these rows alone.
+thread_reach = sa.Table(
+    "thread_reach", metadata,
+    sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("client_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("user_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("thread_id", sa.String(40), primary_key=True),
+    sa.Column("whole", sa.Boolean, nullable=False),
+    sa.Column("last_s", BigInt, nullable=False),
+    sa.Column("awaiting", sa.Boolean, nullable=False),
+    sa.Index("ix_thread_reach_user", "installation_id", "user_id", "thread_id"),
+    sa.Index("ix_thread_reach_thread", "installation_id", "thread_id"),
+)
+
 #: The keys of deleted messages: a key is never given to another message (a caller may
 #: still hold the old one).
 retired_keys = sa.Table(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from worker.tables import meeting_reach, meetings, user_clients
+from worker.tables import meeting_reach, meetings, thread_reach, user_clients
 
 
 def own_clients(installation_id: int, user_id: int):
@@ -81,3 +81,24 @@ def visible_parts(installation_id: int, user_id: int, columns, *conds, hint: str
     if hint:
         mine = mine.prefix_with(hint, dialect="mysql")
     return mine, seen_beyond(installation_id, user_id, columns, *conds, hint=hint)
+
+
+def threads_seen(installation_id: int, user_id: int):
+    """Subquery ``seen_threads(thread_id, whole, last_s, awaiting)``: the threads of which the
+    user may see a message — one of their clients is linked by a message, or a message
+    was read from their mailbox (``thread_reach``) — and ``whole`` when one of those rows
+    covers every message of the thread (the user sees the thread as ``threads`` keeps it).
+    Read from the user's client rows and mailbox rows, each through its index."""
+    tr, uc = thread_reach.c, user_clients.c
+    columns = (tr.thread_id, tr.whole, tr.last_s, tr.awaiting)
+    via_clients = (sa.select(*columns)
+                   .select_from(user_clients.join(thread_reach, sa.and_(tr.installation_id == uc.installation_id,
+                                                                        tr.client_id == uc.client_id)))
+                   .where(uc.installation_id == installation_id, uc.user_id == user_id, tr.user_id == 0)
+                   .prefix_with("STRAIGHT_JOIN", dialect="mysql"))
+    via_mailbox = sa.select(*columns).where(tr.installation_id == installation_id, tr.user_id == user_id)
+    rows = sa.union_all(via_clients, via_mailbox).subquery("reach_rows")
+    whole = sa.func.max(sa.case((rows.c.whole, 1), else_=0))
+    return (sa.select(rows.c.thread_id, whole.label("whole"), sa.func.max(rows.c.last_s).label("last_s"),
+                      sa.func.max(sa.case((rows.c.awaiting, 1), else_=0)).label("awaiting"))
+            .group_by(rows.c.thread_id).subquery("seen_threads"))

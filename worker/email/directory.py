@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from worker.db import locking, run_transaction
 from worker.tables import client_domains, clients, contact_addresses, contact_terms, contacts, user_addresses, users
 from worker.email.addresses import canonical_address, domain_of, fold, is_freemail, name_terms, registrable_domain
+from worker.email import thread_state
 from worker.email.links import affected_messages, lock_installation, materialize, own_domains_of
 from worker.errors import InvalidArgument
 from worker.mirror import sync_ids
@@ -80,7 +81,9 @@ def _relink(ctx, installation_id: int, token: str, ids: list[int], now_us: int) 
 
         def work(conn):
             lock_installation(conn, installation_id)
-            return materialize(conn, installation_id, part, now_us)
+            changed = materialize(conn, installation_id, part, now_us)
+            thread_state.refresh(conn, installation_id, thread_state.threads_of(conn, changed))
+            return changed
         changed = run_transaction(locking(ctx.engine), work)
         if changed:
             ctx.mirror.write(installation_id, lambda t: sync_ids(ctx, installation_id, t, changed), token)

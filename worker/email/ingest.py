@@ -8,7 +8,8 @@ Per chunk of messages, in one transaction under the installation's email lock:
 2. **insert** the new messages' rows (message, participants);
 3. **remember** the mailbox each one was read from;
 4. **thread** the new ones and whatever they touch (threads.py);
-5. **derive** links, direction and visibility of what changed (links.py).
+5. **derive** links, direction and visibility of what changed (links.py);
+6. keep the **state** of every thread they touch (thread_state.py).
 
 Then, under the rows' locks, the index receives every meeting row the chunk changed
 (worker/mirror.py).  Each chunk is recorded as a write of its task: a redelivered task
@@ -27,7 +28,7 @@ import sqlalchemy as sa
 from worker import metrics
 from worker.db import locking, run_transaction
 from worker.tables import email_mailboxes, email_participants, email_refs, emails, meetings, retired_keys
-from worker.email import threads
+from worker.email import thread_state, threads
 from worker.email.addresses import domain_of
 from worker.email.links import Fresh, lock_installation, materialize
 from worker.email.parse import Parsed, Unusable, decode_raw, parse
@@ -287,10 +288,10 @@ def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming]
     new = [p for p in placed if p.copy is None]
     edges = _insert(conn, installation_id, user_id, new)
     hints = _remember_mailbox(conn, installation_id, user_id, placed)
-    thread_of = {}
+    thread_of, left = {}, set()
     if edges or hints:
         start = threads.link_new(conn, installation_id, edges, hints)
-        thread_of = threads.recompute(conn, installation_id, start)
+        thread_of, left = threads.recompute(conn, installation_id, start)
     # 5. derive: the new messages' meeting rows complete; the stored ones re-derived.
     fresh = {}
     for p in new:
@@ -303,6 +304,8 @@ def _store_chunk(conn, installation_id: int, user_id: int, chunk: list[Incoming]
                                         thread_of[p.meeting_id], user_id)
     touched = {p.meeting_id for p in placed} | set(thread_of)
     changed = materialize(conn, installation_id, touched, now_us, fresh=fresh)
+    # 6. the state of every thread the chunk touched (new messages, mailboxes, re-threading).
+    thread_state.refresh(conn, installation_id, thread_state.threads_of(conn, touched) | left)
     return {"new": len(new), "duplicates": len(placed) - len(new), "rejected": rejected}, changed
 
 

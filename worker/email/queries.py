@@ -7,17 +7,20 @@ subject, participants and clients come from those alone.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 
 import sqlalchemy as sa
 
-from worker.tables import contact_terms, contacts, email_links, email_participants, emails, meetings
-from worker.email.addresses import fold
 from worker import cursors
+from worker.email.addresses import fold
+from worker.email import thread_state
+from worker.email.thread_state import is_message
 from worker.errors import InvalidArgument
 from worker.query import MAX_LIMIT, bounded_int, token_list
-from worker.visibility import own_clients, visible_condition, visible_parts
 from worker.records import item_json, iso_seconds, parse_time, positive_int, to_seconds
+from worker.tables import contact_terms, contacts, email_links, email_participants, emails, meetings, threads
+from worker.visibility import own_clients, threads_seen, visible_condition
 
 def _limit(value) -> int:
     return bounded_int("limit", value, 1, MAX_LIMIT)
@@ -36,35 +39,6 @@ def _fingerprint(*parts) -> bytes:
     return json.dumps(parts, sort_keys=True, default=str).encode()
 
 
-def is_message(m=meetings.c) -> tuple:
-    """The conditions that make a meeting row a stored message of email insight: of type
-    ``email``, joined to its ``emails`` row, and not owned by a meeting record that replaced
-    the email (that record decides alone what the meeting is: threads, thread reports and
-    contacts' last email leave it)."""
-    return (m.type == "email", emails.c.meeting_id == m.id, sa.not_(emails.c.by_record))
-
-
-def _visible(installation_id: int, user_id: int, *conds, subject: bool = True):
-    """Subquery ``seen(thread_id, id, meeting_s, status[, subject])``: the user's visible
-    messages — those of the user's own clients and those seen beyond them, each part read
-    through its own index — narrowed by ``conds``.  A message is a meeting of type
-    ``email`` whose row is still the email's (is_message): a ``crm.ingest_meetings`` record
-    that replaced one leaves the threads; and the type bounds the index range to the
-    emails of the user's clients instead of all their meetings."""
-    m = meetings.c
-    columns = (emails.c.thread_id, m.id, m.meeting_s, m.status) + ((m.subject,) if subject else ())
-    return sa.union_all(*visible_parts(installation_id, user_id, columns, *is_message(m), *conds)).subquery("seen")
-
-
-def _visible_messages(conn, installation_id: int, user_id: int, thread_ids=None):
-    """The user's visible messages (of the threads ``thread_ids``, or all) in thread and
-    date order."""
-    conds = () if thread_ids is None else (emails.c.installation_id == installation_id,
-                                            emails.c.thread_id.in_(sorted(thread_ids)))
-    seen = _visible(installation_id, user_id, *conds)
-    return conn.execute(sa.select(seen).order_by(seen.c.thread_id, seen.c.meeting_s, seen.c.id)).all()
-
-
 def _linked_to(installation_id: int, client_ids, contact_source_id):
     """Subquery: the messages linked to one of ``client_ids`` / through the contact."""
     q = sa.select(email_links.c.meeting_id).where(email_links.c.installation_id == installation_id)
@@ -76,65 +50,89 @@ def _linked_to(installation_id: int, client_ids, contact_source_id):
     return q
 
 
-def _thread_page(conn, installation_id: int, user_id: int, linked, awaiting_reply, date_from, date_to, desc: bool,
-                 after, limit: int):
-    """The page of threads, grouped, filtered, counted and sorted by the database: only
-    the page's threads and the total come back, not every visible message.  Returns
-    (total, [(last_at, thread_id)]) with up to ``limit + 1`` threads."""
-    seen = _visible(installation_id, user_id, subject=False)  # narrow rows: the database sorts them all
-    flag = (sa.case((seen.c.id.in_(linked), 1), else_=0) if linked is not None else sa.literal(1)).label("linked")
-    w = sa.select(seen.c.thread_id, seen.c.meeting_s, seen.c.status, flag,
-                  sa.func.row_number().over(partition_by=seen.c.thread_id,
-                                            order_by=(seen.c.meeting_s, seen.c.id)).label("rn"),
-                  sa.func.count().over(partition_by=seen.c.thread_id).label("n")).subquery("w")
-    g = (sa.select(w.c.thread_id, sa.func.max(w.c.meeting_s).label("last_at"),
-                   sa.func.max(sa.case((w.c.rn == w.c.n, w.c.status))).label("last_direction"),
-                   sa.func.max(w.c.linked).label("linked"))
-         .group_by(w.c.thread_id)).subquery("g")
-    conds = [g.c.linked == 1]
-    if date_from is not None:
-        conds.append(g.c.last_at >= date_from)
-    if date_to is not None:
-        conds.append(g.c.last_at < date_to)
-    if awaiting_reply is not None:
-        conds.append(g.c.last_direction == "inbound" if awaiting_reply else g.c.last_direction != "inbound")
-    f = sa.select(g.c.last_at, g.c.thread_id, sa.func.count().over().label("total")).where(*conds).subquery("f")
-    q = sa.select(f.c.last_at, f.c.thread_id, f.c.total)
-    if after is not None:
-        a, t = int(after[0]), str(after[1])
-        q = q.where(sa.or_(f.c.last_at < a, sa.and_(f.c.last_at == a, f.c.thread_id < t)) if desc else
-                    sa.or_(f.c.last_at > a, sa.and_(f.c.last_at == a, f.c.thread_id > t)))
-    order = (f.c.last_at.desc(), f.c.thread_id.desc()) if desc else (f.c.last_at, f.c.thread_id)
-    rows = conn.execute(q.order_by(*order).limit(limit + 1)).all()
-    if rows:
-        return rows[0].total, [(r.last_at, r.thread_id) for r in rows]
-    if after is None:
-        return 0, []
-    # Past the last page: the total still counts every thread of the query.
-    return conn.execute(sa.select(sa.func.count()).select_from(f)).scalar(), []
+@dataclasses.dataclass
+class _Filters:
+    linked: object        # subquery of linked message ids, or None
+    awaiting: bool | None
+    date_from: int | None
+    date_to: int | None
+    desc: bool
+    after: list | None    # the cursor's [last_at, thread_id]
+
+    def past_cursor(self, last_at: int, thread_id: str) -> bool:
+        if self.after is None:
+            return True
+        a, t = int(self.after[0]), str(self.after[1])
+        return (last_at, thread_id) < (a, t) if self.desc else (last_at, thread_id) > (a, t)
 
 
-def _chunks(values, size=500):
-    values = sorted(values)
-    for start in range(0, len(values), size):
-        yield values[start:start + size]
+def _listing(conn, installation_id: int, user_id: int, f: _Filters, limit: int):
+    """One pass over the threads the user sees (seen_threads), in the database: the page of
+    those seen whole, filtered and sorted from their kept state, with up to ``limit + 1``
+    threads past the cursor; how many of them match; and the ids of the threads seen only
+    in part.  Returns (total of whole, [(last_at, thread_id)], [partial thread id])."""
+    seen = threads_seen(installation_id, user_id)
+    match = [seen.c.whole == 1]
+    if f.linked is not None:
+        match.append(seen.c.thread_id.in_(sa.select(emails.c.thread_id).where(
+            emails.c.installation_id == installation_id, emails.c.meeting_id.in_(f.linked))))
+    if f.date_from is not None:
+        match.append(seen.c.last_s >= f.date_from)
+    if f.date_to is not None:
+        match.append(seen.c.last_s < f.date_to)
+    if f.awaiting is not None:
+        match.append(seen.c.awaiting == (1 if f.awaiting else 0))
+    shown = list(match)
+    if f.after is not None:
+        a, t = int(f.after[0]), str(f.after[1])
+        shown.append(sa.or_(seen.c.last_s < a, sa.and_(seen.c.last_s == a, seen.c.thread_id < t)) if f.desc else
+                     sa.or_(seen.c.last_s > a, sa.and_(seen.c.last_s == a, seen.c.thread_id > t)))
+    direction = sa.desc if f.desc else sa.asc
+    ranked = sa.select(
+        seen.c.thread_id, seen.c.whole, seen.c.last_s,
+        sa.func.sum(sa.case((sa.and_(*match), 1), else_=0)).over().label("total"),
+        sa.func.row_number().over(order_by=(sa.case((sa.and_(*shown), 0), else_=1), direction(seen.c.last_s),
+                                            direction(seen.c.thread_id))).label("rank"),
+        sa.case((sa.and_(*shown), 1), else_=0).label("shown")).subquery("ranked")
+    rows = conn.execute(sa.select(ranked).where(sa.or_(ranked.c.whole == 0, sa.and_(
+        ranked.c.shown == 1, ranked.c.rank <= limit + 1))).order_by(ranked.c.rank)).all()
+    total = int(rows[0].total) if rows else 0
+    page = [(r.last_s, r.thread_id) for r in rows if r.whole == 1]
+    return total, page, [r.thread_id for r in rows if r.whole == 0]
 
 
-def summarize(messages) -> dict:
-    """A thread's figures from its visible messages, in date order."""
-    first, last = messages[0], messages[-1]
-    awaiting = None
-    if last.status == "inbound":
-        for m in reversed(messages):
-            if m.status == "outbound":
-                break
-            awaiting = m.meeting_s
-    return {"subject": first.subject, "messages": len(messages), "first_at": first.meeting_s,
-            "last_at": last.meeting_s, "last_direction": last.status, "awaiting_reply_since": awaiting}
+def _partial_threads(conn, installation_id: int, user_id: int, ids, f: _Filters) -> list[tuple[int, str, dict]]:
+    """The threads ``ids``, which the user sees only in part, each summarized from the
+    messages the user may see and from those alone, filtered: [(last_at, thread_id,
+    summary)]."""
+    if not ids:
+        return []
+    visible = thread_state.visible_part(conn, installation_id, user_id, ids)
+    linked = None
+    if f.linked is not None:
+        candidates = sorted(m.id for messages in visible.values() for m in messages)
+        linked = set()
+        for start in range(0, len(candidates), 500):
+            linked.update(conn.execute(f.linked.where(
+                email_links.c.meeting_id.in_(candidates[start:start + 500]))).scalars())
+    out = []
+    for tid, messages in visible.items():
+        if not messages or (linked is not None and not any(m.id in linked for m in messages)):
+            continue
+        s = thread_state.summary(messages)
+        if (f.date_from is not None and s["last_s"] < f.date_from) or (f.date_to is not None and s["last_s"] >= f.date_to):
+            continue
+        if f.awaiting is not None and (s["awaiting_s"] is not None) != f.awaiting:
+            continue
+        out.append((s["last_s"], tid, s))
+    return out
 
 
 def query_threads(ctx, installation_id, user_id, client_ids=None, contact_source_id=None, awaiting_reply=None,
                   date_from=None, date_to=None, order="desc", limit=20, cursor=None) -> dict:
+    """``crm.query_threads``: the threads the user sees whole come from their kept state
+    (thread_state.py), listed by the database; those the user sees only in part are
+    summarized from the user's visible messages; the two are merged into one page."""
     installation_id = positive_int("installation_id", installation_id)
     user_id = positive_int("user_id", user_id)
     client_ids = _client_filter(client_ids)
@@ -152,45 +150,38 @@ def query_threads(ctx, installation_id, user_id, client_ids=None, contact_source
     after = cursors.decode_json(secret, fingerprint, cursor) if cursor is not None else None
     linked = _linked_to(installation_id, client_ids, contact_source_id) \
         if client_ids is not None or contact_source_id is not None else None
+    f = _Filters(linked, awaiting_reply, date_from, date_to, order == "desc", after)
+    # One snapshot (the connection's transaction) holds every read.
     with ctx.engine.connect() as conn:
-        total, found = _thread_page(conn, installation_id, user_id, linked, awaiting_reply, date_from, date_to,
-                                    order == "desc", after, limit)
+        whole_total, whole, partial_ids = _listing(conn, installation_id, user_id, f, limit)
+        partial = _partial_threads(conn, installation_id, user_id, partial_ids, f)
+        summaries = {tid: s for _, tid, s in partial}
+        found = sorted(whole + [(last, tid) for last, tid, _ in partial if f.past_cursor(last, tid)],
+                       reverse=f.desc)[:limit + 1]
         found, more = found[:limit], len(found) > limit
-        by_thread = collections.defaultdict(list)
-        for row in _visible_messages(conn, installation_id, user_id, {tid for _, tid in found}):
-            by_thread[row.thread_id].append(row)
-        # One snapshot (the connection's transaction) holds both reads: every thread found has its rows.
-        page = [(last_at, tid, summarize(by_thread[tid]), by_thread[tid]) for last_at, tid in found if by_thread[tid]]
-        items = _thread_items(conn, installation_id, page)
-    next_cursor = cursors.encode_json(secret, fingerprint, [page[-1][0], page[-1][1]]) if more else None
-    return {"total": total, "items": items, "next_cursor": next_cursor}
+        kept = [tid for _, tid in found if tid not in summaries]
+        for part in _chunks(kept):
+            for row in conn.execute(sa.select(threads).where(threads.c.installation_id == installation_id,
+                                                             threads.c.thread_id.in_(part))):
+                summaries[row.thread_id] = thread_state.kept(row)
+    items = [_thread_item(tid, summaries[tid]) for _, tid in found if tid in summaries]
+    next_cursor = cursors.encode_json(secret, fingerprint, [found[-1][0], found[-1][1]]) if more else None
+    return {"total": whole_total + len(partial), "items": items, "next_cursor": next_cursor}
 
 
-def _thread_items(conn, installation_id: int, page) -> list[dict]:
-    ids = [r.id for _, _, _, rows in page for r in rows]
-    participants, links = {}, collections.defaultdict(set)
-    for part in _chunks(ids):
-        participants.update(conn.execute(sa.select(emails.c.meeting_id, emails.c.participants)
-                                         .where(emails.c.meeting_id.in_(part))).all())
-        for meeting_id, client_id in conn.execute(sa.select(email_links.c.meeting_id, email_links.c.client_id)
-                                                  .where(email_links.c.meeting_id.in_(part))):
-            links[meeting_id].add(client_id)
-    items = []
-    for _, tid, s, rows in page:
-        people, clients = {}, set()
-        for r in rows:
-            for _role, address, name in json.loads(participants.get(r.id, "[]")):
-                if address not in people or (not people[address] and name):
-                    people[address] = name
-            clients |= links[r.id]
-        items.append({
-            "thread_id": tid, "subject": s["subject"], "messages": s["messages"],
-            "first_at": iso_seconds(s["first_at"]), "last_at": iso_seconds(s["last_at"]),
+def _chunks(values, size=500):
+    values = sorted(values)
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def _thread_item(thread_id: str, s: dict) -> dict:
+    return {"thread_id": thread_id, "subject": s["subject"], "messages": s["messages"],
+            "first_at": iso_seconds(s["first_s"]), "last_at": iso_seconds(s["last_s"]),
             "last_direction": s["last_direction"],
-            "awaiting_reply_since": iso_seconds(s["awaiting_reply_since"]) if s["awaiting_reply_since"] is not None else None,
-            "participants": [{"address": a, "name": n or None} for a, n in people.items()],
-            "client_ids": sorted(clients)})
-    return items
+            "awaiting_reply_since": iso_seconds(s["awaiting_s"]) if s["awaiting_s"] is not None else None,
+            "participants": [{"address": a, "name": n or None} for a, n in s["participants"]],
+            "client_ids": list(s["clients"])}
 
 
 def get_thread(ctx, installation_id, user_id, thread_id) -> dict:

@@ -122,16 +122,17 @@ def link_new(conn, installation_id: int, new: list, hints: list = ()) -> set:
     return start
 
 
-def recompute(conn, installation_id: int, start: set) -> dict[int, str]:
+def recompute(conn, installation_id: int, start: set) -> tuple[dict[int, str], set[str]]:
     """Walk the components of the nodes ``start`` and give each message its thread id;
-    returns {meeting_id: thread id} for the messages whose id changed."""
+    returns {meeting_id: thread id} for the messages whose id changed, and the ids they
+    had (threads that lost messages)."""
     message_nodes, current = _component(conn, installation_id, start)
     changed = {}
     for meeting_id, tid in _thread_ids(installation_id, message_nodes).items():
         if current.get(meeting_id) != tid:
             changed[meeting_id] = tid
     update_rows(conn, emails, "meeting_id", [{"meeting_id": m, "thread_id": t} for m, t in sorted(changed.items())])
-    return changed
+    return changed, {current[m] for m in changed if current.get(m)}
 
 
 def _component(conn, installation_id: int, start: set) -> tuple[dict[int, set], dict[int, str]]:
