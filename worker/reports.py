@@ -33,10 +33,11 @@ import logging
 import time
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, sqlite
 
 from worker import keys, rollups
 from worker.tables import email_links, email_mailboxes, emails, meeting_days, meetings
-from worker.tables import thread_mailboxes, thread_pairs
+from worker.tables import client_gaps, thread_mailboxes, thread_pairs
 from worker.tables import threads as thread_table
 from worker.email import thread_state
 from worker.email.thread_state import is_message
@@ -177,7 +178,8 @@ def _compute_and_store(ctx, installation_id: int, user_id: int, name: str, p: Pa
                        tag: str | None) -> dict:
     """Compute the report; store it under ``tag`` (read before computing) when given."""
     with ctx.engine.connect() as conn:
-        rows, source = compute(conn, installation_id, user_id, name, p, now, tiflash=ctx.tiflash())
+        rows, source = compute(conn, installation_id, user_id, name, p, now, tiflash=ctx.tiflash(),
+                               stamps=client_stamps(ctx, installation_id))
     result = {"name": name, "rows": rows, "generated_at": iso_seconds(now), "source": source}
     if tag is not None:
         key = keys.report_cache(installation_id, user_id, p.digest(name))
@@ -237,10 +239,14 @@ def precompute(ctx, installation_id: int, token: str, now: int, idle: int, inter
 
 
 def compute(conn, installation_id: int, user_id: int, name: str, p: Params, now: int,
-            tiflash: bool = False) -> tuple[list, str]:
+            tiflash: bool = False, stamps=None) -> tuple[list, str]:
     """The report's rows from the database, and where they came from.  ``tiflash``: read
-    TiDB's columnar replicas (the context knows whether the database has them)."""
+    TiDB's columnar replicas (the context knows whether the database has them);
+    ``stamps``: the index's client stamps, which tell the kept per-client figures that
+    are still current (:func:`client_stamps`)."""
     hint = TIFLASH_HINT if tiflash else None
+    if name == "going_cold":
+        return going_cold(conn, installation_id, user_id, p, now, hint, stamps=stamps), "database"
     if p.date_from is not None and p.date_to is not None and p.date_from >= p.date_to:
         return [], "database"
     if name == "activity":
@@ -565,29 +571,121 @@ def _workload_sql(conn, v, figures: dict) -> None:
         figures[mailbox_user]["waits"].append(wait)
 
 
-def going_cold(conn, installation_id: int, user_id: int, p: Params, now: int, hint: str | None = None) -> list[dict]:
+def going_cold(conn, installation_id: int, user_id: int, p: Params, now: int, hint: str | None = None,
+               stamps=None) -> list[dict]:
+    """Clients whose silence is longer than twice their median gap.  Without a date range
+    and with ``stamps`` (the index's client stamps: :func:`client_stamps`), the user's own
+    clients come from their kept figures (``client_gaps``, recomputed for the clients whose
+    stamp moved); the clients seen only through emails, and any date range, from the
+    visible rows."""
     m = meetings.c
-    rows = _visible(installation_id, user_id, p, (m.id, m.client_id, m.meeting_s), m.client_id != 0, hint=hint)
+    last: dict = {}
+    medians: dict = {}
+    kept = _kept_gaps(conn, installation_id, user_id, p, stamps) if p.date_from is None and p.date_to is None \
+        and stamps is not None else None
+    if kept is None:
+        rows = _visible(installation_id, user_id, p, (m.id, m.client_id, m.meeting_s), m.client_id != 0, hint=hint)
+    else:
+        for client_id, (last_s, twice) in kept.items():
+            if twice is not None:
+                last[client_id], medians[client_id] = last_s, twice / 2
+        rows = seen_beyond(installation_id, user_id, (m.id, m.client_id, m.meeting_s), m.client_id != 0,
+                           *_filters(p), hint=hint).subquery("beyond")
     seen = sa.select(rows.c.client_id, rows.c.meeting_s,
                      (rows.c.meeting_s - sa.func.lag(rows.c.meeting_s).over(
                          partition_by=rows.c.client_id, order_by=(rows.c.meeting_s, rows.c.id))).label("gap")).cte("seen")
     gaps: dict = collections.defaultdict(list)
-    last: dict = {}
-    stmt = sa.select(seen.c.client_id, seen.c.meeting_s, seen.c.gap)
-    for client_id, seconds, gap in conn.execute(stmt):
+    for client_id, seconds, gap in conn.execute(sa.select(seen.c.client_id, seen.c.meeting_s, seen.c.gap)):
         if gap is not None:
             gaps[client_id].append(gap)
         if client_id not in last or seconds > last[client_id]:
             last[client_id] = seconds
+    medians.update((client_id, percentile(sorted(values), 0.5)) for client_id, values in gaps.items())
     rows = []
-    for client_id, values in gaps.items():
-        median = percentile(sorted(values), 0.5)
+    for client_id, median in medians.items():
         silence = now - last[client_id]
         if silence > 2 * median:
             rows.append({"client_id": client_id, "last_at": iso_seconds(last[client_id]), "median_gap_s": median,
                          "silence_s": silence})
     rows.sort(key=lambda r: (-r["silence_s"], r["client_id"]))
     return rows
+
+
+def _kept_gaps(conn, installation_id: int, user_id: int, p: Params, stamps) -> dict | None:
+    """{client: (last_s, twice the median gap or None)} of the user's own clients (narrowed
+    by ``p.client_ids``): every meeting of a client the user holds is visible to them, so
+    the figures are the client's own.  Rows whose stamp moved are computed again from the
+    client's meetings and stored.  None when the index cannot say what moved."""
+    own = sorted(conn.execute(own_clients(installation_id, user_id)).scalars())
+    if p.client_ids is not None:
+        own = sorted(set(own) & set(p.client_ids))
+    current = stamps(own) if own else {}
+    if current is None:
+        return None
+    g = client_gaps.c
+    kept, found = {}, {}
+    for start in range(0, len(own), 1000):
+        for client_id, stamp, last_s, twice in conn.execute(sa.select(g.client_id, g.stamp, g.last_s, g.median_gap2).where(
+                g.installation_id == installation_id, g.client_id.in_(own[start:start + 1000]))):
+            if stamp == current[client_id]:
+                kept[client_id] = (last_s, twice)
+    stale = [c for c in own if c not in kept]
+    m = meetings.c
+    dates: dict = collections.defaultdict(list)
+    for start in range(0, len(stale), 500):
+        for client_id, seconds in conn.execute(sa.select(m.client_id, m.meeting_s).where(
+                m.installation_id == installation_id, m.client_id.in_(stale[start:start + 500]))
+                .order_by(m.client_id, m.meeting_s, m.id)):
+            dates[client_id].append(seconds)
+    for client_id in stale:
+        ds = dates.get(client_id, [])
+        gaps = sorted(b - a for a, b in zip(ds, ds[1:]))
+        found[client_id] = (ds[-1] if ds else None, int(percentile(gaps, 0.5) * 2) if gaps else None)
+    if found:  # in a transaction of its own: the report's reads keep their snapshot
+        with conn.engine.begin() as writer:
+            _store_gaps(writer, installation_id, {c: (current[c], *v) for c, v in found.items()})
+    return {**kept, **found}
+
+
+def _store_gaps(conn, installation_id: int, rows: dict) -> None:
+    values = [{"installation_id": installation_id, "client_id": c, "stamp": stamp, "last_s": last_s,
+               "median_gap2": twice} for c, (stamp, last_s, twice) in sorted(rows.items())]
+    t = client_gaps
+    if conn.dialect.name == "mysql":
+        stmt = mysql.insert(t)
+        stmt = stmt.on_duplicate_key_update(stamp=stmt.inserted.stamp, last_s=stmt.inserted.last_s,
+                                            median_gap2=stmt.inserted.median_gap2)
+    else:
+        stmt = sqlite.insert(t)
+        stmt = stmt.on_conflict_do_update(index_elements=[t.c.installation_id, t.c.client_id],
+                                          set_={"stamp": stmt.excluded.stamp, "last_s": stmt.excluded.last_s,
+                                                "median_gap2": stmt.excluded.median_gap2})
+    for start in range(0, len(values), 500):
+        conn.execute(stmt, values[start:start + 500])
+
+
+def client_stamps(ctx, installation_id: int):
+    """A function that gives the index's stamp (``<token>|<n>``) of each client asked, or
+    None when the index does not mirror the database (then nothing kept may be trusted);
+    None itself when the installation has no token."""
+    token = ctx.mirror.token(installation_id)
+    if token is None:
+        return None
+
+    def stamps(client_ids: list) -> dict | None:
+        pipe = ctx.redis.pipeline(transaction=False)
+        pipe.get(keys.ready(installation_id))
+        pipe.hmget(keys.client_stamps(installation_id), client_ids)
+        try:
+            ready, values = pipe.execute()
+        except REDIS_FAULTS as exc:
+            if not is_transient(exc):
+                raise
+            return None
+        if ready is None or ready.decode() != token:
+            return None
+        return {c: f"{token}|{int(v or 0)}" for c, v in zip(client_ids, values)}
+    return stamps
 
 
 REPORTS = {"response_times": response_times, "awaiting_reply": awaiting_reply, "workload": workload,

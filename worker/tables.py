@@ -359,6 +359,20 @@ thread_reach = sa.Table(
     sa.Index("ix_thread_reach_thread", "installation_id", "thread_id"),
 )
 
+#: Each client's meetings as ``going_cold`` needs them: the date of the last one and twice
+#: the median gap between them (an integer: the median of whole seconds is one, or a half),
+#: as they stood at ``stamp``, the index's ``<token>|<client stamp>`` (worker/keys.py
+#: client_stamps) when they were computed.  Kept lazily: a report recomputes the rows of
+#: the clients whose stamp moved since (worker/reports.py).
+client_gaps = sa.Table(
+    "client_gaps", metadata,
+    sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("client_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("stamp", sa.String(100), nullable=False),
+    sa.Column("last_s", BigInt),
+    sa.Column("median_gap2", BigInt),
+)
+
 #: The keys of deleted messages: a key is never given to another message (a caller may
 #: still hold the old one).
 retired_keys = sa.Table(
