@@ -117,7 +117,7 @@ def measure_notmuch(raws: list[bytes]) -> float | None:
         return round(len(raws) / (time.perf_counter() - start), 1)
 
 
-def _users(data) -> dict:
+def report_users(data) -> dict:
     """The report users: one with 2,000 clients (or the broadest) and one with about 50."""
     big = data.big[0]
     fifty = min(data.lists, key=lambda u: (abs(len(data.lists[u]) - 50), u))
@@ -171,7 +171,7 @@ def measure_reports(bench, data) -> None:
     counting_r = connect(bench.urls["index"])
     counter = CountingRedis(counting_r)
     cached_ctx = Context(bench.ctx.settings, bench.engine, counting_r)
-    for who, user in _users(data).items():
+    for who, user in report_users(data).items():
         figures = {"clients": len(data.lists[user])}
         with bench.engine.connect() as conn:
             conn.exec_driver_sql("SET time_zone = '+00:00'")
@@ -233,7 +233,7 @@ def measure_threads(bench, data) -> None:
         "search_contacts_prefix": lambda u: queries.search_contacts(bench.ctx, 1, u, q=prefix),
     }
     out = {}
-    for who, user in _users(data).items():
+    for who, user in report_users(data).items():
         figures = {}
         for label, call in calls.items():
             ns = timed(lambda: call(user), [()] * samples, seconds, f"{label} ({who})")

@@ -79,6 +79,20 @@ def ratios(result) -> tuple[dict, dict]:
         targets["activity, last 90 days, >= 10x naive SQL"] = at_least(
             reports.get("activity_90_days", {}).get("naive_over_rollup"), 10)
         targets["cached report <= 3 Redis round trips"] = all(reports[n]["cached_round_trips"] <= 3 for n in names)
+    streaming = result.get("streaming", {}).get("users")
+    if streaming:
+        big, fifty = streaming.get("2000_clients", {}), streaming.get("50_clients", {})
+        targets["streaming: query_threads p99 <= 50 ms (2,000-client user)"] = at_most(
+            big.get("query_threads", {}).get("p99_ms"), 50)
+        targets["streaming: query_threads p99 <= 10 ms (50-client user)"] = at_most(
+            fifty.get("query_threads", {}).get("p99_ms"), 10)
+        targets["streaming: each report p50 <= 150 ms (2,000-client user, computed)"] = all(
+            v <= 150 for v in big.get("reports_p50_ms", {}).values())
+        targets["streaming: each report p50 <= 20 ms (50-client user, computed)"] = all(
+            v <= 20 for v in fifty.get("reports_p50_ms", {}).values())
+        targets["streaming: cache hit rate >= 95% (50-client user, stream into other clients)"] = at_least(
+            fifty.get("cache_hit_rate"), 0.95)
+        targets["streaming: every answer exact after the stream"] = not any(result["streaming"]["exact"].values())
     threads = result.get("threads", {}).get("2000_clients")
     if threads:
         targets["query_threads and search_contacts cold p99 <= 50 ms (2,000-client user)"] = all(
@@ -135,6 +149,17 @@ def table(result) -> str:
     for who, figures in result.get("threads", {}).items():
         lines.append(f"threads and contacts, {who.replace('_', ' ')} user: " + "; ".join(
             f"{name} p50 {f['p50_ms']} / p99 {f['p99_ms']} ms ({f['total']} found)" for name, f in figures.items()))
+    s = result.get("streaming")
+    if s:
+        lines.append(f"while streaming ({s['stream']['items_per_s']} meetings and emails/s, "
+                     f"{s['stream']['access_changes']} access changes, {s['stream']['failed']} failed tasks):")
+        for who, f in s["users"].items():
+            lines.append(f"  {who.replace('_', ' ')} user: query_threads p50 {f['query_threads']['p50_ms']} / p99 "
+                         f"{f['query_threads']['p99_ms']} ms; reports p50 " + ", ".join(
+                             f"{n} {v} ms" for n, v in f["reports_p50_ms"].items())
+                         + f"; cache hit rate {f['cache_hit_rate']} of {f['reports_asked']} asked")
+        lines.append("  exact after the stream: " + ", ".join(
+            f"{who} {'yes' if not m else '; '.join(m)}" for who, m in s["exact"].items()))
     lines.append("")
     for name, met in result.get("targets", {}).items():
         lines.append(f"[{'met' if met else 'MISSED' if met is False else 'n/a'}] {name}")

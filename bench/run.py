@@ -434,11 +434,14 @@ class Bench:
         self.measure_memory(data, seed_memory)
         self.measure_celery(data)
         self.measure_precompute(data)
-        from bench.insight import measure_email, measure_reports, measure_threads
+        from bench.insight import measure_email, measure_reports, measure_threads, report_users
+        from bench.stream import measure_streaming
         if self.args.emails:
             measure_email(self, self.args.emails)
         measure_reports(self, data)
         measure_threads(self, data)
+        if self.args.emails:
+            measure_streaming(self, data, report_users(data))
         from bench.report import ratios
         self.result["ratios"], self.result["targets"] = ratios(self.result)
         return self.result
