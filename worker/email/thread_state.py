@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from worker.tables import (email_links, email_mailboxes, emails, meetings, thread_mailboxes, thread_pairs,
                            thread_reach, threads)
-from worker.visibility import own_clients, threads_seen
+from worker.visibility import threads_seen, visible_among
 
 
 #: The tables of a thread's state.
@@ -102,8 +102,7 @@ def _chunks(values, size=500):
 
 def load(conn, installation_id: int, thread_ids, viewer: int | None = None) -> dict[str, list[Message]]:
     """The messages of the threads ``thread_ids`` that make their state; with ``viewer`` (a
-    user id), only those that user may see (worker/visibility.py's rule, applied here:
-    one of the user's clients is linked, or it was read from the user's mailbox)."""
+    user id), only those that user may see (worker/visibility.py)."""
     found: dict = collections.defaultdict(list)
     rows = []
     m = meetings.c
@@ -114,20 +113,15 @@ def load(conn, installation_id: int, thread_ids, viewer: int | None = None) -> d
                              .where(emails.c.installation_id == installation_id, emails.c.thread_id.in_(part),
                                     *is_message())).all()
     links, boxes, seen = collections.defaultdict(set), collections.defaultdict(set), set()
-    mine = (email_links.c.client_id.in_(own_clients(installation_id, viewer)) if viewer is not None
-            else sa.false())
     for part in _chunks({r.id for r in rows}):
-        for meeting_id, client_id, by_client in conn.execute(
-                sa.select(email_links.c.meeting_id, email_links.c.client_id, mine)
-                .where(email_links.c.meeting_id.in_(part))):
+        for meeting_id, client_id in conn.execute(sa.select(email_links.c.meeting_id, email_links.c.client_id)
+                                                  .where(email_links.c.meeting_id.in_(part))):
             links[meeting_id].add(client_id)
-            if by_client:
-                seen.add(meeting_id)
         for meeting_id, user_id in conn.execute(sa.select(email_mailboxes.c.meeting_id, email_mailboxes.c.user_id)
                                                 .where(email_mailboxes.c.meeting_id.in_(part))):
             boxes[meeting_id].add(user_id)
-            if user_id == viewer:
-                seen.add(meeting_id)
+        if viewer is not None:
+            seen.update(conn.execute(visible_among(installation_id, viewer, part)).scalars())
     for r in rows:
         if viewer is None or r.id in seen:
             found[r.thread_id].append(Message(r.id, r.meeting_s, r.status, r.subject,
