@@ -175,12 +175,16 @@ def measure_reports(bench, data) -> None:
         figures = {"clients": len(data.lists[user])}
         with bench.engine.connect() as conn:
             conn.exec_driver_sql("SET time_zone = '+00:00'")
-            stamps = reports.client_stamps(bench.ctx, 1)  # as the service computes: kept figures where current
+            stamps = reports.client_stamps(bench.ctx, 1)
+
+            def computed(name, user=user):
+                """As the service computes a report: a connection (and snapshot) of its own,
+                kept figures where they are current."""
+                with bench.engine.connect() as own:
+                    return reports.compute(own, 1, user, name, params, now, stamps=stamps)
             for name in reports.NAMES:
-                ns = timed(lambda: reports.compute(conn, 1, user, name, params, now, stamps=stamps),
-                           [()] * samples, seconds, f"{name} ({who})")
-                figures[name] = {"p50_ms": percentiles(ns)["p50"], "rows": len(reports.compute(conn, 1, user, name,
-                                                                                                 params, now)[0])}
+                ns = timed(lambda: computed(name), [()] * samples, seconds, f"{name} ({who})")
+                figures[name] = {"p50_ms": percentiles(ns)["p50"], "rows": len(computed(name)[0])}
             ns = timed(lambda: naive_activity(conn, user), [()] * samples, seconds, f"activity naive SQL ({who})")
             figures["activity"]["naive_sql_p50_ms"] = percentiles(ns)["p50"]
             figures["activity"]["naive_over_rollup"] = round(percentiles(ns)["p50"] / figures["activity"]["p50_ms"], 2)
