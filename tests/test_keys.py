@@ -103,7 +103,7 @@ def test_each_scripts_arguments_are_named_as_python_builds_them(script):
     assert ("rest" in fields) == (tail is not None)
     if tail:
         assert int(tail.group(1)) == len(fixed) + 1 and fields[-1] == "rest"
-    assert re.search(r"^-- ARGV \(worker/\w+\.py " + name + r"\):", text, re.M)
+    assert re.search(r"^-- ARGV \(worker/[\w/]+\.py " + name + r"\):", text, re.M)
 
 
 def test_no_script_is_longer_than_two_hundred_lines():

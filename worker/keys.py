@@ -207,14 +207,14 @@ def user_stamps(installation_id: int) -> str:
 def report_cache(installation_id: int, user_id: int, digest: str) -> str:
     """Hash ``t`` -> ``<token>|s<data version>``, ``b`` -> report JSON, with a TTL: one
     user's report for one (name, params) digest, served while the token holds and nothing
-    the report could include changed after that data version (worker/reports.py,
+    the report could include changed after that data version (worker/reports/__init__.py,
     report_cache.lua).  (An earlier layout kept strings under ``rc:``; they expire.)"""
     return f"{prefix(installation_id)}rr:{user_id}:{digest}"
 
 
 def report_requests(installation_id: int) -> str:
     """Hash ``<user>:<digest>`` -> ``[last asked (s), name, params]``: the reports users
-    asked for lately, which the beat keeps computed (worker/reports.py ``precompute``)."""
+    asked for lately, which the beat keeps computed (worker/reports/__init__.py ``precompute``)."""
     return f"{prefix(installation_id)}rq"
 
 

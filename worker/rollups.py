@@ -3,7 +3,7 @@
 Every writer of ``meetings`` hands the rows it removed and added, in its own transaction,
 to :func:`apply`: the rollup never disagrees with the rows, not even for a moment another
 transaction could see.  ``crm.report`` reads the rollup for the clients a user is
-assigned, and raw rows only for what the user sees beyond them (worker/reports.py).
+assigned, and raw rows only for what the user sees beyond them (worker/reports/clients.py).
 For emails the status is the direction (``inbound``/``outbound``).
 """
 from __future__ import annotations

@@ -363,7 +363,7 @@ thread_reach = sa.Table(
 #: the median gap between them (an integer: the median of whole seconds is one, or a half),
 #: as they stood at ``stamp``, the index's ``<token>|<client stamp>`` (worker/keys.py
 #: client_stamps) when they were computed.  Kept lazily: a report recomputes the rows of
-#: the clients whose stamp moved since (worker/reports.py).
+#: the clients whose stamp moved since (worker/reports/clients.py).
 client_gaps = sa.Table(
     "client_gaps", metadata,
     sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),

@@ -7,7 +7,7 @@ A user who holds a client that every message of a thread links to, or whose mail
 every message was read from, sees the whole thread (``thread_reach.whole``): their thread
 list and reports take its state as it is.  Anyone else who sees part of a thread gets its
 figures from the messages they may see, and from those alone (worker/email/queries.py,
-worker/reports.py): a thread seen only in part never shows state derived from a message
+worker/reports/threads.py): a thread seen only in part never shows state derived from a message
 its reader may not see.
 
 Callers hold the installation's email lock (worker/email/links.py lock_installation):

@@ -10,7 +10,7 @@
 -- KEYS[6]  {i:N}:cs              hash  client -> stamp of the last write it could see
 -- KEYS[7]  {i:N}:us              hash  user -> stamp of the last write to its mailbox or access
 --
--- ARGV (worker/reports.py ReportCacheArgs):
+-- ARGV (worker/reports/__init__.py ReportCacheArgs):
 local token = ARGV[1]         -- the caller's "<database_id>:<generation>"
 local user = ARGV[2]          -- user id
 local field = ARGV[3]         -- the request's field in KEYS[4], "<user>:<d>"

@@ -1,5 +1,5 @@
 """Each client's last meeting and median gap between its meetings, kept lazily for the
-``going_cold`` report (worker/reports.py): empty at first, filled as reports ask.
+``going_cold`` report (worker/reports/clients.py): empty at first, filled as reports ask.
 
 Revision ID: 0008
 Revises: 0007

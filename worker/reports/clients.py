@@ -1,0 +1,210 @@
+"""The client reports: ``activity`` (the daily rollup, worker/rollups.py, plus raw rows
+for what the rollup cannot say) and ``going_cold`` (each client's last meeting and
+median gap, kept per client in ``client_gaps`` and trusted while the client's stamp in
+the index has not moved)."""
+from __future__ import annotations
+
+import collections
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, sqlite
+
+from worker import keys, rollups
+from worker.errors import REDIS_FAULTS, is_transient
+from worker.records import iso_seconds
+from worker.reports.shared import DAY, Params, filters, hinted, percentile, visible
+from worker.tables import client_gaps, meeting_days, meetings
+from worker.visibility import own_clients, seen_beyond
+
+
+def _month_label(month: int) -> str:
+    return f"{month // 100:04d}-{month % 100:02d}"
+
+
+def _bucket_label(day: int, bucket: str) -> str:
+    if bucket == "week":
+        return rollups.date_of(rollups.week_of(day)).isoformat()
+    return _month_label(rollups.month_of(day))
+
+
+def _partial_days(p: Params) -> set[int]:
+    """The days that the range covers only in part (a bound inside them): read from the
+    rows, while the rollup gives the whole days ``[ceil(date_from), floor(date_to))``."""
+    days = set()
+    if p.date_from is not None and p.date_from % DAY:
+        days.add(p.date_from // DAY)
+    if p.date_to is not None and p.date_to % DAY:
+        days.add(p.date_to // DAY)
+    return days
+
+
+def activity(conn, installation_id: int, user_id: int, p: Params, hint: str | None = None) -> list[dict]:
+    """Meetings per (client, type, bucket) with running totals.  The whole days of the
+    range, for the user's own clients, come from the rollup; the rest (meetings seen
+    through another link or the user's mailbox, the partial days at the range's edges)
+    from the visible rows themselves."""
+    counts: collections.Counter = collections.Counter()
+    first_day = None if p.date_from is None else -(-p.date_from // DAY)
+    end_day = None if p.date_to is None else p.date_to // DAY
+    own = own_clients(installation_id, user_id)
+    d = meeting_days.c
+    column = d.week if p.bucket == "week" else d.month
+    conds = [d.installation_id == installation_id, d.client_id.in_(own)]
+    if p.client_ids is not None:
+        conds.append(d.client_id.in_(p.client_ids))
+    if first_day is not None:
+        conds.append(d.day >= first_day)
+    if end_day is not None:
+        conds.append(d.day < end_day)
+    stmt = (sa.select(d.client_id, d.type, column, sa.func.sum(d["count"]))
+            .where(*conds).group_by(d.client_id, d.type, column))
+    for client_id, type_, bucket, n in conn.execute(hinted(stmt, hint)):
+        label = _bucket_label(bucket, "week") if p.bucket == "week" else _month_label(bucket)
+        counts[(client_id, type_, label)] += int(n)
+    m = meetings.c
+    raw = [seen_beyond(installation_id, user_id, (m.client_id, m.type, m.meeting_s), *filters(p), hint=hint)]
+    # The partial days at the range's edges, from the rows of the clients the rollup says
+    # had meetings on those days (a few, instead of a probe per client of the user).  A
+    # range inside one day has one partial day: read once, it counts each meeting once.
+    for edge_day in sorted(_partial_days(p)):
+        active = sa.select(d.client_id).where(d.installation_id == installation_id, d.day == edge_day,
+                                              d.client_id.in_(own))
+        raw.append(sa.select(m.client_id, m.type, m.meeting_s).where(
+            m.installation_id == installation_id, m.client_id.in_(active), *filters(p),
+            m.meeting_s >= edge_day * DAY, m.meeting_s < (edge_day + 1) * DAY))
+    for n, stmt in enumerate(raw):
+        for client_id, type_, seconds in conn.execute(stmt if n == 0 else hinted(stmt, hint)):
+            counts[(client_id, type_, _bucket_label(seconds // DAY, p.bucket))] += 1
+    rows, running = [], collections.Counter()
+    for (client_id, type_, label), n in sorted(counts.items(), key=lambda kv: (kv[0][0] != 0, kv[0])):
+        if n <= 0:
+            continue
+        running[(client_id, type_)] += n
+        rows.append({"client_id": client_id or None, "type": type_, "bucket": label, "count": n,
+                     "running_total": running[(client_id, type_)]})
+    return rows
+
+
+def going_cold(conn, installation_id: int, user_id: int, p: Params, now: int, hint: str | None = None,
+               stamps=None) -> list[dict]:
+    """Clients whose silence is longer than twice their median gap.  Without a date range
+    and with ``stamps`` (the index's client stamps: :func:`client_stamps`), the user's own
+    clients come from their kept figures (``client_gaps``, recomputed for the clients whose
+    stamp moved); the clients seen only through emails, and any date range, from the
+    visible rows."""
+    m = meetings.c
+    last: dict = {}
+    medians: dict = {}
+    gaps: dict = collections.defaultdict(list)
+    kept = _kept_gaps(conn, installation_id, user_id, p, stamps) if p.date_from is None and p.date_to is None \
+        and stamps is not None else None
+    if kept is None:
+        rows = visible(installation_id, user_id, p, (m.id, m.client_id, m.meeting_s), m.client_id != 0, hint=hint)
+        seen = sa.select(rows.c.client_id, rows.c.meeting_s,
+                         (rows.c.meeting_s - sa.func.lag(rows.c.meeting_s).over(
+                             partition_by=rows.c.client_id, order_by=(rows.c.meeting_s, rows.c.id))).label("gap")).cte("seen")
+        for client_id, seconds, gap in conn.execute(sa.select(seen.c.client_id, seen.c.meeting_s, seen.c.gap)):
+            if gap is not None:
+                gaps[client_id].append(gap)
+            if client_id not in last or seconds > last[client_id]:
+                last[client_id] = seconds
+    else:
+        for client_id, (last_s, twice) in kept.items():
+            if twice is not None:
+                last[client_id], medians[client_id] = last_s, twice / 2
+        # The clients seen only through emails: their few visible rows, in order (wrapped
+        # in a window statement, this driven read lost its plan on MariaDB).
+        beyond = collections.defaultdict(list)
+        for meeting_id, client_id, seconds in conn.execute(seen_beyond(
+                installation_id, user_id, (m.id, m.client_id, m.meeting_s), m.client_id != 0, *filters(p), hint=hint)):
+            beyond[client_id].append((seconds, meeting_id))
+        for client_id, found in beyond.items():
+            found.sort()
+            gaps[client_id] = [b[0] - a[0] for a, b in zip(found, found[1:])]
+            last[client_id] = found[-1][0]
+    medians.update((client_id, percentile(sorted(values), 0.5)) for client_id, values in gaps.items() if values)
+    rows = []
+    for client_id, median in medians.items():
+        silence = now - last[client_id]
+        if silence > 2 * median:
+            rows.append({"client_id": client_id, "last_at": iso_seconds(last[client_id]), "median_gap_s": median,
+                         "silence_s": silence})
+    rows.sort(key=lambda r: (-r["silence_s"], r["client_id"]))
+    return rows
+
+
+def _kept_gaps(conn, installation_id: int, user_id: int, p: Params, stamps) -> dict | None:
+    """{client: (last_s, twice the median gap or None)} of the user's own clients (narrowed
+    by ``p.client_ids``): every meeting of a client the user holds is visible to them, so
+    the figures are the client's own.  Rows whose stamp moved are computed again from the
+    client's meetings and stored.  None when the index cannot say what moved."""
+    own = sorted(conn.execute(own_clients(installation_id, user_id)).scalars())
+    if p.client_ids is not None:
+        own = sorted(set(own) & set(p.client_ids))
+    current = stamps(own) if own else {}
+    if current is None:
+        return None
+    g = client_gaps.c
+    kept, found = {}, {}
+    for start in range(0, len(own), 1000):
+        for client_id, stamp, last_s, twice in conn.execute(sa.select(g.client_id, g.stamp, g.last_s, g.median_gap2).where(
+                g.installation_id == installation_id, g.client_id.in_(own[start:start + 1000]))):
+            if stamp == current[client_id]:
+                kept[client_id] = (last_s, twice)
+    stale = [c for c in own if c not in kept]
+    m = meetings.c
+    dates: dict = collections.defaultdict(list)
+    for start in range(0, len(stale), 500):
+        for client_id, seconds in conn.execute(sa.select(m.client_id, m.meeting_s).where(
+                m.installation_id == installation_id, m.client_id.in_(stale[start:start + 500]))
+                .order_by(m.client_id, m.meeting_s, m.id)):
+            dates[client_id].append(seconds)
+    for client_id in stale:
+        ds = dates.get(client_id, [])
+        gaps = sorted(b - a for a, b in zip(ds, ds[1:]))
+        found[client_id] = (ds[-1] if ds else None, int(percentile(gaps, 0.5) * 2) if gaps else None)
+    if found:  # in a transaction of its own: the report's reads keep their snapshot
+        with conn.engine.begin() as writer:
+            _store_gaps(writer, installation_id, {c: (current[c], *v) for c, v in found.items()})
+    return {**kept, **found}
+
+
+def _store_gaps(conn, installation_id: int, rows: dict) -> None:
+    values = [{"installation_id": installation_id, "client_id": c, "stamp": stamp, "last_s": last_s,
+               "median_gap2": twice} for c, (stamp, last_s, twice) in sorted(rows.items())]
+    t = client_gaps
+    if conn.dialect.name == "mysql":
+        stmt = mysql.insert(t)
+        stmt = stmt.on_duplicate_key_update(stamp=stmt.inserted.stamp, last_s=stmt.inserted.last_s,
+                                            median_gap2=stmt.inserted.median_gap2)
+    else:
+        stmt = sqlite.insert(t)
+        stmt = stmt.on_conflict_do_update(index_elements=[t.c.installation_id, t.c.client_id],
+                                          set_={"stamp": stmt.excluded.stamp, "last_s": stmt.excluded.last_s,
+                                                "median_gap2": stmt.excluded.median_gap2})
+    for start in range(0, len(values), 500):
+        conn.execute(stmt, values[start:start + 500])
+
+
+def client_stamps(ctx, installation_id: int):
+    """A function that gives the index's stamp (``<token>|<n>``) of each client asked, or
+    None when the index does not mirror the database (then nothing kept may be trusted);
+    None itself when the installation has no token."""
+    token = ctx.mirror.token(installation_id)
+    if token is None:
+        return None
+
+    def stamps(client_ids: list) -> dict | None:
+        pipe = ctx.redis.pipeline(transaction=False)
+        pipe.get(keys.ready(installation_id))
+        pipe.hmget(keys.client_stamps(installation_id), client_ids)
+        try:
+            ready, values = pipe.execute()
+        except REDIS_FAULTS as exc:
+            if not is_transient(exc):
+                raise
+            return None
+        if ready is None or ready.decode() != token:
+            return None
+        return {c: f"{token}|{int(v or 0)}" for c, v in zip(client_ids, values)}
+    return stamps
