@@ -9,11 +9,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
-.PHONY: install run test bench bench-quick
+.PHONY: install run status test bench bench-quick
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/crm run
+	$(VENV)/bin/crm run $(ARGS)
+
+status: $(STAMP)
+	$(VENV)/bin/crm status $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -27,18 +27,22 @@ def add_arguments(p) -> None:
                    help="queries: every path against every peer; load: the service under concurrent "
                         "ingestion, access changes and queries, checked for losses and leaks")
     p.add_argument("--quick", action="store_true", help="a reduced run (under a minute); JSON on the last line")
-    p.add_argument("--meetings", type=int, default=500_000)
-    p.add_argument("--clients", type=int, default=5000)
-    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--meetings", type=int, default=500_000, help="meetings in the data set")
+    p.add_argument("--clients", type=int, default=5000, help="clients in the data set")
+    p.add_argument("--users", type=int, default=2000, help="users in the data set (one holds 2,000 clients)")
     p.add_argument("--samples", type=int, default=300, help="queries per path and page (time-boxed)")
     p.add_argument("--seconds", type=float, default=None,
-                   help="time box per path and page (default 20); with `load`, how long the load runs (default 180)")
-    p.add_argument("--ingest-rows", type=int, default=20_000)
+                   help="time box per path and page (20 when not given); with `load`, how long the load runs "
+                        "(180 when not given)")
+    p.add_argument("--ingest-rows", type=int, default=20_000,
+                   help="meetings ingested through a worker to measure ingestion against the peers")
     p.add_argument("--emails", type=int, default=100_000,
                    help="raw messages ingested through a worker before the reports are measured (0: none)")
-    p.add_argument("--database-url", default=os.environ.get("CRM_BENCH_DATABASE_URL", DEFAULT_DB))
+    p.add_argument("--database-url", default=os.environ.get("CRM_BENCH_DATABASE_URL", DEFAULT_DB),
+                   help="a MySQL-protocol database the run may drop and fill (CRM_BENCH_DATABASE_URL)")
     p.add_argument("--redis-url", default=os.environ.get("CRM_BENCH_REDIS_URL", DEFAULT_REDIS),
-                   help="the index; the seed's layout goes in the next database number, Celery in the two after")
+                   help="the index (CRM_BENCH_REDIS_URL); the seed's layout goes in the next database number, "
+                        "Celery in the two after")
     p.add_argument("--out", default=OUT, help="folder for bench.json and latency.png")
     p.add_argument("--no-server-tuning", dest="tune", action="store_false",
                    help="leave MariaDB's innodb_buffer_pool_size as it is (by default the run raises it to hold "

@@ -20,6 +20,7 @@ def _sources(engine):
         return set(conn.execute(sa.select(meetings.c.source_id)).scalars())
 
 
+@pytest.mark.mysql  # writers racing past SQLite's one at a time within the tests' 2 s lock wait
 @pytest.mark.parametrize("rounds", [3])
 def test_deletes_racing_a_rebuild_never_come_back(clean, rounds):
     ctx = clean
@@ -172,6 +173,33 @@ def test_a_worker_log_carries_outcomes_not_payloads(tmp_path):
     rejected = [line for line in text.splitlines() if "rejected: invalid argument limit" in line]
     assert len(rejected) == 1 and "INFO" in rejected[0]
     assert "Traceback" not in text and "ERROR" not in text
+
+
+def test_a_callers_mistake_stays_out_of_a_warnings_only_log():
+    """`crm run` logs warnings and errors: a caller's mistake, which Celery logs as an
+    error, is an INFO line, so there it is not shown at all."""
+    import io
+    import logging
+
+    from worker.logs import CALLER_MISTAKE, NoPayloads
+    stream = io.StringIO()
+    logger = logging.getLogger("crm.test.trace")
+    logger.propagate, handler = False, logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    logger.addFilter(NoPayloads())
+    mistake = ValueError("limit: must be between 1 and 500, got 777")
+    setattr(mistake, CALLER_MISTAKE, True)
+    args = {"name": "crm.query_meetings", "id": "t1", "exc": "ValueError('limit…')", "description": "raised"}
+    try:
+        for level, shown in ((logging.WARNING, ""),
+                             (logging.INFO, "Task crm.query_meetings[t1] rejected: invalid argument limit\n")):
+            logger.setLevel(level)
+            logger.error("Task %(name)s[%(id)s] %(description)s: %(exc)s", args,
+                         exc_info=(ValueError, mistake, None))
+            assert stream.getvalue() == shown
+            stream.seek(0), stream.truncate()
+    finally:
+        logger.removeHandler(handler)
 
 
 # -- every task's arguments, fuzzed ------------------------------------------------------

@@ -27,6 +27,8 @@ class NoPayloads(logging.Filter):
         if getattr(exc, CALLER_MISTAKE, False):
             field = str(exc).split(":", 1)[0][:80]
             record.levelno, record.levelname = logging.INFO, "INFO"
+            if not logging.getLogger(record.name).isEnabledFor(logging.INFO):
+                return False  # logged as an error, it is not one: below the level asked for
             record.exc_info = record.exc_text = None
             record.msg = "Task %(name)s[%(id)s] rejected: invalid argument %(field)s"
             record.args = {**args, "field": field}

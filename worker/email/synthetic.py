@@ -91,8 +91,9 @@ def seed_directory(ctx, installation_id: int, clients: int, users: int) -> None:
 
 
 def seed_emails(ctx, installation_id: int, count: int, clients: int, users: int, seed: int = 42,
-                batch: int = 500) -> dict:
-    """Upsert the directory, then ingest ``count`` messages, 500 per task per mailbox."""
+                batch: int = 500, progress=None) -> dict:
+    """Upsert the directory, then ingest ``count`` messages, 500 per task per mailbox.
+    ``progress``: called with 1 for each message handed on."""
     seed_directory(ctx, installation_id, clients, users)
     pending: dict[int, list] = {}
     totals = {"accepted": 0, "new": 0, "duplicates": 0, "rejected": 0}
@@ -107,6 +108,8 @@ def seed_emails(ctx, installation_id: int, count: int, clients: int, users: int,
             pending.setdefault(user, []).append(message)
             if len(pending[user]) >= batch:
                 flush(user)
+        if progress:
+            progress(1)
     for user in sorted(pending):
         flush(user)
     return totals
