@@ -324,6 +324,31 @@ def test_directory_rules(clean):
     assert directory.upsert_users(ctx, I, [{"user_id": 1, "name": "U", "emails": ["u@ours.com"]}])["unchanged"] == 1
 
 
+def test_contact_search_takes_names_as_people_type_them(clean):
+    """Every word of the query starts a word of the name or an address, in any order,
+    whatever the case and accents; a whole address matches too; other clients stay out."""
+    ctx = clean
+    directory.upsert_clients(ctx, I, [{"client_id": c, "name": f"C{c}", "domains": []} for c in (1, 2)])
+    directory.upsert_contacts(ctx, I, [
+        {"source_id": "k1", "name": "Sam Ödegaard", "emails": ["sam@acme.com"], "client_id": 1},
+        {"source_id": "k2", "name": "Samuel Oden", "emails": ["s.oden@acme.com"], "client_id": 1},
+        {"source_id": "k3", "name": "Contact 104", "emails": [], "client_id": 1},
+        {"source_id": "k4", "name": "Mary-Jane O'Brien", "emails": ["mj@acme.com"], "client_id": 1},
+        {"source_id": "k5", "name": "Contact 104", "emails": ["hidden@other.com"], "client_id": 2}])
+    change(ctx, I, 7, [1], "set")
+
+    def found(q):
+        return [c["source_id"] for c in queries.search_contacts(ctx, I, 7, q=q, limit=50)["items"]]
+    assert found("Contact 104") == found("104 contact") == found("  CONTACT   10 ") == ["k3"]
+    assert found("SAM ÖDE") == found("sam ode") == found("Sam Ode") == ["k1", "k2"]
+    assert found("sam ödeg") == found("SAM odegaard") == ["k1"]
+    assert found("mary o'brien") == found("O'BRIEN Mary-Jane") == found("jane brien") == ["k4"]
+    assert found("mj@acme.com") == found("MJ@Acme") == found("mary mj@") == ["k4"]
+    assert found("s.oden@acme") == ["k2"]
+    assert found("Sam Nobody") == found("mj@acme.com extra") == found("hidden") == []
+    assert queries.search_contacts(ctx, I, 7, q="contact 104")["total"] == 1
+
+
 def test_real_world_messages_from_the_python_corpus(clean):
     """CPython's own email test corpus: every message is stored or rejected alone with a
     reason; none fails the batch."""

@@ -13,7 +13,7 @@ import json
 import sqlalchemy as sa
 
 from worker import cursors
-from worker.email.addresses import fold
+from worker.email.addresses import fold, name_terms
 from worker.email import thread_state
 from worker.email.thread_state import is_message
 from worker.errors import InvalidArgument
@@ -236,11 +236,8 @@ def search_contacts(ctx, installation_id, user_id, q=None, client_ids=None, job_
         conds.append(c.client_id.in_(client_ids))
     if job_title is not None:
         conds.append(c.job_key == fold(job_title.strip()))
-    prefix = fold(q.strip()) if q is not None else ""
-    if prefix:
-        conds.append(c.id.in_(sa.select(contact_terms.c.contact_id).where(
-            contact_terms.c.installation_id == installation_id,
-            contact_terms.c.term.startswith(prefix, autoescape=True))))
+    if q is not None and q.strip():
+        conds.append(_matching(installation_id, q))
     with ctx.engine.connect() as conn:
         total = conn.execute(sa.select(sa.func.count()).select_from(contacts).where(*conds)).scalar()
         if after is not None:
@@ -254,6 +251,26 @@ def search_contacts(ctx, installation_id, user_id, q=None, client_ids=None, job_
               "last_email_at": iso_seconds(last_at[r.id]) if last_at.get(r.id) is not None else None} for r in page]
     next_cursor = cursors.encode_json(secret, fingerprint, [page[-1].sort_name, page[-1].source_id]) if more else None
     return {"total": total, "items": items, "next_cursor": next_cursor}
+
+
+#: Words of a contact query that must each match (more are ignored: a person types a name).
+QUERY_WORDS = 8
+
+
+def _matching(installation_id: int, q: str):
+    """Contacts that ``q`` finds: every word of ``q`` starts a word of the contact's name
+    or one of its addresses ("sam öde" finds Sam Ödegaard), or the whole of ``q`` starts
+    an address ("sam@acme.co"); case and accents folded, words split as names are."""
+    def starting(prefix: str):
+        return c.id.in_(sa.select(contact_terms.c.contact_id).where(
+            contact_terms.c.installation_id == installation_id,
+            contact_terms.c.term.startswith(prefix[:255], autoescape=True)))
+    c = contacts.c
+    whole = fold(q.strip())
+    words = sorted(name_terms(q), key=len, reverse=True)[:QUERY_WORDS]
+    if not words or words == [whole]:
+        return starting(whole)
+    return sa.or_(starting(whole), sa.and_(*(starting(w) for w in words)))
 
 
 def _last_email_at(conn, installation_id: int, user_id: int, page) -> dict:
