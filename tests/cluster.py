@@ -11,6 +11,8 @@ import time
 
 import redis
 
+from tests.services import redis_binary
+
 
 def _free(port: int) -> bool:
     with socket.socket() as s:
@@ -45,7 +47,7 @@ class LocalCluster:
 
     def _start_node(self, port: int) -> None:
         self.procs[port] = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+            [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "1000",
              # Each node its own snapshot file: replicas sync through it, and nodes sharing
              # one folder would overwrite each other's (a replica out of sync never fails over).
@@ -60,7 +62,7 @@ class LocalCluster:
             self._start_node(port)
         for port in self.ports:
             self._wait(lambda: redis.Redis(host="127.0.0.1", port=port).ping())
-        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+        subprocess.run([redis_binary("redis-cli"), "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
                         "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         self.wait_ok()

@@ -2,16 +2,36 @@
 
 ``CRM_TEST_DATABASE_URL`` (default ``mysql+pymysql://root@127.0.0.1:3306/crm_test``) and
 ``CRM_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/13``; the broker and the result
-backend take the next two database numbers) choose them.  Each test starts from empty
-tables and an empty keyspace.
+backend take the next two database numbers) choose them.  Left at their defaults and
+not answering (a fresh machine), they are replaced by the embedded redis-server and an
+SQLite file (tests/services.py), and the tests marked ``mysql`` are skipped.  Each test
+starts from empty tables and an empty keyspace.
 """
 import dataclasses
 import os
 
 import pytest
 
-DATABASE_URL = os.environ.get("CRM_TEST_DATABASE_URL", "mysql+pymysql://root@127.0.0.1:3306/crm_test")
-REDIS_URL = os.environ.get("CRM_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+from tests import services  # noqa: E402
+
+DEFAULT_DATABASE_URL = "mysql+pymysql://root@127.0.0.1:3306/crm_test"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
+DATABASE_URL = os.environ.get("CRM_TEST_DATABASE_URL", DEFAULT_DATABASE_URL)
+REDIS_URL = os.environ.get("CRM_TEST_REDIS_URL", DEFAULT_REDIS_URL)
+#: Left at their defaults and not answering (a fresh machine): the embedded redis-server
+#: and an SQLite file instead; the tests marked ``mysql`` are skipped.
+#: The choice is kept in the environment: this module is imported twice (as pytest's
+#: conftest and as tests.conftest), and both must use the same servers.
+EMBEDDED = [e for e in os.environ.get("CRM_TEST_EMBEDDED", "").split(",") if e]
+if "CRM_TEST_REDIS_URL" not in os.environ and not services.redis_answers(REDIS_URL):
+    REDIS_URL = os.environ["CRM_TEST_REDIS_URL"] = services.start_embedded_redis() + "/13"
+    EMBEDDED.append("redis")
+if "CRM_TEST_DATABASE_URL" not in os.environ and not services.database_answers(DATABASE_URL):
+    DATABASE_URL = os.environ["CRM_TEST_DATABASE_URL"] = services.sqlite_url()
+    EMBEDDED.append("database")
+os.environ["CRM_TEST_EMBEDDED"] = ",".join(EMBEDDED)
+#: Whether the tests' database speaks the MySQL protocol (MariaDB, MySQL, TiDB).
+MYSQL = DATABASE_URL.startswith("mysql")
 _base, _db = REDIS_URL.rsplit("/", 1)
 BROKER_URL = f"{_base}/{int(_db) + 1}"
 BACKEND_URL = f"{_base}/{int(_db) + 2}"
@@ -37,6 +57,33 @@ from worker.settings import Settings  # noqa: E402
 #: tests expect precomputed.
 SETTINGS = dataclasses.replace(Settings.from_env(), precompute_views=(
     ("meeting_date", None, None), ("meeting_date", "email", "open")), mirror_check_ms=0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "mysql: needs a MySQL-protocol server (dump and restore, a second "
+                                       "database, the benchmark); skipped on the embedded fallback")
+
+
+def pytest_collection_modifyitems(config, items):
+    if MYSQL:
+        return
+    skip = pytest.mark.skip(reason="needs a MySQL-protocol server")
+    skipped = [item for item in items if item.get_closest_marker("mysql")]
+    for item in skipped:
+        item.add_marker(skip)
+    config._crm_skipped = len(skipped)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if EMBEDDED:
+        terminalreporter.write_line(
+            f"no local {' or '.join(EMBEDDED)} answered: ran on "
+            + " and ".join({"redis": "the embedded redis-server", "database": "SQLite"}[e] for e in EMBEDDED))
+    skipped = getattr(config, "_crm_skipped", 0)
+    if skipped:
+        terminalreporter.write_line(
+            f"{skipped} tests skipped: they need a MySQL-protocol server; start MariaDB/MySQL on "
+            "127.0.0.1:3306 (root, no password) or point CRM_TEST_DATABASE_URL at one")
 
 
 def pytest_sessionstart(session):

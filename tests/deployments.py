@@ -10,10 +10,10 @@ from tests.conftest import REDIS_URL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _base, _db = REDIS_URL.rsplit("/", 1)
-#: Two Redis databases just below the tests' own (13–15): the second deployment's broker
-#: and result backend, so that its worker and the tests' worker never take each other's tasks.
-BROKER_URL = f"{_base}/{int(_db) - 2}"
-BACKEND_URL = f"{_base}/{int(_db) - 1}"
+#: The Redis database just below the tests' own (13–15) holds the second deployment's
+#: broker and result backend (their keys do not meet), so that its worker and the tests'
+#: worker never take each other's tasks; the benchmark's databases (8–11) stay apart.
+BROKER_URL = BACKEND_URL = f"{_base}/{int(_db) - 1}"
 
 
 class Deployment:
@@ -35,8 +35,7 @@ class Deployment:
 
     def start(self):
         from worker.redis_index import connect
-        for url in (BROKER_URL, BACKEND_URL):
-            connect(url).flushdb()
+        connect(BROKER_URL).flushdb()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", "ingest,query,precompute,maintenance",
              "-P", "threads", "-c", "4", "-l", "info", "--without-gossip", "--without-mingle", "--without-heartbeat",

@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import DATABASE_URL, REDIS_URL
+
+pytestmark = pytest.mark.mysql  # the benchmark runs on a MySQL-protocol server of its own
 
 
 def test_quick_bench_on_a_tiny_data_set(tmp_path):

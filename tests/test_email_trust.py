@@ -543,6 +543,7 @@ def test_rebuilds_sent_at_once_end_normally_and_the_latest_is_published(worker_e
     assert_thread_state_matches(engine, I)
 
 
+@pytest.mark.mysql  # a row lock held by the test: SQLite has none
 def test_a_rebuild_overtaken_midway_stops_and_says_so(clean):
     """Rebuild A waits on a user's row lock (a concurrent access change) after taking its
     generation; rebuild B takes a newer one meanwhile.  A ends normally as superseded,

@@ -135,6 +135,7 @@ def test_delete_removes_from_database_and_index(clean):
         delete(ctx, 1, "m1")
 
 
+@pytest.mark.mysql  # row locks and their timeouts: SQLite locks the whole file
 def test_lock_wait_timeout_is_retried(clean, caplog):
     """A real InnoDB lock wait timeout (1205): another transaction holds the row longer
     than the session's innodb_lock_wait_timeout (2 s in tests); the chunk is retried and
@@ -164,6 +165,7 @@ def test_lock_wait_timeout_is_retried(clean, caplog):
     assert stored(engine, "m1").subject == "v2"
 
 
+@pytest.mark.mysql  # row locks and their timeouts: SQLite locks the whole file
 def test_deadlock_is_retried(clean, caplog):
     """A real deadlock (1213): two ingests lock the same two rows in opposite order —
     here forced by a transaction that holds one row and then asks for the other."""

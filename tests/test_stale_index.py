@@ -15,6 +15,7 @@ from tests.helpers import Oracle, assert_index_matches, call, record
 from worker import keys
 
 MYSQL = DATABASE_URL.rsplit("/", 1)[0]
+pytestmark = pytest.mark.mysql  # second databases on the server, mysqldump and restore
 
 
 def pages(send, installation_id, user_id, **filters):

@@ -131,6 +131,7 @@ def test_maintenance_tasks(worker_env):
     assert_index_matches(engine, r)
 
 
+@pytest.mark.mysql  # row locks and their timeouts: SQLite locks the whole file
 def test_a_transient_fault_outlasting_the_in_place_retries_is_retried_by_the_task(worker_env):
     """A row lock held longer than the chunk's own four tries (2 s lock waits in tests):
     the task is retried by Celery with backoff, and the update lands once the lock goes."""
