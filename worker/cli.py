@@ -517,7 +517,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="measure against every peer, in one run",
                        description="Measure the service against its peers (SQL, RediSearch, notmuch, a plain "
                                    "Celery task) in one run, on a data set of its own, and write bench.json and "
-                                   "latency.png.  The full run takes about 15 minutes; --quick under one.",
+                                   "latency.png.  The full run takes about 20 minutes; --quick under one.",
                        formatter_class=_Help)
     from bench.run import add_arguments
     add_arguments(s)
