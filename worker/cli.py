@@ -265,6 +265,17 @@ def _wait_for_workers(broker_url: str, procs: dict, seconds: float = 120) -> boo
         app.close()
 
 
+def _stop(procs: dict) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            p.terminate()
+    for p in procs.values():
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def _supervise(procs: dict) -> int:
     """Until Ctrl-C (or one process exits): then stop them all; the exit code."""
     stopping, code = False, 0
@@ -280,14 +291,7 @@ def _supervise(procs: dict) -> int:
                 print(f"{name} exited with {p.returncode}; stopping the rest")
                 stopping, code = True, p.returncode or 1
         time.sleep(0.5)
-    for p in procs.values():
-        if p.poll() is None:
-            p.terminate()
-    for p in procs.values():
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    _stop(procs)
     return code
 
 
@@ -317,7 +321,11 @@ def cmd_run(args) -> int:
         login = (f"user {user}, password {new_password} (kept in {kept})" if new_password
                  else "user and password from FLOWER_BASIC_AUTH" if env.get("FLOWER_BASIC_AUTH")
                  else f"user {user}, password in {kept}")
-        ready = _wait_for_workers(settings.broker_url, procs)
+        try:
+            ready = _wait_for_workers(settings.broker_url, procs)
+        except KeyboardInterrupt:  # Ctrl-C while starting: stop what started
+            _stop(procs)
+            return 130
         print("\n".join([
             ("crm-insight is ready" if ready else "crm-insight is starting (the workers do not answer yet)")
             + " (Ctrl-C stops everything; the logs below show warnings and errors)",
