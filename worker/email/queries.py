@@ -262,10 +262,9 @@ def _matching(installation_id: int, q: str):
     or one of its addresses ("sam öde" finds Sam Ödegaard), or the whole of ``q`` starts
     an address ("sam@acme.co"); case and accents folded, words split as names are."""
     def starting(prefix: str):
-        return c.id.in_(sa.select(contact_terms.c.contact_id).where(
+        return contacts.c.id.in_(sa.select(contact_terms.c.contact_id).where(
             contact_terms.c.installation_id == installation_id,
             contact_terms.c.term.startswith(prefix[:255], autoescape=True)))
-    c = contacts.c
     whole = fold(q.strip())
     words = sorted(name_terms(q), key=len, reverse=True)[:QUERY_WORDS]
     if not words or words == [whole]:
