@@ -29,6 +29,13 @@ def entries(settings) -> dict:
             "kwargs": {"once_per_tick": True},
             "options": {"queue": "reports", "expires": settings.report_interval},
         },
+        # Reads the users' mailboxes: each due mailbox gets one sync run on queue "sync".
+        "sync-mailboxes": {
+            "task": "crm.sync_mailboxes",
+            "schedule": timedelta(seconds=settings.sync_interval),
+            "kwargs": {"once_per_tick": True},
+            "options": {"queue": "sync", "expires": settings.sync_interval},
+        },
         # Finds and repairs drift between the index and the database (a crash between a
         # commit and the index write, a flushed Redis); hourly bounds how long drift lives.
         "reconcile-index": {

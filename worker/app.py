@@ -8,16 +8,19 @@ import sys
 
 from celery import Celery, Task
 from celery.signals import worker_process_init
+from celery.utils.saferepr import saferepr
+from celery.worker.request import Request
 from kombu import Exchange, Queue
 
 import beat_schedule
 from worker import context, logs, metrics
 from worker.errors import REDIS_FAULTS, InvalidArgument, is_transient
+from worker.mailbox.secrets import redact_call
 from worker.settings import Settings, SettingsError, redact
 
 log = logging.getLogger(__name__)
 
-QUEUES = ("ingest", "query", "precompute", "maintenance", "reports")
+QUEUES = ("ingest", "query", "precompute", "maintenance", "reports", "sync")
 ROUTES = {
     "crm.ingest_meetings": "ingest",
     "crm.delete_meetings": "ingest",
@@ -39,6 +42,11 @@ ROUTES = {
     "crm.report": "reports",
     "crm.precompute_reports": "reports",
     "crm.noop": "query",
+    "crm.upsert_mailboxes": "ingest",
+    "crm.set_mailbox_token": "ingest",
+    "crm.mailbox_status": "query",
+    "crm.sync_mailboxes": "sync",
+    "crm.sync_mailbox": "sync",
 }
 
 
@@ -52,6 +60,21 @@ def caller_mistake(exc: InvalidArgument) -> ValueError:
     return err
 
 
+class SecretRequest(Request):
+    """The worker's view of a task that carries a secret (``secret_arguments``): what the
+    worker logs and sends as events (``task-received``, which Flower shows) is the call with
+    its secrets replaced, whatever ``argsrepr``/``kwargsrepr`` the client sent."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        shown_args, shown_kwargs = self.task.redacted(self._args, self._kwargs)
+        self._argsrepr, self._kwargsrepr = saferepr(shown_args), saferepr(shown_kwargs)
+        self._request_dict["argsrepr"], self._request_dict["kwargsrepr"] = self._argsrepr, self._kwargsrepr
+
+    def info(self, safe=False):
+        return super().info(safe=True)
+
+
 class CrmTask(Task):
     """Retries transient faults (database or Redis unreachable, deadlock, lock wait
     timeout, write conflict) with exponential backoff and jitter; anything else fails at
@@ -60,8 +83,26 @@ class CrmTask(Task):
     max_retries = 12
     retry_backoff_cap = 60
     _arguments: inspect.Signature | None = None
+    #: True for a task whose arguments carry a secret (a mailbox password or token): its
+    #: arguments are redacted in what the worker logs and shows, and in the result backend
+    #: (``result_extended`` keeps a task's arguments there).
+    secret_arguments = False
+
+    def redacted(self, args, kwargs) -> tuple[list, dict]:
+        return redact_call(inspect.signature(self.run), args, kwargs)
 
     def __call__(self, *args, **kwargs):
+        try:
+            return self._checked_call(*args, **kwargs)
+        finally:
+            if self.secret_arguments and not self.request.called_directly:
+                # After any retry was sent with the real arguments; before the result (or
+                # the failure) is stored with the request's.
+                request = self.request
+                request.args, request.kwargs = self.redacted(request.args, request.kwargs)
+                request.argsrepr, request.kwargsrepr = saferepr(request.args), saferepr(request.kwargs)
+
+    def _checked_call(self, *args, **kwargs):
         try:
             if self._arguments is None:
                 self._arguments = inspect.signature(self.run)
@@ -136,7 +177,7 @@ def configure(app: Celery, settings) -> None:
 logs.install()
 app = Celery("crm", task_cls=CrmTask, include=[
     "tasks.ingest", "tasks.access", "tasks.query", "tasks.precompute", "tasks.maintenance", "tasks.email",
-    "tasks.reports"])
+    "tasks.reports", "tasks.mailbox"])
 try:
     configure(app, Settings.from_env())
 except SettingsError as exc:

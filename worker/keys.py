@@ -32,6 +32,13 @@ def tick(task: str, number: int) -> str:
     return f"crm:tick:{task}:{number}"
 
 
+def sync_claim(installation_id: int, user_id: int) -> str:
+    """String (global, outside the installation's keys, so that a rebuild's wipe leaves it)
+    with a TTL, renewed while the run goes on: the claim of the sync run that holds one
+    user's mailbox (worker/mailbox/sync.py)."""
+    return f"crm:sync:{installation_id}:{user_id}"
+
+
 def prefix(installation_id: int) -> str:
     """Start of every key of one installation."""
     return "{i:%d}:" % installation_id

@@ -381,5 +381,52 @@ retired_keys = sa.Table(
     sa.Column("message_key", Utf8Key(), primary_key=True),
 )
 
+#: The mailboxes the service reads itself (worker/mailbox/): how to reach each, its secret
+#: (Fernet ciphertext, never returned), and the state of its last sync run.  ``folders``
+#: is what the caller asked for (JSON, null: the defaults); ``resolved`` the folders found
+#: on the server for the defaults (JSON), kept so that a sync with nothing new needs no LIST.
+mailboxes = sa.Table(
+    "mailboxes", metadata,
+    sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("user_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("security", sa.String(10), nullable=False),
+    sa.Column("ca_cert", sa.Text),
+    sa.Column("username", sa.String(320), nullable=False),
+    sa.Column("auth", sa.String(10), nullable=False),
+    sa.Column("secret", sa.Text),
+    sa.Column("folders", sa.Text),
+    sa.Column("resolved", sa.Text),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("last_error", sa.String(500)),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("next_attempt_s", BigInt, nullable=False),
+    sa.Column("last_sync_s", BigInt),
+    sa.Column("updated_s", BigInt, nullable=False),
+    sa.Index("ix_mailboxes_due", "enabled", "next_attempt_s"),
+)
+
+#: Per mailbox and folder, the checkpoint of the sync: the folder's UIDVALIDITY, the last
+#: UID whose message is stored (advanced in the transaction that stores it), and
+#: HIGHESTMODSEQ when the server has CONDSTORE.
+mailbox_folders = sa.Table(
+    "mailbox_folders", metadata,
+    sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("user_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("folder", Utf8Key(), primary_key=True),
+    sa.Column("uidvalidity", BigInt),
+    sa.Column("last_uid", BigInt, nullable=False),
+    sa.Column("highestmodseq", BigInt),
+    sa.Column("uidnext", BigInt),
+    sa.Column("synced", BigInt, nullable=False),
+    sa.Column("rejected", BigInt, nullable=False),
+    sa.Column("backlog", BigInt),
+    sa.Column("last_sync_s", BigInt),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("error", sa.String(500)),
+)
+
 #: Every table holding a message's rows, for deletion.
 PER_MESSAGE = (emails, email_mailboxes, email_participants, email_refs, email_links)

@@ -341,11 +341,22 @@ def ingest_emails(ctx, installation_id, mailbox_user_id, messages, task_id: str 
     one write of the task; returns the contract's counts and rejections."""
     installation_id = positive_int("installation_id", installation_id)
     mailbox_user_id = positive_int("mailbox_user_id", mailbox_user_id)
+    return store_messages(ctx, installation_id, mailbox_user_id, messages,
+                          new_write_id(task_id, "crm.ingest_emails", installation_id), now_us)
+
+
+def store_messages(ctx, installation_id: int, mailbox_user_id: int, messages, base_write_id: str,
+                   now_us: int | None = None, in_transaction=None) -> dict:
+    """Store ``messages`` (``crm.ingest_emails``'s form) read from ``mailbox_user_id``'s
+    mailbox, in chunks of ``CHUNK``, each one write ``<base_write_id>:e<n>``.
+    ``in_transaction(conn, part)``, when given, runs in the transaction of each stored part
+    (a list of :class:`Incoming`, whose ``index`` is the position in ``messages``): the
+    mailbox sync advances its checkpoint there.  Returns the contract's counts and
+    rejections."""
     now_us = int(time.time() * 1_000_000) if now_us is None else now_us
     valid, rejected = read_messages(messages, now_us // 1_000_000)
     token = writer_token(ctx, installation_id)
     writer = locking(ctx.engine)
-    base = new_write_id(task_id, "crm.ingest_emails", installation_id)
     counts = {"new": 0, "duplicates": 0}
 
     def store(write_id: str, part: list[Incoming]) -> dict:
@@ -354,6 +365,8 @@ def ingest_emails(ctx, installation_id, mailbox_user_id, messages, task_id: str 
 
         def write(conn):
             result, ids = _store_chunk(conn, installation_id, mailbox_user_id, part, now_us)
+            if in_transaction is not None:
+                in_transaction(conn, part)
             changed[:] = ids
             return result
         result, applied = run_transaction(writer, lambda conn: once(conn, write_id, installation_id, write),
@@ -367,7 +380,7 @@ def ingest_emails(ctx, installation_id, mailbox_user_id, messages, task_id: str 
 
     for n, start in enumerate(range(0, len(valid), CHUNK)):
         chunk = valid[start:start + CHUNK]
-        for result in _store_or_isolate(store, installation_id, f"{base}:e{n}", chunk):
+        for result in _store_or_isolate(store, installation_id, f"{base_write_id}:e{n}", chunk):
             for k in counts:
                 counts[k] += result[k]
             rejected += result.get("rejected", [])
