@@ -11,6 +11,7 @@ import dataclasses
 import os
 
 import pytest
+from cryptography.fernet import Fernet
 
 from tests import services  # noqa: E402
 
@@ -36,6 +37,10 @@ _base, _db = REDIS_URL.rsplit("/", 1)
 BROKER_URL = f"{_base}/{int(_db) + 1}"
 BACKEND_URL = f"{_base}/{int(_db) + 2}"
 
+#: Mailbox secrets are encrypted under a key of the run's own (kept in the environment for
+#: the second import of this module).
+os.environ.setdefault("CRM_TEST_SECRET_KEY", Fernet.generate_key().decode())
+
 # Before anything imports the app: the tests never touch the configured service.
 os.environ.update({
     "CRM_DATABASE_URL": DATABASE_URL,
@@ -44,6 +49,7 @@ os.environ.update({
     "CELERY_RESULT_BACKEND": BACKEND_URL,
     "CRM_VISIBILITY_TIMEOUT": "30",
     "CRM_DB_LOCK_WAIT_TIMEOUT": "2",
+    "CRM_SECRET_KEY": os.environ["CRM_TEST_SECRET_KEY"],
 })
 os.environ.pop("CRM_CURSOR_SECRET", None)
 

@@ -86,9 +86,10 @@ class _Introspection(http.server.BaseHTTPRequestHandler):
 
 
 class Dovecot:
-    """``Dovecot().start()``; ``add_user(name, password)``, ``tokens[token] = name``."""
+    """``Dovecot(users=n).start()``: users ``user1`` … ``user<n>`` with the passwords in
+    ``users``; ``tokens[token] = name`` makes an OAuth2 access token valid for a user."""
 
-    def __init__(self):
+    def __init__(self, users: int = 0):
         self.dir = tempfile.mkdtemp(prefix="crm-dovecot-")
         os.chmod(self.dir, 0o755)  # the auth process runs as the login user
         self.port, self.tls_port = free_port(), free_port()
@@ -97,7 +98,7 @@ class Dovecot:
         self._http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Introspection)
         self._http.tokens = self.tokens
         self.ca_cert = _certificates(self.dir)
-        self.users: dict[str, str] = {}
+        self.users: dict[str, str] = {f"user{n}": f"pw-{n}-{os.urandom(6).hex()}" for n in range(1, users + 1)}
 
     def _config(self) -> str:
         me = pwd.getpwuid(os.getuid())
@@ -181,9 +182,10 @@ namespace inbox {{
                 f.write(f"{name}:{{PLAIN}}{password}::::::\n")
 
     def add_user(self, name: str, password: str) -> None:
-        """A user (the passwd-file is read again at each login)."""
+        """A user, before :meth:`start` (Dovecot notices a rewritten passwd-file by its
+        mtime, in whole seconds: users added while it runs could go unseen)."""
+        assert self.proc is None, "add users before start()"
         self.users[name] = password
-        self._write_passwd()
 
     def start(self) -> "Dovecot":
         threading.Thread(target=self._http.serve_forever, daemon=True).start()
@@ -232,3 +234,51 @@ namespace inbox {{
         c = IMAPClient("127.0.0.1", port=self.port, ssl=False, timeout=30)
         c.login(user, self.users[user])
         return c
+
+
+class CuttingProxy:
+    """A TCP proxy to ``port`` on loopback that drops each connection once the server has
+    sent ``cut_after`` bytes through it (None: never), as a network that fails mid-FETCH."""
+
+    def __init__(self, port: int, cut_after: int | None):
+        self.target, self.cut_after = port, cut_after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            limit = self.cut_after
+            threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, limit), daemon=True).start()
+
+    def _pump(self, src, dst, limit) -> None:
+        sent = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if limit is not None and sent + len(data) >= limit:
+                    dst.sendall(data[:max(0, limit - sent)])
+                    self.cuts += 1
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()

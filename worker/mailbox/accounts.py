@@ -160,8 +160,7 @@ def upsert_mailboxes(ctx, installation_id, rows) -> dict:
                 if moved:
                     conn.execute(mailbox_folders.delete().where(_where(installation_id, user_id, mailbox_folders)))
                     values["resolved"] = None
-                if new_secret or moved or (row["enabled"] and not old.enabled):
-                    values.update(_fresh_start(now))
+                values.update(_fresh_start(now))  # new credentials or settings: no backoff
                 conn.execute(mailboxes.update().where(_where(installation_id, user_id)).values(
                     updated_s=now, **values))
             else:

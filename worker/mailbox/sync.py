@@ -132,14 +132,16 @@ class Run:
 
     def _advance(self, conn, folder: str, uidvalidity: int, top: int, synced: int = 0, rejected: int = 0,
                  strict: bool = True) -> None:
-        """Move the folder's last UID to ``top`` in the caller's transaction.  ``strict``: the
-        checkpoint must move (else another run or a reset overtook this one: the
-        transaction rolls back)."""
-        moved = conn.execute(mailbox_folders.update().where(
-            self._where(folder), mailbox_folders.c.uidvalidity == uidvalidity,
-            mailbox_folders.c.last_uid < top).values(
-            last_uid=top, synced=mailbox_folders.c.synced + synced,
-            rejected=mailbox_folders.c.rejected + rejected))
+        """Move the folder's last UID up to ``top`` in the caller's transaction, and count
+        what was stored and rejected.  ``strict``: the checkpoint must move (else another
+        run or a reset overtook this one: the transaction rolls back)."""
+        c = mailbox_folders.c
+        where = [self._where(folder), c.uidvalidity == uidvalidity]
+        if strict:
+            where.append(c.last_uid < top)
+        moved = conn.execute(mailbox_folders.update().where(*where).values(
+            last_uid=sa.case((c.last_uid < top, top), else_=c.last_uid),
+            synced=c.synced + synced, rejected=c.rejected + rejected))
         if strict and moved.rowcount != 1:
             raise Overtaken(f"{folder}: the checkpoint moved under this run")
 
