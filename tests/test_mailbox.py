@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from tests import imap_server
 from tests.conftest import make_context
+from tests.test_metrics import scrape
 from worker.email.parse import MAX_RAW
 from worker.mailbox import accounts, imap, secrets, sync
 from worker.schema import data_tables
@@ -309,6 +310,24 @@ def test_a_wrong_password_backs_off_until_new_credentials_arrive(ctx, dovecot):
     fixed = sync.sync_mailbox(ctx, INSTALLATION, 17)
     assert fixed["state"] == "ok" and totals(fixed)["new"] == 1
     assert accounts.mailbox_status(ctx, INSTALLATION, 17)["mailboxes"][0]["last_error"] is None
+    assert scrape(ctx)[("crm_mailbox_state", (("installation", "1"), ("state", "ok"), ("user", "17")))] == 1
+
+
+def test_metrics_give_each_mailboxs_state_lag_and_backlog_and_the_messages_synced(ctx, dovecot):
+    user = new_user(dovecot)
+    fill(dovecot.client(user), "INBOX", [message(n, user) for n in range(5)])
+    add_mailbox(ctx, dovecot, user, 21)
+    add_mailbox(ctx, dovecot, user, 22, password="wrong")
+    sync.sync_mailbox(ctx, INSTALLATION, 21)
+    sync.sync_mailbox(ctx, INSTALLATION, 22)
+    found = scrape(ctx)
+    ids = (("installation", "1"), ("user", "21"))
+    assert found[("crm_mailbox_state", (ids[0], ("state", "ok"), ids[1]))] == 1
+    assert found[("crm_mailbox_state", (ids[0], ("state", "auth_failed"), ids[1]))] == 0
+    assert found[("crm_mailbox_state", (ids[0], ("state", "auth_failed"), ("user", "22")))] == 1
+    assert found[("crm_mailbox_backlog", ids)] == 0 and found[("crm_mailbox_lag_seconds", ids)] < 60
+    assert found[("crm_sync_messages_total", (("outcome", "fetched"),))] == 5
+    assert found[("crm_sync_runs_total", (("outcome", "auth_failed"),))] == 1
 
 
 def test_xoauth2_against_dovecots_oauth2_passdb(ctx, dovecot):
@@ -439,7 +458,6 @@ def test_secrets_never_reach_results_logs_events_or_redis(worker_env, dovecot, c
     from tests.conftest import BACKEND_URL, BROKER_URL, REDIS_URL
     from worker.app import app
     engine, r, webapp = worker_env
-    ctx = make_context(engine, r)
     user = new_user(dovecot)
     password = dovecot.users[user]
     token = "tok-" + os.urandom(8).hex()

@@ -176,6 +176,45 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_mailboxes(args) -> int:
+    """The installation's mailboxes and their sync state; the key chores of CRM_SECRET_KEY."""
+    from worker.mailbox import accounts, secrets as mailbox_secrets
+    if args.new_key:
+        print(mailbox_secrets.new_key())
+        return 0
+    if args.installation is None and not args.rotate_key:
+        raise SettingsError("--installation is required (or --new-key, --rotate-key)")
+    ctx = existing_context()
+    try:
+        if args.rotate_key:
+            keys = ctx.settings.secret_keys
+            if not keys:
+                raise SettingsError("CRM_SECRET_KEY is not set: set it to NEW_KEY,OLD_KEY to rotate")
+            n = accounts.rotate_key(ctx.engine, keys)
+            print(f"{n} mailbox secret{'s' * (n != 1)} encrypted again under the first key of CRM_SECRET_KEY; "
+                  "the other keys may go once every worker has the new setting")
+            return 0
+        report = accounts.mailbox_status(ctx, args.installation, args.user)
+    finally:
+        ctx.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    if not report["mailboxes"]:
+        print(f"no mailbox in installation {args.installation}" + (f" for user {args.user}" if args.user else "")
+              + " (crm.upsert_mailboxes adds them)")
+        return 0
+    print(f"{'user':>8}  {'state':<12} {'server':<32} {'last sync':<21} {'next attempt':<21} folders")
+    for m in report["mailboxes"]:
+        folders = ", ".join(f"{f['folder']} {f['synced']:,}" + (f" (+{f['backlog']:,} to go)" if f["backlog"] else "")
+                            + ("" if f["state"] == "ok" else f" [{f['state']}]") for f in m["folders"]) or "-"
+        print(f"{m['user_id']:>8}  {m['state']:<12} {m['host'] + ':' + str(m['port']):<32} "
+              f"{m['last_sync_at'] or 'never':<21} {m['next_attempt_at'] or '-':<21} {folders}")
+        if m["last_error"]:
+            print(f"{'':>8}  last error: {m['last_error']}")
+    return 0
+
+
 def _answers(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5) as s:
@@ -235,6 +274,8 @@ def _start_service(env: dict, home: str, flower_port: int, flower_auth: str, met
                                                   "-n", "bulk@%h", "-l", "warning"], env=env),
         "reports worker": subprocess.Popen(celery + ["worker", "-Q", "reports", "-P", "threads", "-c", "4",
                                                      "-n", "reports@%h", "-l", "warning"], env=env),
+        "sync worker": subprocess.Popen(celery + ["worker", "-Q", "sync", "-P", "threads", "-c", "4",
+                                                  "-n", "sync@%h", "-l", "warning"], env=env),
         "beat": subprocess.Popen(celery + ["beat", "-l", "warning", "-s", os.path.join(home, "celerybeat-schedule")],
                                  env=env),
         "Flower": subprocess.Popen(celery + ["flower", f"--port={flower_port}", "--address=127.0.0.1",
@@ -247,7 +288,7 @@ def _start_service(env: dict, home: str, flower_port: int, flower_auth: str, met
 #: The start of Celery's warning when a worker runs as root: `crm run` says it once, in
 #: its summary, instead of once per worker.
 ROOT_WARNING = "You're running the worker with superuser privileges"
-WORKERS = ("query", "bulk", "reports")
+WORKERS = ("query", "bulk", "reports", "sync")
 
 
 def _wait_for_workers(broker_url: str, procs: dict, seconds: float = 120) -> bool:
@@ -333,9 +374,10 @@ def cmd_run(args) -> int:
             f"  index Redis  {redact(settings.redis_url)}" + (" (embedded redis-server)" if stop_redis else ""),
             f"  Celery       broker {redact(settings.broker_url)}, results {redact(settings.result_backend)}",
             "  workers      query@ (8 threads: queue query); bulk@ (2 processes: ingest, precompute, maintenance); "
-            "reports@ (4 threads: queue reports)",
+            "reports@ (4 threads: queue reports); sync@ (4 threads: queue sync, mailboxes over IMAP)",
             f"  beat         crm.precompute_active every {settings.precompute_interval} s, "
             f"crm.precompute_reports every {settings.report_interval} s, "
+            f"crm.sync_mailboxes every {settings.sync_interval} s, "
             f"crm.reconcile_index every {settings.reconcile_interval} s",
             f"  Flower       http://127.0.0.1:{args.flower_port}  {login}",
             f"  metrics      http://127.0.0.1:{args.metrics_port}/metrics (Prometheus)",
@@ -522,6 +564,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--png", metavar="FILE", help="also draw the report as a chart (activity, response_times, "
                                                  "workload, going_cold)")
     s.set_defaults(fn=cmd_report)
+    s = sub.add_parser("mailboxes", help="the mailboxes the service syncs, and their state",
+                       description="Per mailbox: its sync state, last sync, next attempt and per folder the "
+                                   "messages synced and what is left; never a secret.  Also the chores of "
+                                   "CRM_SECRET_KEY: a new key, and every secret encrypted again under a new one.",
+                       formatter_class=_Help)
+    s.add_argument("--installation", type=int, help="the installation whose mailboxes to show")
+    s.add_argument("--user", type=int, help="only this user's mailbox")
+    s.add_argument("--json", action="store_true", help="crm.mailbox_status's JSON result")
+    s.add_argument("--new-key", action="store_true", help="print a new key for CRM_SECRET_KEY and exit")
+    s.add_argument("--rotate-key", action="store_true",
+                   help="with CRM_SECRET_KEY=NEW,OLD: encrypt every mailbox secret again under NEW")
+    s.set_defaults(fn=cmd_mailboxes)
     s = sub.add_parser("bench", help="measure against every peer, in one run",
                        description="Measure the service against its peers (SQL, RediSearch, notmuch, a plain "
                                    "Celery task) in one run, on a data set of its own, and write bench.json and "
@@ -559,11 +613,12 @@ def main(argv=None) -> int:
     import kombu.exceptions
     import redis
 
+    from worker.mailbox.secrets import SecretKeyError
     args = parser().parse_args(argv)
     command = f"crm {args.command}"
     try:
         return args.fn(args)
-    except SettingsError as exc:
+    except (SettingsError, SecretKeyError) as exc:
         print(f"{command}: {exc}", file=sys.stderr)
         return 2
     except Unavailable as exc:

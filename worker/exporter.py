@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from worker import keys
 from worker.errors import REDIS_FAULTS
+from worker.mailbox.accounts import STATES, overview
 from worker.maintenance import installation_ids
 from worker.precompute import list_views
 
@@ -58,6 +59,7 @@ class Collector:
             reachable.add_metric([], 0)
         yield from (reachable, ready, answers, hits, views, size)
         yield from _global_families(globals_)
+        yield from _mailbox_families(ctx.engine, int(time.time()))
 
 
 #: Global counters: (metric, help, label, field prefix).
@@ -68,7 +70,28 @@ GLOBAL = (
     ("crm_precompute_dropped_views", "Precomputed sets dropped by crm.precompute_active, by reason", "reason",
      "drop:"),
     ("crm_index_rebuilds", "Rebuilds of an installation's index, by cause", "cause", "rebuild:"),
+    ("crm_sync_messages", "Messages of mailbox sync runs, by outcome (fetched from the server, stored, "
+     "rejected)", "outcome", "sync_messages:"),
+    ("crm_sync_runs", "Mailbox sync runs, by how they ended", "outcome", "sync_runs:"),
 )
+
+
+def _mailbox_families(engine, now: int):
+    """Per mailbox: its state (1 for the state it is in), the seconds since its last
+    successful sync, and the messages left to fetch."""
+    state = GaugeMetricFamily("crm_mailbox_state", "1 for the state the mailbox's sync is in",
+                              labels=["installation", "user", "state"])
+    lag = GaugeMetricFamily("crm_mailbox_lag_seconds", "Seconds since the mailbox's last successful sync run",
+                            labels=["installation", "user"])
+    backlog = GaugeMetricFamily("crm_mailbox_backlog", "Messages on the server not fetched yet",
+                                labels=["installation", "user"])
+    for m in overview(engine, now):
+        ids = [str(m["installation_id"]), str(m["user_id"])]
+        for name in STATES:
+            state.add_metric(ids + [name], float(m["state"] == name))
+        lag.add_metric(ids, m["lag_s"])
+        backlog.add_metric(ids, m["backlog"])
+    yield from (state, lag, backlog)
 
 
 def _global_families(values: dict):

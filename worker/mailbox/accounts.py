@@ -311,6 +311,23 @@ def running_claims(r, installation_id: int, user_ids: list[int]) -> list[int]:
     return [u for u, h in zip(user_ids, held) if h]
 
 
+def overview(engine, now: int) -> list[dict]:
+    """Per mailbox, for the metrics: state, seconds since its last successful sync (since it
+    was added, before the first), and messages left to fetch."""
+    backlog = sa.select(mailbox_folders.c.installation_id, mailbox_folders.c.user_id,
+                        sa.func.sum(mailbox_folders.c.backlog).label("backlog")).group_by(
+        mailbox_folders.c.installation_id, mailbox_folders.c.user_id).subquery()
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(mailboxes.c.installation_id, mailboxes.c.user_id, mailboxes.c.enabled,
+                                      mailboxes.c.state, mailboxes.c.last_sync_s, mailboxes.c.updated_s,
+                                      backlog.c.backlog).outerjoin(backlog, sa.and_(
+            backlog.c.installation_id == mailboxes.c.installation_id, backlog.c.user_id == mailboxes.c.user_id)))
+        return [{"installation_id": r.installation_id, "user_id": r.user_id,
+                 "state": r.state if r.enabled else "disabled",
+                 "lag_s": max(0, now - (r.last_sync_s if r.last_sync_s is not None else r.updated_s)),
+                 "backlog": int(r.backlog or 0)} for r in rows]
+
+
 def rotate_key(engine, keys) -> int:
     """Every stored secret encrypted again under the first key of ``keys``; returns how many."""
     def work(conn):

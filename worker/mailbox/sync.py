@@ -258,7 +258,7 @@ class Run:
         rejected.sort(key=lambda r: r["uid"])
         result.rejected += rejected
         self._commit_top(folder, uidvalidity, chunk[-1].uid, len(rejected))
-        metrics.count(self.ctx.redis, {"sync:fetched": len(fetched), "sync:rejected": len(rejected)})
+        metrics.count(self.ctx.redis, {"sync_messages:fetched": len(fetched), "sync_messages:rejected": len(rejected)})
 
     def renew(self) -> None:
         try:
@@ -321,8 +321,8 @@ def _run(ctx, installation_id: int, user_id: int, row, claim, budget_s: float) -
     except Overtaken as exc:
         return {"state": "syncing", "skipped": str(exc), "folders": [r.as_dict() for r in results]}
     accounts.record_success(ctx.engine, installation_id, user_id, run.more, int(time.time()))
-    synced = sum(r.new + r.duplicates for r in results)
-    metrics.count(ctx.redis, {"sync:runs": 1, "sync:messages": synced})
+    metrics.count(ctx.redis, {"sync_runs:ok": 1,
+                              "sync_messages:stored": sum(r.new + r.duplicates for r in results)})
     return {"state": "syncing" if run.more else "ok", "more": run.more, "round_trips": round_trips,
             "folders": [r.as_dict() for r in results]}
 
@@ -330,6 +330,6 @@ def _run(ctx, installation_id: int, user_id: int, row, claim, budget_s: float) -
 def _failed(ctx, installation_id: int, user_id: int, state: str, exc: Exception, results: list) -> dict:
     at = accounts.record_failure(ctx.engine, installation_id, user_id, state, str(exc), int(time.time()))
     log.warning("installation %d user %d: mailbox %s (%s)", installation_id, user_id, state, exc.__class__.__name__)
-    metrics.count(ctx.redis, {f"sync:{state}": 1})
+    metrics.count(ctx.redis, {f"sync_runs:{state}": 1})
     return {"state": state, "error": accounts.one_line(str(exc)), "next_attempt_at": iso_seconds(at),
             "folders": [r.as_dict() for r in results]}
