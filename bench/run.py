@@ -23,9 +23,10 @@ OUT = os.path.join(os.path.dirname(__file__), "out")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("what", nargs="?", choices=["queries", "load"], default="queries",
+    p.add_argument("what", nargs="?", choices=["queries", "load", "sync"], default="queries",
                    help="queries: every path against every peer; load: the service under concurrent "
-                        "ingestion, access changes and queries, checked for losses and leaks")
+                        "ingestion, access changes and queries, checked for losses and leaks; sync: mailbox "
+                        "sync from a local Dovecot against crm.ingest_emails on the same messages")
     p.add_argument("--quick", action="store_true", help="a reduced run (under a minute); JSON on the last line")
     p.add_argument("--meetings", type=int, default=500_000, help="meetings in the data set")
     p.add_argument("--clients", type=int, default=5000, help="clients in the data set")
@@ -38,6 +39,8 @@ def add_arguments(p) -> None:
                    help="meetings ingested through a worker to measure ingestion against the peers")
     p.add_argument("--emails", type=int, default=100_000,
                    help="raw messages ingested through a worker before the reports are measured (0: none)")
+    p.add_argument("--sync-messages", type=int, default=10_000,
+                   help="with `sync`: messages in the mailbox (2,000 with --quick)")
     p.add_argument("--database-url", default=os.environ.get("CRM_BENCH_DATABASE_URL", DEFAULT_DB),
                    help="a MySQL-protocol database the run may drop and fill (CRM_BENCH_DATABASE_URL)")
     p.add_argument("--redis-url", default=os.environ.get("CRM_BENCH_REDIS_URL", DEFAULT_REDIS),
@@ -50,6 +53,9 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    if args.what == "sync":
+        from bench.sync import main as sync
+        return sync(args)
     if args.what == "load":
         from bench.load import main as load
         args.seconds = 180 if args.seconds is None else args.seconds

@@ -50,6 +50,23 @@ def test_load_run_on_a_tiny_scale(tmp_path):
     assert result["lost"] == result["leaked_answers"] == 0 and result["meetings_sent"] > 0
 
 
+def test_sync_bench_on_a_small_mailbox(tmp_path):
+    """`crm bench sync` stores the same messages both ways and checks it did."""
+    from tests.imap_server import available
+    if not available():
+        pytest.skip("dovecot is not installed: apt-get install dovecot-imapd (.ci/run does)")
+    base, db = REDIS_URL.rsplit("/", 1)
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "bench", "sync", "--sync-messages", "300",
+         "--database-url", DATABASE_URL.rsplit("/", 1)[0] + "/crm_bench_smoke",
+         "--redis-url", f"{base}/{int(db) - 9}", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads((tmp_path / "sync.json").read_text())
+    assert result["ingest_accepted"] == result["sync_fetched"] == 300
+    assert result["sync_per_s"] > 0 and result["ingest_emails_per_s"] > 0 and result["idle_round_trips"] <= 2
+
+
 def test_the_load_checker_knows_which_clients_were_allowed_when():
     """A change may take effect at any instant between its sending and its return: an
     answer may show what any change under way allowed, and what the last finished one
