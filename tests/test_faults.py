@@ -221,6 +221,10 @@ TASKS = {
     "crm.precompute_user": ["installation_id", "user_id"],
     "crm.rebuild_index": ["installation_id"],
     "crm.reconcile_index": ["installation_id"],
+    "crm.upsert_mailboxes": ["installation_id", "mailboxes"],
+    "crm.set_mailbox_token": ["installation_id", "user_id", "oauth2_access_token"],
+    "crm.mailbox_status": ["installation_id", "user_id"],
+    "crm.sync_mailbox": ["installation_id", "user_id"],
 }
 
 

@@ -12,9 +12,11 @@ def test_registered_task_names_snapshot():
     names = sorted(n for n in app.tasks if n.startswith("crm."))
     assert names == [
         "crm.delete_meetings", "crm.get_thread", "crm.grant_clients", "crm.ingest_emails", "crm.ingest_meetings",
-        "crm.noop", "crm.precompute_active", "crm.precompute_reports", "crm.precompute_user", "crm.query_meetings", "crm.query_threads",
-        "crm.rebuild_index", "crm.reconcile_index", "crm.report", "crm.revoke_clients", "crm.search_contacts",
-        "crm.set_user_clients", "crm.upsert_clients", "crm.upsert_contacts", "crm.upsert_users",
+        "crm.mailbox_status", "crm.noop", "crm.precompute_active", "crm.precompute_reports", "crm.precompute_user",
+        "crm.query_meetings", "crm.query_threads", "crm.rebuild_index", "crm.reconcile_index", "crm.report",
+        "crm.revoke_clients", "crm.search_contacts", "crm.set_mailbox_token", "crm.set_user_clients",
+        "crm.sync_mailbox", "crm.sync_mailboxes", "crm.upsert_clients", "crm.upsert_contacts",
+        "crm.upsert_mailboxes", "crm.upsert_users",
     ]
 
 

@@ -282,6 +282,7 @@ def mailbox_status(ctx, installation_id, user_id=None, now: int | None = None) -
         for f in conn.execute(sa.select(mailbox_folders).where(*fwhere).order_by(mailbox_folders.c.folder)):
             folders.setdefault(f.user_id, []).append(f)
     running = set(running_claims(ctx.redis, installation_id, [b.user_id for b in boxes]))
+    interval = ctx.settings.sync_interval
     out = []
     for b in boxes:
         state = "disabled" if not b.enabled else ("syncing" if b.user_id in running else b.state)
@@ -290,10 +291,17 @@ def mailbox_status(ctx, installation_id, user_id=None, now: int | None = None) -
             "username": b.username, "auth": b.auth, "enabled": bool(b.enabled), "state": state,
             "last_sync_at": iso_seconds(b.last_sync_s) if b.last_sync_s is not None else None,
             "last_error": b.last_error,
-            "next_attempt_at": None if not b.enabled else iso_seconds(max(b.next_attempt_s, now)),
+            "next_attempt_at": None if not b.enabled else iso_seconds(_next_attempt(b.next_attempt_s, now, interval)),
             "folders": [_folder_status(f) for f in folders.get(b.user_id, [])],
         })
     return {"mailboxes": out}
+
+
+def _next_attempt(next_attempt_s: int, now: int, interval: int) -> int:
+    """When the beat will next send a run: the first tick at or after the mailbox's next
+    attempt (ticks are wall-clock windows of ``interval`` seconds)."""
+    at = max(next_attempt_s, now)
+    return -(-at // interval) * interval
 
 
 def _folder_status(f) -> dict:

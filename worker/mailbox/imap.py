@@ -71,8 +71,13 @@ class Described:
     gmail_thrid: str | None = None
 
 
-def _why(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:200]
+def _why(exc: BaseException, secret: str = "") -> str:
+    """The error's class and first 200 characters, with the secret (should a server echo
+    it) replaced."""
+    text = " ".join(str(exc).split())
+    if secret and len(secret) >= 4:
+        text = text.replace(secret, "***")
+    text = text[:200]
     return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
 
@@ -92,10 +97,11 @@ class Session:
             self._login()
         except imap_errors.LoginError as exc:
             self._drop()
-            raise AuthFailed(f"{account.host} refused the {account.auth} login ({_why(exc)})") from None
+            raise AuthFailed(f"{account.host} refused the {account.auth} login ({_why(exc, account.secret)})") from None
         except (OSError, imaplib.IMAP4.abort) as exc:
             self._drop()
-            raise Unreachable(f"{account.host} dropped the connection at login ({_why(exc)})") from None
+            raise Unreachable(f"{account.host} dropped the connection at login ({_why(exc, account.secret)})") \
+                from None
         self.capabilities = {c.upper() for c in self._client.capabilities()}
         self._count_commands()
 
@@ -192,11 +198,18 @@ class Session:
         got = self._call("FETCH", self._client.fetch, uids, items)
         return {uid: described(uid, data) for uid, data in got.items() if uid in set(uids)}
 
-    def bodies(self, uids: list[int]) -> dict[int, bytes]:
-        """``BODY.PEEK[]`` of ``uids``: the messages as stored, the \\Seen flag left alone.  A
-        UID missing from the answer (expunged meanwhile) is missing from the result."""
-        got = self._call("FETCH", self._client.fetch, uids, ["BODY.PEEK[]"])
-        return {uid: data[b"BODY[]"] for uid, data in got.items() if isinstance(data.get(b"BODY[]"), bytes)}
+    def bodies(self, uids: list[int], limit: int) -> dict[int, bytes]:
+        """``BODY.PEEK[]`` of ``uids``: the messages as stored, the \\Seen flag left alone,
+        each cut at ``limit`` bytes (``BODY.PEEK[]<0.limit>``): a server whose RFC822.SIZE
+        understated a message never makes the worker hold more.  A UID missing from the
+        answer (expunged meanwhile) is missing from the result."""
+        got = self._call("FETCH", self._client.fetch, uids, [f"BODY.PEEK[]<0.{limit}>"])
+        out = {}
+        for uid, data in got.items():
+            body = data.get(b"BODY[]<0>", data.get(b"BODY[]"))
+            if isinstance(body, bytes):
+                out[uid] = body
+        return out
 
 
 def default_folders(listed, gmail: bool) -> list[str]:

@@ -222,7 +222,7 @@ class Run:
         """(uid -> bytes, uid -> error): a server answer that cannot be read is read again
         message by message, and rejects only the message it belongs to."""
         try:
-            return session.bodies(uids), {}
+            return session.bodies(uids, MAX_RAW + 1), {}
         except imap_errors.ProtocolError:
             if len(uids) == 1:
                 return {}, {uids[0]: "raw: the server's answer for this message could not be read"}
