@@ -67,8 +67,11 @@ class SecretRequest(Request):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        shown_args, shown_kwargs = self.task.redacted(self._args, self._kwargs)
-        self._argsrepr, self._kwargsrepr = saferepr(shown_args), saferepr(shown_kwargs)
+        try:
+            shown_args, shown_kwargs = self.task.redacted(self._args, self._kwargs)
+            self._argsrepr, self._kwargsrepr = saferepr(shown_args), saferepr(shown_kwargs)
+        except Exception:  # arguments of an unexpected shape: show none of them
+            self._argsrepr = self._kwargsrepr = "'(redacted)'"
         self._request_dict["argsrepr"], self._request_dict["kwargsrepr"] = self._argsrepr, self._kwargsrepr
 
     def info(self, safe=False):
