@@ -196,7 +196,8 @@ class Session:
     def describe(self, uids: list[int]) -> dict[int, Described]:
         items = ["RFC822.SIZE", "INTERNALDATE"] + (["X-GM-MSGID", "X-GM-THRID"] if self.gmail else [])
         got = self._call("FETCH", self._client.fetch, uids, items)
-        return {uid: described(uid, data) for uid, data in got.items() if uid in set(uids)}
+        asked = set(uids)
+        return {uid: described(uid, data) for uid, data in got.items() if uid in asked}
 
     def bodies(self, uids: list[int], limit: int) -> dict[int, bytes]:
         """``BODY.PEEK[]`` of ``uids``: the messages as stored, the \\Seen flag left alone,
