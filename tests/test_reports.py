@@ -20,7 +20,7 @@ from tests.email_corpus import ingest_corpus, setup_directory
 from worker import rollups
 from worker.access import change
 from worker.email import directory
-from worker.tables import emails, meeting_days
+from worker.tables import emails, meeting_buckets, meeting_days
 from worker.ingest import delete, ingest
 from worker.records import iso_seconds
 from worker.reports import NAMES, report
@@ -85,13 +85,16 @@ def build_world(ctx, seed: int) -> dict:
 
 
 def assert_rollup_is_a_recount(engine):
+    """The days, weeks and months kept by every writer equal a recount of the rows."""
+    tables = (meeting_days, meeting_buckets)
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(meeting_days).where(meeting_days.c["count"] != 0)).all()
+        kept = [conn.execute(sa.select(t).where(t.c["count"] != 0)).all() for t in tables]
     with engine.begin() as conn:
         rollups.recount(conn, I)
-        fresh = conn.execute(sa.select(meeting_days)).all()
+        fresh = [conn.execute(sa.select(t)).all() for t in tables]
         conn.rollback()
-    assert sorted(rows) == sorted(fresh)
+    for table, rows, recounted in zip(tables, kept, fresh):
+        assert sorted(rows) == sorted(recounted), table.name
 
 
 # -- the oracle ------------------------------------------------------------------------
@@ -257,9 +260,12 @@ def random_params(rng, dates=()) -> dict:
         # The rollup's whole days and the rows of the partial days must add up, whatever
         # the edges: mid-day, inside one day, ending at midnight, one second long.
         start = BASE + rng.randrange(0, 40 * 86_400)
-        shape = rng.choice(["days", "one day", "to midnight", "one second", "whole days"])
+        shape = rng.choice(["days", "one day", "to midnight", "one second", "whole days", "months", "open end"])
         if shape == "days":
             end = start + rng.randrange(86_400, 45 * 86_400)
+        elif shape == "months":  # whole weeks and months inside, parts of others at the edges
+            start = BASE - rng.randrange(0, 40 * 86_400)
+            end = start + rng.randrange(35 * 86_400, 130 * 86_400)
         elif shape == "one day":
             start = start - start % 86_400 + rng.randrange(0, 43_200)
             end = start + rng.randrange(1, 43_200)
@@ -268,16 +274,40 @@ def random_params(rng, dates=()) -> dict:
         elif shape == "one second":
             start = rng.choice(dates) if dates else start
             end = start + 1
-        else:
+        elif shape == "whole days":
             start -= start % 86_400
             end = start + 86_400 * rng.randint(1, 10)
-        params["date_from"], params["date_to"] = iso(start), iso(end)
+        if shape == "open end":
+            params["date_from"] = iso(start)
+        else:
+            params["date_from"], params["date_to"] = iso(start), iso(end)
     if rng.random() < 0.5:
         params["bucket"] = rng.choice(["week", "month"])
     return params
 
 
 # -- the tests -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bucket", ["week", "month"])
+def test_whole_buckets_and_edge_days_cover_a_range_exactly_once(bucket):
+    """activity reads the whole weeks or months of a range from ``meeting_buckets`` and the
+    days left at its edges from ``meeting_days``: together, every day of the range once,
+    and each bucket read whole lies inside the range."""
+    from worker.reports.clients import _bucket_start, _spans
+    rng = random.Random(bucket)
+    for _ in range(3000):
+        first = None if rng.random() < 0.1 else rng.randrange(19_000, 19_400)
+        end = None if rng.random() < 0.1 else (first or 19_000) + rng.randrange(-3, 200)
+        whole, edges = _spans(first, end, bucket)
+        lo_all, hi_all = first if first is not None else 18_000, end if end is not None else 20_000
+        covered = []
+        if whole is not None:
+            lo, hi = whole
+            assert all(_bucket_start(x, bucket) == x for x in (lo, hi) if x is not None)
+            covered += range(lo if lo is not None else lo_all, hi if hi is not None else hi_all)
+        for a, b in edges:
+            covered += range(a, b)
+        assert sorted(covered) == list(range(lo_all, hi_all)), (first, end, whole, edges)
 
 @pytest.mark.parametrize("seed", [21, 22])
 def test_every_report_equals_the_oracle_for_random_access(clean, seed):

@@ -1,4 +1,5 @@
-"""Daily activity rollups: how many meetings each (client, type, status) has per UTC day.
+"""Activity rollups: how many meetings each (client, type, status) has per UTC day
+(``meeting_days``), and each (client, type) per week and per month (``meeting_buckets``).
 
 Every writer of ``meetings`` hands the rows it removed and added, in its own transaction,
 to :func:`apply`: the rollup never disagrees with the rows, not even for a moment another
@@ -14,7 +15,7 @@ import datetime
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, sqlite
 
-from worker.tables import meeting_days, meetings
+from worker.tables import meeting_buckets, meeting_days, meetings
 
 DAY = 86_400
 EPOCH = datetime.date(1970, 1, 1)
@@ -54,12 +55,25 @@ def deltas(removed, added) -> collections.Counter:
     return delta
 
 
+def bucket_deltas(days: collections.Counter) -> collections.Counter:
+    """Per-day deltas summed per (kind, client, type, bucket): ``w`` weeks, ``m`` months."""
+    out: collections.Counter = collections.Counter()
+    for (client_id, type_, _status, day), n in days.items():
+        out[("w", client_id, type_, week_of(day))] += n
+        out[("m", client_id, type_, month_of(day))] += n
+    return out
+
+
 def apply(conn, installation_id: int, removed=(), added=()) -> None:
-    """Count ``removed`` rows out and ``added`` rows in, in the caller's transaction.
-    Rows are written in key order: concurrent writers lock them in one order."""
-    rows = [_row(installation_id, key, n) for key, n in sorted(deltas(removed, added).items()) if n]
+    """Count ``removed`` rows out and ``added`` rows in, in the caller's transaction: the
+    days first, then the weeks and months.  Rows are written in key order: concurrent
+    writers lock them in one order."""
+    days = deltas(removed, added)
+    rows = [_row(installation_id, key, n) for key, n in sorted(days.items()) if n]
     if rows:
         add_counts(conn, rows)
+        add_bucket_counts(conn, [_bucket_row(installation_id, key, n)
+                                 for key, n in sorted(bucket_deltas(days).items()) if n])
 
 
 def _row(installation_id: int, key: tuple, count: int) -> dict:
@@ -68,23 +82,39 @@ def _row(installation_id: int, key: tuple, count: int) -> dict:
             "day": day, "week": week_of(day), "month": month_of(day), "count": count}
 
 
-def add_counts(conn, rows: list[dict]) -> None:
-    t = meeting_days
+def _bucket_row(installation_id: int, key: tuple, count: int) -> dict:
+    kind, client_id, type_, bucket = key
+    return {"installation_id": installation_id, "kind": kind, "client_id": client_id, "type": type_,
+            "bucket": bucket, "count": count}
+
+
+def _upsert(conn, t, rows: list[dict]) -> None:
+    """Add each row's count to the row of its key (inserted when missing)."""
+    if not rows:
+        return
     if conn.dialect.name == "mysql":
         stmt = mysql.insert(t)
         stmt = stmt.on_duplicate_key_update(count=t.c["count"] + stmt.inserted["count"])
     else:
         stmt = sqlite.insert(t)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[t.c.installation_id, t.c.client_id, t.c.type, t.c.status, t.c.day],
-            set_={"count": t.c["count"] + stmt.excluded["count"]})
+        stmt = stmt.on_conflict_do_update(index_elements=list(t.primary_key.columns),
+                                          set_={"count": t.c["count"] + stmt.excluded["count"]})
     conn.execute(stmt, rows)
+
+
+def add_counts(conn, rows: list[dict]) -> None:
+    _upsert(conn, meeting_days, rows)
+
+
+def add_bucket_counts(conn, rows: list[dict]) -> None:
+    _upsert(conn, meeting_buckets, rows)
 
 
 def recount(conn, installation_id: int, batch: int = 20_000) -> int:
     """Rebuild the installation's rollup from its rows (keyset pages, one transaction: the
     caller's); returns the number of rollup rows."""
     conn.execute(meeting_days.delete().where(meeting_days.c.installation_id == installation_id))
+    conn.execute(meeting_buckets.delete().where(meeting_buckets.c.installation_id == installation_id))
     counts: collections.Counter = collections.Counter()
     last = None
     m = meetings.c
@@ -100,4 +130,7 @@ def recount(conn, installation_id: int, batch: int = 20_000) -> int:
     rows = [_row(installation_id, key, n) for key, n in sorted(counts.items())]
     for start in range(0, len(rows), 1000):
         conn.execute(meeting_days.insert(), rows[start:start + 1000])
+    buckets = [_bucket_row(installation_id, key, n) for key, n in sorted(bucket_deltas(counts).items())]
+    for start in range(0, len(buckets), 1000):
+        conn.execute(meeting_buckets.insert(), buckets[start:start + 1000])
     return len(rows)

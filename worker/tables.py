@@ -153,6 +153,19 @@ meeting_days = sa.Table(
     sa.Index("ix_meeting_days_day", "installation_id", "day", "client_id"),
 )
 
+#: The same counts per week and per month, without the status (what ``activity`` reads
+#: for the whole buckets of its range): ``kind`` ``w`` (``bucket`` = the day number of the
+#: week's Monday) or ``m`` (``bucket`` = YYYYMM).  Kept with ``meeting_days`` by the same
+#: writes (worker/rollups.py).
+meeting_buckets = sa.Table(
+    "meeting_buckets", metadata,
+    sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("kind", sa.String(1), primary_key=True),
+    sa.Column("client_id", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("type", sa.String(32), primary_key=True),
+    sa.Column("bucket", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("count", sa.Integer, nullable=False),
+)
 
 # -- email insight ----------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""The client reports: ``activity`` (the daily rollup, worker/rollups.py, plus raw rows
-for what the rollup cannot say) and ``going_cold`` (each client's last meeting and
+"""The client reports: ``activity`` (the rollups, worker/rollups.py: whole weeks or months
+from ``meeting_buckets``, the days at a range's edges from ``meeting_days``, plus raw rows
+for what the rollups cannot say) and ``going_cold`` (each client's last meeting and
 median gap, kept per client in ``client_gaps`` and trusted while the client's stamp in
 the index has not moved)."""
 from __future__ import annotations
@@ -13,7 +14,7 @@ from worker import keys, rollups
 from worker.errors import REDIS_FAULTS, is_transient
 from worker.records import iso_seconds
 from worker.reports.shared import DAY, Params, filters, hinted, percentile, visible
-from worker.tables import client_gaps, meeting_days, meetings
+from worker.tables import client_gaps, meeting_buckets, meeting_days, meetings
 from worker.visibility import own_clients, seen_beyond
 
 
@@ -25,6 +26,42 @@ def _bucket_label(day: int, bucket: str) -> str:
     if bucket == "week":
         return rollups.date_of(rollups.week_of(day)).isoformat()
     return _month_label(rollups.month_of(day))
+
+
+def _bucket_start(day: int, bucket: str) -> int:
+    """The first day of the week (Monday) or month that ``day`` falls in."""
+    if bucket == "week":
+        return rollups.week_of(day)
+    return day - (rollups.date_of(day).day - 1)
+
+
+def _bucket_of(start_day: int, bucket: str) -> int:
+    """The ``meeting_buckets`` number of the bucket that starts on ``start_day``."""
+    return start_day if bucket == "week" else rollups.month_of(start_day)
+
+
+def _next_bucket(day: int, bucket: str) -> int:
+    """The first day of the week or month after the one ``day`` falls in."""
+    if bucket == "week":
+        return rollups.week_of(day) + 7
+    return _bucket_start(_bucket_start(day, bucket) + 32, bucket)
+
+
+def _spans(first_day: int | None, end_day: int | None, bucket: str):
+    """The whole days ``[first_day, end_day)`` (None: open) as the whole buckets inside them
+    (``(lo, hi)``: the first day of the first, and the day after the last; None when there
+    are none) and the day ranges left at the edges, in buckets the range covers in part."""
+    lo = None if first_day is None else (
+        first_day if _bucket_start(first_day, bucket) == first_day else _next_bucket(first_day, bucket))
+    hi = None if end_day is None else _bucket_start(end_day, bucket)
+    if lo is not None and hi is not None and lo >= hi:  # inside one bucket, or two in part
+        return None, ([(first_day, end_day)] if first_day < end_day else [])
+    edges = []
+    if first_day is not None and first_day < lo:
+        edges.append((first_day, lo))
+    if end_day is not None and hi < end_day:
+        edges.append((hi, end_day))
+    return (lo, hi), edges
 
 
 def _partial_days(p: Params) -> set[int]:
@@ -47,20 +84,32 @@ def activity(conn, installation_id: int, user_id: int, p: Params, hint: str | No
     first_day = None if p.date_from is None else -(-p.date_from // DAY)
     end_day = None if p.date_to is None else p.date_to // DAY
     own = own_clients(installation_id, user_id)
-    d = meeting_days.c
+    whole, edges = _spans(first_day, end_day, p.bucket)
+    b, d = meeting_buckets.c, meeting_days.c
+    parts = []
+    if whole is not None:  # the whole weeks or months of the range, one row each
+        lo, hi = whole
+        conds = [b.installation_id == installation_id, b.kind == ("w" if p.bucket == "week" else "m"),
+                 b.client_id.in_(own)]
+        if p.client_ids is not None:
+            conds.append(b.client_id.in_(p.client_ids))
+        if lo is not None:
+            conds.append(b.bucket >= _bucket_of(lo, p.bucket))
+        if hi is not None:
+            conds.append(b.bucket < _bucket_of(hi, p.bucket))
+        parts.append(sa.select(b.client_id, b.type, b.bucket, b["count"]).where(*conds))
     column = d.week if p.bucket == "week" else d.month
-    conds = [d.installation_id == installation_id, d.client_id.in_(own)]
-    if p.client_ids is not None:
-        conds.append(d.client_id.in_(p.client_ids))
-    if first_day is not None:
-        conds.append(d.day >= first_day)
-    if end_day is not None:
-        conds.append(d.day < end_day)
-    stmt = (sa.select(d.client_id, d.type, column, sa.func.sum(d["count"]))
-            .where(*conds).group_by(d.client_id, d.type, column))
-    for client_id, type_, bucket, n in conn.execute(hinted(stmt, hint)):
-        label = _bucket_label(bucket, "week") if p.bucket == "week" else _month_label(bucket)
-        counts[(client_id, type_, label)] += int(n)
+    for start, end in edges:  # the whole days of the buckets the range covers in part
+        conds = [d.installation_id == installation_id, d.client_id.in_(own), d.day >= start, d.day < end]
+        if p.client_ids is not None:
+            conds.append(d.client_id.in_(p.client_ids))
+        parts.append(sa.select(d.client_id, d.type, column, sa.func.sum(d["count"]))
+                     .where(*conds).group_by(d.client_id, d.type, column))
+    if parts:
+        stmt = parts[0] if len(parts) == 1 else sa.union_all(*parts)
+        for client_id, type_, bucket, n in conn.execute(hinted(stmt, hint)):
+            label = _bucket_label(bucket, "week") if p.bucket == "week" else _month_label(bucket)
+            counts[(client_id, type_, label)] += int(n)
     m = meetings.c
     raw = [seen_beyond(installation_id, user_id, (m.client_id, m.type, m.meeting_s), *filters(p), hint=hint)]
     # The partial days at the range's edges, from the rows of the clients the rollup says
