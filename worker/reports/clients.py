@@ -107,8 +107,11 @@ def activity(conn, installation_id: int, user_id: int, p: Params, hint: str | No
                      .where(*conds).group_by(d.client_id, d.type, column))
     if parts:
         stmt = parts[0] if len(parts) == 1 else sa.union_all(*parts)
+        labels: dict = {}  # a few dozen buckets among many rows
         for client_id, type_, bucket, n in conn.execute(hinted(stmt, hint)):
-            label = _bucket_label(bucket, "week") if p.bucket == "week" else _month_label(bucket)
+            label = labels.get(bucket)
+            if label is None:
+                label = labels[bucket] = _bucket_label(bucket, "week") if p.bucket == "week" else _month_label(bucket)
             counts[(client_id, type_, label)] += int(n)
     m = meetings.c
     raw = [seen_beyond(installation_id, user_id, (m.client_id, m.type, m.meeting_s), *filters(p), hint=hint)]
