@@ -165,6 +165,8 @@ meeting_buckets = sa.Table(
     sa.Column("type", sa.String(32), primary_key=True),
     sa.Column("bucket", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("count", sa.Integer, nullable=False),
+    # A dashboard's recent range: the buckets first, then the user's clients among them.
+    sa.Index("ix_meeting_buckets_bucket", "installation_id", "kind", "bucket", "client_id"),
 )
 
 # -- email insight ----------------------------------------------------------------------

@@ -26,6 +26,8 @@ def upgrade():
         sa.Column("bucket", sa.Integer, primary_key=True, autoincrement=False),
         sa.Column("count", sa.Integer, nullable=False),
     )
+    # A dashboard's recent range: the buckets first, then the user's clients among them.
+    op.create_index("ix_meeting_buckets_bucket", "meeting_buckets", ["installation_id", "kind", "bucket", "client_id"])
     for kind, column in (("w", "week"), ("m", "month")):
         op.execute(
             "INSERT INTO meeting_buckets (installation_id, kind, client_id, type, bucket, count) "
@@ -34,4 +36,5 @@ def upgrade():
 
 
 def downgrade():
+    op.drop_index("ix_meeting_buckets_bucket", "meeting_buckets")
     op.drop_table("meeting_buckets")
