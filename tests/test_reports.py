@@ -21,6 +21,7 @@ from worker import rollups
 from worker.access import change
 from worker.email import directory
 from worker.tables import emails, meeting_buckets, meeting_days
+from worker.tables import meetings as meetings_table
 from worker.ingest import delete, ingest
 from worker.records import iso_seconds
 from worker.reports import NAMES, report
@@ -287,6 +288,31 @@ def random_params(rng, dates=()) -> dict:
 
 
 # -- the tests -------------------------------------------------------------------------
+
+def test_going_colds_kept_gaps_never_store_a_snapshot_older_than_their_stamp(clean):
+    """A report's connection can take its snapshot before a write commits and read that
+    write's stamp after: the client's figures recomputed then must hold the write, or
+    they would be kept, under the new stamp, without it (seen in a streaming run)."""
+    from worker.reports import Params, client_stamps, compute
+    from worker.reports.clients import going_cold
+    ctx = clean
+    change(ctx, I, 1, [1, 2], "set")
+    day = 86_400
+    ingest(ctx, [record(source_id=f"m{n}", client_id=1 + n % 2, meeting_date=iso(BASE + n * day))
+                 for n in range(10)])
+    everything = Params(client_ids=None, date_from=None, date_to=None, bucket="month")
+    rows_only = Params(client_ids=None, date_from=0, date_to=None, bucket="month")
+    with ctx.engine.connect() as conn:  # the kept figures, stored under the current stamps
+        going_cold(conn, I, 1, everything, NOW, stamps=client_stamps(ctx, I))
+    with ctx.engine.connect() as report_conn:
+        report_conn.execute(sa.select(sa.func.count()).select_from(meetings_table)).scalar()  # its snapshot
+        ingest(ctx, [record(source_id="late", client_id=1, meeting_date=iso(BASE + 40 * day))])
+        going_cold(report_conn, I, 1, everything, NOW, stamps=client_stamps(ctx, I))
+    with ctx.engine.connect() as conn:
+        kept = compute(conn, I, 1, "going_cold", everything, NOW, stamps=client_stamps(ctx, I))[0]
+        rows = compute(conn, I, 1, "going_cold", rows_only, NOW)[0]
+    assert kept == rows
+    assert [r["last_at"] for r in rows if r["client_id"] == 1] == [iso(BASE + 40 * day)]
 
 @pytest.mark.parametrize("bucket", ["week", "month"])
 def test_whole_buckets_and_edge_days_cover_a_range_exactly_once(bucket):

@@ -206,11 +206,17 @@ def _kept_gaps(conn, installation_id: int, user_id: int, p: Params, stamps) -> d
     stale = [c for c in own if c not in kept]
     m = meetings.c
     dates: dict = collections.defaultdict(list)
-    for start in range(0, len(stale), 500):
-        for client_id, seconds in conn.execute(sa.select(m.client_id, m.meeting_s).where(
-                m.installation_id == installation_id, m.client_id.in_(stale[start:start + 500]))
-                .order_by(m.client_id, m.meeting_s, m.id)):
-            dates[client_id].append(seconds)
+    # The stale clients' meetings are read on a connection of their own, opened after the
+    # stamps were read: the report's connection may hold a snapshot older than a stamp it
+    # saw (a writer commits, then stamps), and figures stored under a stamp must hold
+    # every write that stamp counts.  Newer rows than the stamp only make them recomputed
+    # once more.
+    with conn.engine.connect() as fresh:
+        for start in range(0, len(stale), 500):
+            for client_id, seconds in fresh.execute(sa.select(m.client_id, m.meeting_s).where(
+                    m.installation_id == installation_id, m.client_id.in_(stale[start:start + 500]))
+                    .order_by(m.client_id, m.meeting_s, m.id)):
+                dates[client_id].append(seconds)
     for client_id in stale:
         ds = dates.get(client_id, [])
         gaps = sorted(b - a for a, b in zip(ds, ds[1:]))
