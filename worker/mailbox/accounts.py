@@ -315,8 +315,10 @@ def running_claims(r, installation_id: int, user_ids: list[int]) -> list[int]:
     """The users among ``user_ids`` whose mailbox a sync run holds now."""
     if not user_ids:
         return []
-    held = [r.exists(redis_keys.sync_claim(installation_id, u)) for u in user_ids]
-    return [u for u, h in zip(user_ids, held) if h]
+    pipe = r.pipeline(transaction=False)  # keys outside any one slot: no MULTI
+    for u in user_ids:
+        pipe.exists(redis_keys.sync_claim(installation_id, u))
+    return [u for u, held in zip(user_ids, pipe.execute()) if held]
 
 
 def overview(engine, now: int) -> list[dict]:

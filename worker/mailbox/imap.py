@@ -22,6 +22,7 @@ from imapclient import exceptions as imap_errors
 
 # imapclient logs whole commands at DEBUG (LOGIN with its password, AUTHENTICATE with its
 # token): keep its loggers above DEBUG whatever the root logger's level is.
+log = logging.getLogger(__name__)
 for _name in ("imapclient", "imapclient.imaplib", "imapclient.imapclient"):
     logging.getLogger(_name).setLevel(logging.INFO)
 
@@ -145,10 +146,11 @@ class Session:
             self._drop()
 
     def _drop(self) -> None:
+        """Close the socket of a session that cannot log out (the connection is gone)."""
         try:
             self._client.shutdown()
-        except Exception:
-            pass
+        except OSError as exc:
+            log.debug("%s: the connection was closed already (%s)", self.account.host, exc.__class__.__name__)
 
     @property
     def gmail(self) -> bool:

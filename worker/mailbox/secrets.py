@@ -66,9 +66,7 @@ def redact(value):
 def redact_call(signature, args, kwargs) -> tuple[list, dict]:
     """A task call's arguments with the secrets replaced: parameters named in
     ``SECRET_FIELDS`` (bound by name or by position) and those fields inside objects."""
-    args, kwargs = list(args or ()), dict(kwargs or {})
     names = list(signature.parameters)
     args = [REDACTED if i < len(names) and names[i] in SECRET_FIELDS and a is not None else redact(a)
-            for i, a in enumerate(args)]
-    kwargs = {k: (REDACTED if k in SECRET_FIELDS and v is not None else redact(v)) for k, v in kwargs.items()}
-    return args, kwargs
+            for i, a in enumerate(args or ())]
+    return args, redact(dict(kwargs or {}))
