@@ -16,8 +16,9 @@
    transaction that stores it**.  The update is conditional (same UIDVALIDITY, a last UID
    below the new one): a crash anywhere resumes after the last committed chunk, with
    nothing lost and nothing stored twice.
-5. The run stops when its **time budget** (``CRM_SYNC_BUDGET``) is spent; the next tick
-   goes on from the checkpoint.
+5. The run stops fetching when its **time budget** (``CRM_SYNC_BUDGET``) is spent (each
+   folder left still gets its STATUS, so that its backlog is known); the next tick goes
+   on from the checkpoint.
 """
 from __future__ import annotations
 
@@ -179,6 +180,10 @@ class Run:
             self._set(folder, state="ok", error=None, uidnext=status.uidnext, highestmodseq=status.highestmodseq,
                       backlog=0, last_sync_s=now)
             return result
+        if self.spent():  # the budget limits fetching, not looking: the backlog from STATUS, at most
+            result.backlog = min(status.messages, status.uidnext - 1 - last_uid)
+            self._set(folder, uidnext=status.uidnext, backlog=result.backlog)
+            return result
         uidvalidity, uids = session.uids_after(folder, last_uid)
         if uidvalidity != status.uidvalidity:  # recreated between STATUS and EXAMINE
             self._set(folder, uidvalidity=uidvalidity, last_uid=0, highestmodseq=None)
@@ -292,8 +297,9 @@ def sync_mailbox(ctx, installation_id, user_id) -> dict:
     finally:
         try:
             claim.release()
-        except LockError:
-            pass
+        except LockError:  # lapsed (a stall longer than CRM_SYNC_CLAIM): another run may hold it now
+            log.warning("installation %d user %d: the sync claim lapsed before the run ended",
+                        installation_id, user_id)
 
 
 def _run(ctx, installation_id: int, user_id: int, row, claim, budget_s: float) -> dict:
@@ -305,8 +311,6 @@ def _run(ctx, installation_id: int, user_id: int, row, claim, budget_s: float) -
     try:
         with imap.Session(account) as session:
             for folder in run.folders(session):
-                if run.spent():
-                    break
                 try:
                     results.append(run.folder(session, folder))
                 except imap_errors.IMAPClientError as exc:  # a NO or BAD on one folder
