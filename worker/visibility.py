@@ -107,4 +107,7 @@ def threads_seen(installation_id: int, user_id: int):
     whole = sa.func.max(sa.case((rows.c.whole, 1), else_=0))
     return (sa.select(rows.c.thread_id, whole.label("whole"), sa.func.max(rows.c.last_s).label("last_s"),
                       sa.func.max(sa.case((rows.c.awaiting, 1), else_=0)).label("awaiting"))
-            .group_by(rows.c.thread_id).subquery("seen_threads"))
+            .group_by(rows.c.thread_id)
+            # MariaDB sorts a GROUP BY's groups unless told not to (about 15 % of this
+            # statement for a user with 2,000 clients); nothing reads them in that order.
+            .order_by(sa.null()).subquery("seen_threads"))
