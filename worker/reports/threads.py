@@ -7,6 +7,7 @@ functions (a running count of outbound messages per thread pairs each inbound me
 with its reply)."""
 from __future__ import annotations
 
+import bisect
 import collections
 import json
 
@@ -91,27 +92,39 @@ def response_times(conn, installation_id: int, user_id: int, p: Params, now: int
     else:
         seen, t, pr = _seen(installation_id, user_id), thread_table, thread_pairs
         # One statement, the user's threads read once: those seen whole with their pairs
-        # (whole 1), and the ids of those seen in part (whole 0).
+        # (whole 1; ``first`` marks one row per thread), and the ids of those seen in part
+        # (whole 0).  Rows are read as plain tuples: there are as many as pairs.
         rows = conn.execute(_from_seen(
-            sa.select(seen.c.whole, t.c.thread_id, pr.c.wait_s)
+            sa.select(seen.c.whole, sa.case((seen.c.whole == 0, t.c.thread_id)), pr.c.wait_s,
+                      sa.case((sa.or_(pr.c.n.is_(None), pr.c.n == 0), 1), else_=0))
             .select_from(seen.join(t, _on_thread(installation_id, t, seen))
                          .outerjoin(pr, sa.and_(_on_thread(installation_id, pr, seen), pr.c.first, seen.c.whole == 1)))
-            .where(sa.or_(seen.c.whole == 0, t.c.inbound > 0)))).all()
-        part = [th for th in _in_part(conn, installation_id, user_id, {r.thread_id for r in rows if not r.whole})
-                if th["inbound"]]
-        waits = sorted([r.wait_s for r in rows if r.whole and r.wait_s is not None]
-                       + [wait for th in part for wait, _ in th["pairs"]])
-        threads = len({r.thread_id for r in rows if r.whole}) + len(part)
-    histogram = {label: 0 for label, _ in HISTOGRAM}
-    for wait in waits:
-        for label, upper in HISTOGRAM:
-            if upper is None or wait < upper:
-                histogram[label] += 1
-                break
-    return [{"threads": threads, "answered": len(waits), "median_s": percentile(waits, 0.5),
-             "p90_s": percentile(waits, 0.9),
-             "within_1h_share": (sum(1 for w in waits if w < 3_600) / len(waits)) if waits else None,
-             "histogram": histogram}]
+            .where(sa.or_(seen.c.whole == 0, t.c.inbound > 0))))
+        waits, threads, in_part = [], 0, set()
+        for whole, thread_id, wait, first in rows:
+            if not whole:
+                in_part.add(thread_id)
+                continue
+            threads += first
+            if wait is not None:
+                waits.append(wait)
+        part = [th for th in _in_part(conn, installation_id, user_id, in_part) if th["inbound"]]
+        waits += [wait for th in part for wait, _ in th["pairs"]]
+        waits.sort()
+        threads += len(part)
+    return [summarize_waits(waits, threads)]
+
+
+def summarize_waits(waits: list, threads: int) -> dict:
+    """response_times' row from the sorted waits: counts by bisection, not by a pass."""
+    histogram, below = {}, 0
+    for label, upper in HISTOGRAM:
+        upto = len(waits) if upper is None else bisect.bisect_left(waits, upper)
+        histogram[label], below = upto - below, upto
+    return {"threads": threads, "answered": len(waits), "median_s": percentile(waits, 0.5),
+            "p90_s": percentile(waits, 0.9),
+            "within_1h_share": bisect.bisect_left(waits, 3_600) / len(waits) if waits else None,
+            "histogram": histogram}
 
 
 def awaiting_reply(conn, installation_id: int, user_id: int, p: Params, now: int, hint: str | None = None) -> list[dict]:
@@ -121,9 +134,9 @@ def awaiting_reply(conn, installation_id: int, user_id: int, p: Params, now: int
             sa.select(seen.c.whole, t.c.thread_id, t.c.subject, t.c.awaiting_s, t.c.clients)
             .select_from(seen.join(t, _on_thread(installation_id, t, seen)))
             .where(sa.or_(seen.c.whole == 0, t.c.awaiting_s.isnot(None))))).all()
-        waiting = [(r.awaiting_s, r.thread_id, r.subject, json.loads(r.clients)) for r in rows if r.whole]
+        waiting = [(since, tid, subject, json.loads(clients)) for whole, tid, subject, since, clients in rows if whole]
         waiting += [(th["awaiting_s"], th["thread_id"], th["subject"], th["clients"])
-                    for th in _in_part(conn, installation_id, user_id, {r.thread_id for r in rows if not r.whole})
+                    for th in _in_part(conn, installation_id, user_id, {r[1] for r in rows if not r[0]})
                     if th["awaiting_s"] is not None]
         return [{"thread_id": tid, "subject": subject, "awaiting_reply_since": iso_seconds(since),
                  "client_ids": list(clients)} for since, tid, subject, clients in sorted(waiting, key=lambda w: w[:2])]
@@ -153,45 +166,47 @@ def workload(conn, installation_id: int, user_id: int, p: Params, now: int, hint
     else:
         _workload_sql(conn, visible_messages(installation_id, user_id, p, hint), figures)
     return [{"user_id": u, "received": f["received"], "sent": f["sent"], "awaiting": f["awaiting"],
-             "median_reply_s": f["median"] if "median" in f else percentile(sorted(f["waits"]), 0.5)}
+             "median_reply_s": percentile(sorted(f["waits"]), 0.5)}
             for u, f in sorted(figures.items()) if f["received"] or f["sent"]]
 
 
+def _integer(total):
+    """A SUM as an integer column (MySQL's is DECIMAL, which would make the whole column of
+    a UNION so, and each of its values slow to read)."""
+    return sa.cast(total, sa.BigInteger)
+
+
 def _workload_kept(conn, installation_id: int, user_id: int, figures: dict) -> None:
-    """workload from the kept thread state: per mailbox, the counts of the threads the user
-    sees whole summed by the database, and the median reply picked there (the two middle
-    waits by rank); threads seen in part from their visible messages.  A mailbox with
-    pairs in both gets its whole list of waits, so its median stays exact."""
+    """workload from the kept thread state, in one statement: per mailbox, the counts of
+    the threads the user sees whole, summed by the database; the waits of their pairs, one
+    row each (the medians are taken here, exact); and the ids of the threads seen in part,
+    which are summarized from their visible messages."""
     seen, pr, mb = _seen(installation_id, user_id), thread_pairs, thread_mailboxes
     counts = _from_seen(
-        sa.select(sa.literal("c").label("kind"), mb.c.user_id, sa.func.sum(mb.c.received).label("a"),
-                  sa.func.sum(mb.c.sent).label("b"), sa.func.sum(seen.c.awaiting).label("c"),
+        sa.select(sa.literal("c").label("kind"), mb.c.user_id, _integer(sa.func.sum(mb.c.received)).label("a"),
+                  _integer(sa.func.sum(mb.c.sent)).label("b"), _integer(sa.func.sum(seen.c.awaiting)).label("c"),
                   sa.null().label("thread_id"))
         .select_from(seen.join(mb, _on_thread(installation_id, mb, seen)))
         .where(seen.c.whole == 1).group_by(mb.c.user_id))
-    ranked = _from_seen(
-        sa.select(pr.c.user_id, pr.c.wait_s,
-                  sa.func.row_number().over(partition_by=pr.c.user_id, order_by=pr.c.wait_s).label("rank"),
-                  sa.func.count().over(partition_by=pr.c.user_id).label("n"))
-        .select_from(seen.join(pr, _on_thread(installation_id, pr, seen))).where(seen.c.whole == 1)).subquery("ranked")
-    low = (ranked.c.n - 1) // 2 + 1  # the median's rank(s), 1-based: low, and low + 1 when n is even
-    middle = (sa.select(sa.literal("m"), ranked.c.user_id, ranked.c.wait_s, ranked.c.rank, ranked.c.n, sa.null())
-              .where(ranked.c.rank.in_([low, low + 1])))
-    partial = sa.select(sa.literal("p"), sa.null(), sa.null(), sa.null(), sa.null(), seen.c.thread_id).where(
-        seen.c.whole == 0)
-    rows = conn.execute(sa.union_all(counts, middle, partial)).all()
-    middles: dict = collections.defaultdict(dict)  # user -> {rank: wait}, and the count of waits
-    for r in rows:
-        if r.kind == "c":
-            f = figures[r.user_id]
-            f["received"] += int(r.a)
-            f["sent"] += int(r.b)
-            f["awaiting"] += int(r.c)
-        elif r.kind == "m":
-            middles[r.user_id][int(r.b)] = int(r.a)
-            middles[r.user_id]["n"] = int(r.c)
-    extra: dict = collections.defaultdict(list)
-    for th in _in_part(conn, installation_id, user_id, [r.thread_id for r in rows if r.kind == "p"]):
+    # The pairs of whole threads (a reply read from several mailboxes has a row for each),
+    # and (no pair, whole 0) the threads seen in part: one reading of ``seen`` for both.
+    waits = _from_seen(
+        sa.select(sa.literal("w"), pr.c.user_id, pr.c.wait_s, sa.null(), sa.null(),
+                  sa.case((seen.c.whole == 0, seen.c.thread_id)))
+        .select_from(seen.outerjoin(pr, sa.and_(_on_thread(installation_id, pr, seen), seen.c.whole == 1)))
+        .where(sa.or_(seen.c.whole == 0, pr.c.user_id.isnot(None))))
+    in_part = []
+    for kind, user, a, b, c, thread_id in conn.execute(sa.union_all(counts, waits)):
+        if kind == "c":
+            f = figures[user]
+            f["received"] += int(a)
+            f["sent"] += int(b)
+            f["awaiting"] += int(c)
+        elif thread_id is not None:
+            in_part.append(thread_id)
+        else:
+            figures[user]["waits"].append(a)
+    for th in _in_part(conn, installation_id, user_id, in_part):
         for user, (received, sent) in th["mailboxes"].items():
             f = figures[int(user)]
             f["received"] += received
@@ -199,19 +214,7 @@ def _workload_kept(conn, installation_id: int, user_id: int, figures: dict) -> N
             f["awaiting"] += th["awaiting_s"] is not None
         for wait, users in th["pairs"]:
             for user in users:
-                extra[user].append(wait)
-    if extra:  # those mailboxes' whole lists, to merge
-        stmt = _from_seen(sa.select(pr.c.user_id, pr.c.wait_s)
-                          .select_from(seen.join(pr, _on_thread(installation_id, pr, seen)))
-                          .where(seen.c.whole == 1, pr.c.user_id.in_(sorted(extra))))
-        for user, wait in conn.execute(stmt):
-            extra[user].append(wait)
-    for user, m in middles.items():
-        if user not in extra:  # the median of the whole threads' waits alone
-            n, low = m["n"], (m["n"] - 1) // 2 + 1
-            figures[user]["median"] = percentile([m[low]] if n % 2 else [m[low], m[low + 1]], 0.5)
-    for user, waits in extra.items():
-        figures[user]["waits"] = waits
+                figures[user]["waits"].append(wait)
 
 
 def _workload_sql(conn, v, figures: dict) -> None:
