@@ -190,19 +190,22 @@ def _kept_gaps(conn, installation_id: int, user_id: int, p: Params, stamps) -> d
     by ``p.client_ids``): every meeting of a client the user holds is visible to them, so
     the figures are the client's own.  Rows whose stamp moved are computed again from the
     client's meetings and stored.  None when the index cannot say what moved."""
-    own = sorted(conn.execute(own_clients(installation_id, user_id)).scalars())
+    g, own = client_gaps.c, own_clients(installation_id, user_id).subquery("own")
+    # The user's clients with their kept rows, in one statement.
+    rows = conn.execute(sa.select(own.c.client_id, g.stamp, g.last_s, g.median_gap2)
+                        .select_from(own.outerjoin(client_gaps, sa.and_(
+                            g.installation_id == installation_id, g.client_id == own.c.client_id)))).all()
     if p.client_ids is not None:
-        own = sorted(set(own) & set(p.client_ids))
+        wanted = set(p.client_ids)
+        rows = [r for r in rows if r[0] in wanted]
+    own = sorted(r[0] for r in rows)
     current = stamps(own) if own else {}
     if current is None:
         return None
-    g = client_gaps.c
     kept, found = {}, {}
-    for start in range(0, len(own), 1000):
-        for client_id, stamp, last_s, twice in conn.execute(sa.select(g.client_id, g.stamp, g.last_s, g.median_gap2).where(
-                g.installation_id == installation_id, g.client_id.in_(own[start:start + 1000]))):
-            if stamp == current[client_id]:
-                kept[client_id] = (last_s, twice)
+    for client_id, stamp, last_s, twice in rows:
+        if stamp is not None and stamp == current[client_id]:
+            kept[client_id] = (last_s, twice)
     stale = [c for c in own if c not in kept]
     m = meetings.c
     dates: dict = collections.defaultdict(list)
