@@ -532,3 +532,19 @@ def test_a_meeting_record_that_replaces_an_email_with_another_type_leaves_its_th
         assert reports.compute(conn, I, 1, "awaiting_reply", reports.ALL, 1_900_000_000)[0] == []
     # Still a meeting, now a call, for whoever may see client 1.
     assert [i["type"] for i in query(ctx, installation_id=I, user_id=1)["items"]] == ["call"]
+
+
+def test_any_thread_id_a_caller_sends_is_an_answer_never_an_error(clean):
+    """Thread ids are ASCII, compared byte for byte (migration 0011): an id in another
+    script, with an emoji, or differing from a real one only in case or a trailing space
+    finds nothing, and the task does not fail on it."""
+    ctx = clean
+    setup_directory(ctx)
+    change(ctx, I, 1, [1], "set")
+    raw = (b"Message-ID: <a1@x>\r\nFrom: a@c1.com\r\nTo: u1@ours.com\r\nSubject: Hi\r\n"
+           b"Date: Mon, 02 Jan 2023 10:00:00 +0000\r\n\r\nx")
+    email_ingest.ingest_emails(ctx, I, 2, [{"raw": b64(raw)}])
+    tid = queries.query_threads(ctx, I, 1)["items"][0]["thread_id"]
+    assert len(queries.get_thread(ctx, I, 1, tid)["messages"]) == 1
+    for other in (tid.upper(), tid + " ", tid[:-1] + "é", "tü" + tid[2:], "t😀", "Ω" * 64):
+        assert queries.get_thread(ctx, I, 1, other) == {"thread_id": other, "messages": []}, repr(other)

@@ -36,7 +36,7 @@ def test_ingest_query_and_fallback_on_sqlite(sqlite_engine, redis_client):
 
 def test_schema_upgrade_is_idempotent(sqlite_engine):
     from worker.schema import upgrade
-    assert upgrade(sqlite_engine) == upgrade(sqlite_engine) == "0010"
+    assert upgrade(sqlite_engine) == upgrade(sqlite_engine) == "0011"
     tables = set(sa.inspect(sqlite_engine).get_table_names())
     assert {"meetings", "user_clients", "users", "installations", "crm_meta", "alembic_version"} <= tables
 
@@ -54,7 +54,7 @@ def test_migration_0005_fills_the_domains_of_existing_user_addresses(tmp_path):
         command.upgrade(config, "0004")
         conn.exec_driver_sql("INSERT INTO user_addresses (installation_id, address, user_id) VALUES "
                              "(1, 'ann@mail.acme.co.uk', 1), (1, 'bob@gmail.com', 2)")
-    assert upgrade(sqlite_engine) == "0010"
+    assert upgrade(sqlite_engine) == "0011"
     with sqlite_engine.connect() as conn:
         rows = conn.exec_driver_sql("SELECT address, domain FROM user_addresses ORDER BY address").all()
     assert [tuple(r) for r in rows] == [("ann@mail.acme.co.uk", "acme.co.uk"), ("bob@gmail.com", "gmail.com")]
@@ -78,7 +78,7 @@ def test_migration_0006_marks_the_emails_that_a_record_replaced(tmp_path):
             conn.exec_driver_sql(
                 "INSERT INTO emails (meeting_id, installation_id, message_key, base_key, date_s, thread_id, threading, "
                 f"participants) VALUES ({n}, 1, 'k{n}', 'k{n}', 0, 't', 0, '[]')")
-    assert upgrade(sqlite_engine) == "0010"
+    assert upgrade(sqlite_engine) == "0011"
     with sqlite_engine.connect() as conn:
         rows = conn.exec_driver_sql("SELECT message_key, by_record, fingerprint FROM emails ORDER BY 1").all()
     assert [tuple(r) for r in rows] == [("k1", 0, None), ("k2", 1, None), ("k3", 1, None)]

@@ -40,6 +40,9 @@ class Utf8Key(sa.TypeDecorator):
 
 BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 LongText = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql")
+#: A thread id: ``t`` and 24 hex digits, ASCII compared byte for byte on MariaDB/MySQL
+#: (migration 0011; TiDB keeps its byte-wise ``utf8mb4_bin``).
+ThreadId = sa.String(40).with_variant(mysql.VARCHAR(40, charset="ascii", collation="ascii_bin"), "mysql")
 
 #: One row per meeting.  ``id`` is derived from (installation_id, source_id), not
 #: auto-incremented: the index is written from the batch itself, and TiDB spreads the
@@ -252,7 +255,7 @@ emails = sa.Table(
     sa.Column("base_key", Utf8Key(), nullable=False),
     sa.Column("from_address", Utf8Key()),
     sa.Column("date_s", BigInt, nullable=False),
-    sa.Column("thread_id", sa.String(40), nullable=False),
+    sa.Column("thread_id", ThreadId, nullable=False),
     sa.Column("subject_key", Utf8Key()),
     sa.Column("threading", sa.Boolean, nullable=False),
     sa.Column("participants", LongText, nullable=False),
@@ -320,7 +323,7 @@ email_links = sa.Table(
 threads = sa.Table(
     "threads", metadata,
     sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
-    sa.Column("thread_id", sa.String(40), primary_key=True),
+    sa.Column("thread_id", ThreadId, primary_key=True),
     sa.Column("messages", sa.Integer, nullable=False),
     sa.Column("inbound", sa.Integer, nullable=False),
     sa.Column("first_s", BigInt, nullable=False),
@@ -338,7 +341,7 @@ threads = sa.Table(
 thread_pairs = sa.Table(
     "thread_pairs", metadata,
     sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
-    sa.Column("thread_id", sa.String(40), primary_key=True),
+    sa.Column("thread_id", ThreadId, primary_key=True),
     sa.Column("n", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("user_id", BigInt, primary_key=True, autoincrement=False),
     sa.Column("wait_s", BigInt, nullable=False),
@@ -350,7 +353,7 @@ thread_pairs = sa.Table(
 thread_mailboxes = sa.Table(
     "thread_mailboxes", metadata,
     sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
-    sa.Column("thread_id", sa.String(40), primary_key=True),
+    sa.Column("thread_id", ThreadId, primary_key=True),
     sa.Column("user_id", BigInt, primary_key=True, autoincrement=False),
     sa.Column("received", sa.Integer, nullable=False),
     sa.Column("sent", sa.Integer, nullable=False),
@@ -366,7 +369,7 @@ thread_reach = sa.Table(
     sa.Column("installation_id", BigInt, primary_key=True, autoincrement=False),
     sa.Column("client_id", BigInt, primary_key=True, autoincrement=False),
     sa.Column("user_id", BigInt, primary_key=True, autoincrement=False),
-    sa.Column("thread_id", sa.String(40), primary_key=True),
+    sa.Column("thread_id", ThreadId, primary_key=True),
     sa.Column("whole", sa.Boolean, nullable=False),
     sa.Column("last_s", BigInt, nullable=False),
     sa.Column("awaiting", sa.Boolean, nullable=False),

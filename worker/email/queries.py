@@ -189,6 +189,10 @@ def get_thread(ctx, installation_id, user_id, thread_id) -> dict:
     user_id = positive_int("user_id", user_id)
     if not isinstance(thread_id, str) or not 0 < len(thread_id) <= 64:
         raise InvalidArgument("thread_id", "must be a thread_id string")
+    if not (thread_id.isascii() and thread_id.isalnum()):
+        # No thread has such an id (``t`` and hex digits); MySQL would refuse to compare
+        # one outside ASCII, and would take one with trailing spaces for the same id.
+        return {"thread_id": thread_id, "messages": []}
     with ctx.engine.connect() as conn:
         rows = conn.execute(
             sa.select(meetings, emails.c.participants)
