@@ -360,6 +360,40 @@ def test_every_report_equals_the_oracle_for_random_access(clean, seed):
                     assert got["name"] == name and got["generated_at"] == iso_seconds(NOW)
 
 
+def test_activity_read_packed_or_cut_short_is_the_same(clean):
+    """activity packs a client's weekly or monthly rows into one (GROUP_CONCAT); a server
+    that cuts the packed text short (``group_concat_max_len``) has that client read again
+    row by row, and the answer equals the oracle either way."""
+    from worker.reports import ALL, Params, compute
+    ctx = clean
+    if ctx.engine.dialect.name != "mysql":
+        pytest.skip("group_concat_max_len is MySQL's")
+    items = build_world(ctx, 23)
+    change(ctx, I, 9, [1, 2, 3, 4, 5], "set")
+    with ctx.engine.connect() as conn:
+        thread_of = dict(conn.execute(sa.select(emails.c.message_key, emails.c.thread_id)).all())
+    for params in (ALL, Params(client_ids=None, date_from=None, date_to=None, bucket="week")):
+        want = expected("activity", items, {1, 2, 3, 4, 5}, 9, {"bucket": params.bucket}, thread_of)
+        with ctx.engine.connect() as conn:
+            packed = compute(conn, I, 9, "activity", params, NOW)[0]
+            cuts = []
+            # Cut each client's text inside its last entry (1 to 3 bytes short), and
+            # inside its first (MariaDB's least length is 4).
+            texts = conn.execute(sa.select(sa.func.group_concat(
+                meeting_buckets.c.type + " " + sa.cast(meeting_buckets.c.bucket, sa.String) + " "
+                + sa.cast(meeting_buckets.c["count"], sa.String) + ";"))
+                .where(meeting_buckets.c.kind == params.bucket[0]).group_by(meeting_buckets.c.client_id)).scalars()
+            for length in sorted({4} | {len(t) - k for t in texts for k in (1, 2, 3) if len(t) - k >= 4})[:40]:
+                conn.exec_driver_sql(f"SET SESSION group_concat_max_len = {length}")
+                try:
+                    cuts.append(compute(conn, I, 9, "activity", params, NOW)[0])
+                finally:
+                    conn.exec_driver_sql("SET SESSION group_concat_max_len = 16777216")
+        assert all(cut == packed for cut in cuts)
+        assert packed == approx(want)
+        assert len(packed) > 10
+
+
 def test_rollup_follows_every_writer(clean):
     """Inserts, newer versions, deletions, emails and their re-linking all keep the
     rollup equal to a recount of the rows."""
