@@ -98,7 +98,10 @@ def activity(conn, installation_id: int, user_id: int, p: Params, hint: str | No
             conds.append(b.bucket >= _bucket_of(lo, p.bucket))
         if hi is not None:
             conds.append(b.bucket < _bucket_of(hi, p.bucket))
-        _whole_buckets(conn, conds, label, hint, counts)
+        if lo is None:  # from the first bucket on: every bucket of every client, packed
+            _whole_buckets(conn, conds, label, hint, counts)
+        else:  # a recent range: its few rows, found by the bucket index
+            parts.append(sa.select(b.client_id, b.type, b.bucket, b["count"]).where(*conds))
     column = d.week if p.bucket == "week" else d.month
     for start, end in edges:  # the whole days of the buckets the range covers in part
         conds = [d.installation_id == installation_id, d.client_id.in_(own), d.day >= start, d.day < end]
