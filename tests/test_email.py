@@ -505,6 +505,21 @@ def test_provider_thread_ids_join_headerless_messages_of_one_mailbox_only(clean)
     assert_thread_state_matches(ctx.engine, I)
 
 
+def _one_thread(ctx, message_id: str) -> str:
+    """One inbound message of client 1 read from user 2's mailbox, user 1 holding client 1:
+    the id of its thread, which user 1 sees with its one message."""
+    setup_directory(ctx)
+    change(ctx, I, 1, [1], "set")
+    raw = (f"Message-ID: <{message_id}>\r\nFrom: a@c1.com\r\nTo: u1@ours.com\r\nSubject: Hello\r\n"
+           "Date: Mon, 02 Jan 2023 10:00:00 +0000\r\n\r\nx").encode()
+    email_ingest.ingest_emails(ctx, I, 2, [{"raw": b64(raw)}])
+    listed = queries.query_threads(ctx, I, 1)
+    assert listed["total"] == 1
+    tid = listed["items"][0]["thread_id"]
+    assert len(queries.get_thread(ctx, I, 1, tid)["messages"]) == 1
+    return tid
+
+
 def test_a_meeting_record_that_replaces_an_email_with_another_type_leaves_its_thread(clean):
     """A stored email is a meeting of type email: once a crm.ingest_meetings record of the
     same key replaces it with a call, thread lists, the thread and the thread reports
@@ -513,15 +528,7 @@ def test_a_meeting_record_that_replaces_an_email_with_another_type_leaves_its_th
     from worker import reports
     from worker.ingest import ingest
     ctx = clean
-    setup_directory(ctx)
-    change(ctx, I, 1, [1], "set")
-    raw = (b"Message-ID: <r1@x>\r\nFrom: a@c1.com\r\nTo: u1@ours.com\r\nSubject: Hello\r\n"
-           b"Date: Mon, 02 Jan 2023 10:00:00 +0000\r\n\r\nx")
-    email_ingest.ingest_emails(ctx, I, 2, [{"raw": b64(raw)}])
-    listed = queries.query_threads(ctx, I, 1)
-    assert listed["total"] == 1
-    tid = listed["items"][0]["thread_id"]
-    assert len(queries.get_thread(ctx, I, 1, tid)["messages"]) == 1
+    tid = _one_thread(ctx, "r1@x")
     with ctx.engine.connect() as conn:
         assert len(reports.compute(conn, I, 1, "awaiting_reply", reports.ALL, 1_900_000_000)[0]) == 1
     ingest(ctx, [record(installation_id=I, source_id="r1@x", client_id=1, type="call", status="done",
@@ -539,12 +546,6 @@ def test_any_thread_id_a_caller_sends_is_an_answer_never_an_error(clean):
     script, with an emoji, or differing from a real one only in case or a trailing space
     finds nothing, and the task does not fail on it."""
     ctx = clean
-    setup_directory(ctx)
-    change(ctx, I, 1, [1], "set")
-    raw = (b"Message-ID: <a1@x>\r\nFrom: a@c1.com\r\nTo: u1@ours.com\r\nSubject: Hi\r\n"
-           b"Date: Mon, 02 Jan 2023 10:00:00 +0000\r\n\r\nx")
-    email_ingest.ingest_emails(ctx, I, 2, [{"raw": b64(raw)}])
-    tid = queries.query_threads(ctx, I, 1)["items"][0]["thread_id"]
-    assert len(queries.get_thread(ctx, I, 1, tid)["messages"]) == 1
+    tid = _one_thread(ctx, "a1@x")
     for other in (tid.upper(), tid + " ", tid[:-1] + "é", "tü" + tid[2:], "t😀", "Ω" * 64):
         assert queries.get_thread(ctx, I, 1, other) == {"thread_id": other, "messages": []}, repr(other)

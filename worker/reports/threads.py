@@ -112,10 +112,10 @@ def response_times(conn, installation_id: int, user_id: int, p: Params, now: int
         waits += [wait for th in part for wait, _ in th["pairs"]]
         waits.sort()
         threads += len(part)
-    return [summarize_waits(waits, threads)]
+    return [_summarize_waits(waits, threads)]
 
 
-def summarize_waits(waits: list, threads: int) -> dict:
+def _summarize_waits(waits: list, threads: int) -> dict:
     """response_times' row from the sorted waits: counts by bisection, not by a pass."""
     histogram, below = {}, 0
     for label, upper in HISTOGRAM:
