@@ -83,12 +83,6 @@ def visible_parts(installation_id: int, user_id: int, columns, *conds, hint: str
     return mine, seen_beyond(installation_id, user_id, columns, *conds, hint=hint)
 
 
-def visible_among(installation_id: int, user_id: int, meeting_ids):
-    """SELECT the ids among ``meeting_ids`` (a few: a page, a thread's messages) of the
-    meetings the user may see."""
-    return sa.select(meetings.c.id).where(meetings.c.id.in_(meeting_ids), visible_condition(installation_id, user_id))
-
-
 def threads_seen(installation_id: int, user_id: int):
     """Subquery ``seen_threads(thread_id, whole, last_s, awaiting)``: the threads of which the
     user may see a message — one of their clients is linked by a message, or a message
