@@ -13,15 +13,20 @@ from tests.conftest import DATABASE_URL, REDIS_URL
 pytestmark = pytest.mark.mysql  # the benchmark runs on a MySQL-protocol server of its own
 
 
-def test_quick_bench_on_a_tiny_data_set(tmp_path):
+def _crm_bench(tmp_path, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`crm bench ARGS` on a database and four Redis databases of its own (below the
+    tests' ones), writing into ``tmp_path``."""
     base, db = REDIS_URL.rsplit("/", 1)
-    redis_url = f"{base}/{int(db) - 9}"  # four databases of its own, below the tests' ones
-    database_url = DATABASE_URL.rsplit("/", 1)[0] + "/crm_bench_smoke"
-    out = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "bench", "--quick", "--meetings", "1500", "--clients", "60",
-         "--users", "30", "--samples", "8", "--seconds", "0.5", "--ingest-rows", "600", "--emails", "150",
-         "--database-url", database_url, "--redis-url", redis_url, "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", "bench", *args,
+         "--database-url", DATABASE_URL.rsplit("/", 1)[0] + "/crm_bench_smoke",
+         "--redis-url", f"{base}/{int(db) - 9}", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_quick_bench_on_a_tiny_data_set(tmp_path):
+    out = _crm_bench(tmp_path, "--quick", "--meetings", "1500", "--clients", "60", "--users", "30", "--samples", "8",
+                     "--seconds", "0.5", "--ingest-rows", "600", "--emails", "150", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for path in ("redis_ping", "crm_warm_page1", "crm_index_page1", "crm_database_page1", "sql_join_page1",
@@ -38,12 +43,7 @@ def test_quick_bench_on_a_tiny_data_set(tmp_path):
 
 def test_load_run_on_a_tiny_scale(tmp_path):
     """`crm bench load` checks itself (nothing lost, nothing leaked): a short run must pass."""
-    base, db = REDIS_URL.rsplit("/", 1)
-    out = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "bench", "load", "--seconds", "4",
-         "--database-url", DATABASE_URL.rsplit("/", 1)[0] + "/crm_bench_smoke",
-         "--redis-url", f"{base}/{int(db) - 9}", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = _crm_bench(tmp_path, "load", "--seconds", "4")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ok"] and result["queries"] > 0 and result["answers_checked"] == result["queries"]
@@ -55,12 +55,7 @@ def test_sync_bench_on_a_small_mailbox(tmp_path):
     from tests.imap_server import available
     if not available():
         pytest.skip("dovecot is not installed: apt-get install dovecot-imapd (.ci/run does)")
-    base, db = REDIS_URL.rsplit("/", 1)
-    out = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "bench", "sync", "--sync-messages", "300",
-         "--database-url", DATABASE_URL.rsplit("/", 1)[0] + "/crm_bench_smoke",
-         "--redis-url", f"{base}/{int(db) - 9}", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = _crm_bench(tmp_path, "sync", "--sync-messages", "300")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads((tmp_path / "sync.json").read_text())
     assert result["ingest_accepted"] == result["sync_fetched"] == 300
