@@ -101,13 +101,13 @@ def to_micros(when: dt.datetime) -> int:
     return (when - EPOCH) // dt.timedelta(microseconds=1)
 
 
+_YEAR_10000 = 253_402_300_800  # 10000-01-01T00:00:00Z
+
+
 def iso_seconds(seconds: int) -> str:
     if 0 <= seconds < _YEAR_10000:  # four-digit years: the same text, a few times faster
         return "%04d-%02d-%02dT%02d:%02d:%02dZ" % time.gmtime(seconds)[:6]
     return (EPOCH + dt.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-_YEAR_10000 = 253_402_300_800
 
 
 def iso_micros(micros: int) -> str:

@@ -116,8 +116,8 @@ def load(conn, installation_id: int, thread_ids, viewer: int | None = None) -> d
         rows += conn.execute(stmt).all()
     links, boxes = collections.defaultdict(set), collections.defaultdict(set)
     found_in = {"l": links, "b": boxes}
+    l, b = email_links.c, email_mailboxes.c
     for part in _chunks({r.id for r in rows}):
-        l, b = email_links.c, email_mailboxes.c
         for kind, meeting_id, value in conn.execute(sa.union_all(
                 sa.select(sa.literal("l"), l.meeting_id, l.client_id).where(l.meeting_id.in_(part)),
                 sa.select(sa.literal("b"), b.meeting_id, b.user_id).where(b.meeting_id.in_(part)))):

@@ -246,7 +246,7 @@ def _kept_gaps(conn, installation_id: int, user_id: int, p: Params, stamps) -> d
         return None
     kept, found = {}, {}
     for client_id, stamp, last_s, twice in rows:
-        if stamp is not None and stamp == current[client_id]:
+        if stamp == current[client_id]:  # None (never kept) equals no stamp
             kept[client_id] = (last_s, twice)
     stale = [c for c in own if c not in kept]
     m = meetings.c
