@@ -69,7 +69,7 @@ def test_no_script_spells_a_key_template_itself():
         assert not re.search(r'prefix \.\. "[a-z]+:?"', text), path
 
 
-SCRIPT_ARGS = {"query": "worker.query:QueryArgs", "build": "worker.precompute:BuildArgs",
+SCRIPT_ARGS = {"query": "worker.query:QueryArgs", "head": "worker.query:HeadArgs", "build": "worker.precompute:BuildArgs",
                "apply": "worker.redis_index:ApplyArgs", "delete": "worker.redis_index:DeleteArgs",
                "access": "worker.redis_index:AccessArgs", "report_cache": "worker.reports:ReportCacheArgs",
                "publish": "worker.mirror:PublishArgs", "wipe": "worker.mirror:WipeArgs"}
@@ -112,3 +112,12 @@ def test_no_script_is_longer_than_two_hundred_lines():
     for path in glob.glob(os.path.join(os.path.dirname(keys.__file__), "scripts", "*.lua")):
         with open(path) as f:
             assert len(f.read().splitlines()) <= 200, path
+
+
+def test_python_knows_the_head_size_the_scripts_cache():
+    """query.py sends a first page to head.lua only when the cached head can hold it."""
+    import re
+
+    from worker.query import HEAD
+    from worker.redis_index import _read
+    assert re.search(r"^local HEAD = (\d+)$", _read("page"), re.M).group(1) == str(HEAD)

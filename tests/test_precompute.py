@@ -152,6 +152,41 @@ def test_the_cached_first_page_follows_every_write(user_with_meetings):
     assert top["client_id"] not in {i["client_id"] for i in after["items"]}
 
 
+def test_the_head_script_answers_as_the_query_script_or_not_at_all(user_with_meetings):
+    """head.lua, the warm path's short script, gives query.lua's answer, counts one hit
+    per answer, and answers nothing it should not: a view being built, another token, a
+    head that is gone."""
+    from worker.query import call_script, parse
+    ctx = user_with_meetings
+    r = ctx.redis
+    token = ctx.mirror.token(1)
+    precompute_user(ctx, 1, 1, 100, token, VIEWS)
+    q = parse({"installation_id": 1, "user_id": 1, "types": ["email"], "statuses": ["open"], "limit": 5},
+              ctx.cursor_secret())
+    view = "d:email:open"
+    head = keys.view_head(1, 1, view)
+
+    def hits():
+        return int(r.hget(keys.stats(1), "hit") or 0)
+    first = call_script(ctx, q, view, 6, 100, token)  # query.lua caches the head
+    assert first[0] == b"precomputed:head" and r.exists(head)
+    before = hits()
+    assert call_script(ctx, q, view, 6, 100, token) == first
+    assert hits() == before + 1
+    # A view being built in slices is never served, head or not.
+    used = r.hget(keys.user_views(1, 1), view)
+    r.hset(keys.user_views(1, 1), view, "b:rebuild")
+    assert call_script(ctx, q, view, 6, 100, token)[0] != b"precomputed:head"
+    r.hset(keys.user_views(1, 1), view, used)
+    # Another generation's token: not ready, whatever is cached.
+    assert call_script(ctx, q, view, 6, 100, token + "x") == [b"notready"]
+    # A deleted head is built again by query.lua, the same.
+    r.delete(head)
+    assert call_script(ctx, q, view, 6, 100, token) == first and r.exists(head)
+    # A later page, or a page larger than the head, is not the head's to answer.
+    assert call_script(ctx, q, view, 30, 100, token)[0] == b"precomputed"
+
+
 def test_idle_users_lose_their_sets(user_with_meetings):
     ctx = user_with_meetings
     r = ctx.redis

@@ -90,6 +90,11 @@ class CrmTask(Task):
     #: arguments are redacted in what the worker logs and shows, and in the result backend
     #: (``result_extended`` keeps a task's arguments there).
     secret_arguments = False
+    #: No text of a result goes into the task-succeeded event (what Flower and any event
+    #: consumer see): a result is a page of customer data, which the result backend alone
+    #: carries.  Celery builds that text for every task, walking the result, even when
+    #: nothing reads it: a quarter of a warm query task's own time.
+    resultrepr_maxsize = 0
 
     def redacted(self, args, kwargs) -> tuple[list, dict]:
         return redact_call(inspect.signature(self.run), args, kwargs)
