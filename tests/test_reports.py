@@ -394,6 +394,39 @@ def test_activity_read_packed_or_cut_short_is_the_same(clean):
         assert len(packed) > 10
 
 
+def test_thread_reports_read_packed_or_cut_short_are_the_same(clean):
+    """response_times and workload read the waits of the threads a user sees whole packed
+    (GROUP_CONCAT): one text in all, one per mailbox.  A text cut short at any length is
+    read again row by row, and the answer equals the oracle either way."""
+    from worker.reports import ALL, compute
+    ctx = clean
+    if ctx.engine.dialect.name != "mysql":
+        pytest.skip("group_concat_max_len is MySQL's")
+    items = build_world(ctx, 23)
+    mine = {1, 2, 3, 4, 5}
+    change(ctx, I, 9, sorted(mine), "set")
+    with ctx.engine.connect() as conn:
+        thread_of = dict(conn.execute(sa.select(emails.c.message_key, emails.c.thread_id)).all())
+    for name in ("response_times", "workload"):
+        want = expected(name, items, mine, 9, {}, thread_of)
+        with ctx.engine.connect() as conn:
+            packed = compute(conn, I, 9, name, ALL, NOW)[0]
+            cuts = []
+            for length in range(4, 200):  # MariaDB's least length is 4
+                conn.exec_driver_sql(f"SET SESSION group_concat_max_len = {length}")
+                try:
+                    cuts.append(compute(conn, I, 9, name, ALL, NOW)[0])
+                finally:
+                    conn.exec_driver_sql("SET SESSION group_concat_max_len = 16777216")
+        assert packed == approx(want), name
+        assert all(cut == packed for cut in cuts), name
+    assert want and sum(row["received"] for row in want) > 10
+    answered = compute(ctx.engine.connect(), I, 9, "response_times", ALL, NOW)[0][0]["answered"]
+    # Several waits (cuts fall between them and inside them), and a text shorter than the
+    # longest cut (at most 12 bytes a wait: ten digits, ";" and ","): every length is tried.
+    assert 5 <= answered and answered * 12 < 200
+
+
 def test_rollup_follows_every_writer(clean):
     """Inserts, newer versions, deletions, emails and their re-linking all keep the
     rollup equal to a recount of the rows."""

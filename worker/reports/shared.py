@@ -74,6 +74,27 @@ def visible(installation_id: int, user_id: int, p: Params, columns, *conds, hint
 TIFLASH_HINT = "/*+ READ_FROM_STORAGE(TIFLASH[meetings, emails, meeting_days]) */"
 
 
+def packed_ints(column):
+    """The values of an integer column, packed by the database into one text (GROUP_CONCAT,
+    each value ended by ";"): PyMySQL reads a row in about 5 µs, splitting a text costs a
+    small fraction of that per value.  Read back with :func:`unpack_ints`."""
+    return sa.func.group_concat(sa.cast(column, sa.String) + ";")
+
+
+def unpack_ints(text, count: int) -> list[int] | None:
+    """The ``count`` values of a :func:`packed_ints` text; None when the text came back
+    cut (``group_concat_max_len``): cut inside a value it does not end with ";", cut
+    between values it holds fewer than ``count``."""
+    if not count:
+        return []
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode()
+    if not text or not text.endswith(";"):
+        return None
+    values = text[:-1].split(";,")
+    return list(map(int, values)) if len(values) == count else None
+
+
 def hinted(stmt, hint: str | None):
     return stmt.prefix_with(hint, dialect="mysql") if hint else stmt
 

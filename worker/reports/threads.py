@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from worker.email import thread_state
 from worker.email.thread_state import is_message
-from worker.reports.shared import ALL, HISTOGRAM, Params, percentile, visible
+from worker.reports.shared import ALL, HISTOGRAM, Params, packed_ints, percentile, unpack_ints, visible
 from worker.records import iso_seconds
 from worker.tables import email_links, email_mailboxes, emails, meetings, thread_mailboxes, thread_pairs
 from worker.tables import threads as thread_table
@@ -91,23 +91,28 @@ def response_times(conn, installation_id: int, user_id: int, p: Params, now: int
                                .where(v.c.status == "inbound")).scalar() or 0
     else:
         seen, t, pr = _seen(installation_id, user_id), thread_table, thread_pairs
-        # One statement, the user's threads read once: those seen whole with their pairs
-        # (whole 1; ``first`` marks one row per thread), and the ids of those seen in part
-        # (whole 0).  Rows are read as plain tuples: there are as many as pairs.
+        # One statement, the user's threads read once: one row for the threads seen whole,
+        # with their pairs' waits packed and their count (``first`` marks one row per
+        # thread), and one per thread seen in part, with its id.
+        in_part_id = sa.case((seen.c.whole == 0, t.c.thread_id))
+        joined = (seen.join(t, _on_thread(installation_id, t, seen))
+                  .outerjoin(pr, sa.and_(_on_thread(installation_id, pr, seen), pr.c.first, seen.c.whole == 1)))
         rows = conn.execute(_from_seen(
-            sa.select(seen.c.whole, sa.case((seen.c.whole == 0, t.c.thread_id)), pr.c.wait_s,
-                      sa.case((sa.or_(pr.c.n.is_(None), pr.c.n == 0), 1), else_=0))
-            .select_from(seen.join(t, _on_thread(installation_id, t, seen))
-                         .outerjoin(pr, sa.and_(_on_thread(installation_id, pr, seen), pr.c.first, seen.c.whole == 1)))
-            .where(sa.or_(seen.c.whole == 0, t.c.inbound > 0))))
+            sa.select(in_part_id, packed_ints(pr.c.wait_s), sa.func.count(pr.c.wait_s),
+                      sa.func.sum(sa.case((sa.or_(pr.c.n.is_(None), pr.c.n == 0), 1), else_=0)))
+            .select_from(joined).where(sa.or_(seen.c.whole == 0, t.c.inbound > 0)).group_by(in_part_id)))
         waits, threads, in_part = [], 0, set()
-        for whole, thread_id, wait, first in rows:
-            if not whole:
+        for thread_id, packed, count, firsts in rows:
+            if thread_id is not None:
                 in_part.add(thread_id)
                 continue
-            threads += first
-            if wait is not None:
-                waits.append(wait)
+            threads += int(firsts)
+            unpacked = unpack_ints(packed, count)
+            if unpacked is None:  # cut: read one row per pair
+                unpacked = conn.execute(_from_seen(sa.select(pr.c.wait_s).select_from(joined)
+                                                   .where(seen.c.whole == 1, t.c.inbound > 0,
+                                                          pr.c.wait_s.isnot(None)))).scalars().all()
+            waits += unpacked
         part = [th for th in _in_part(conn, installation_id, user_id, in_part) if th["inbound"]]
         waits += [wait for th in part for wait, _ in th["pairs"]]
         waits.sort()
@@ -178,25 +183,29 @@ def _integer(total):
 
 def _workload_kept(conn, installation_id: int, user_id: int, figures: dict) -> None:
     """workload from the kept thread state, in one statement: per mailbox, the counts of
-    the threads the user sees whole, summed by the database; the waits of their pairs, one
-    row each (the medians are taken here, exact); and the ids of the threads seen in part,
-    which are summarized from their visible messages."""
+    the threads the user sees whole, summed by the database; per mailbox, the waits of
+    their pairs, packed (the medians are taken here, exact); and the ids of the threads
+    seen in part, which are summarized from their visible messages."""
     seen, pr, mb = _seen(installation_id, user_id), thread_pairs, thread_mailboxes
     counts = _from_seen(
         sa.select(sa.literal("c").label("kind"), mb.c.user_id, _integer(sa.func.sum(mb.c.received)).label("a"),
                   _integer(sa.func.sum(mb.c.sent)).label("b"), _integer(sa.func.sum(seen.c.awaiting)).label("c"),
-                  sa.null().label("thread_id"))
+                  sa.null().label("thread_id"), sa.null().label("waits"))
         .select_from(seen.join(mb, _on_thread(installation_id, mb, seen)))
         .where(seen.c.whole == 1).group_by(mb.c.user_id))
-    # The pairs of whole threads (a reply read from several mailboxes has a row for each),
-    # and (no pair, whole 0) the threads seen in part: one reading of ``seen`` for both.
+    # The pairs of whole threads per mailbox (a reply read from several mailboxes counts
+    # in each), and (no pair, whole 0) the threads seen in part, one row each: one
+    # reading of ``seen`` for both.
+    in_part_id = sa.case((seen.c.whole == 0, seen.c.thread_id))
+    joined = seen.outerjoin(pr, sa.and_(_on_thread(installation_id, pr, seen), seen.c.whole == 1))
     waits = _from_seen(
-        sa.select(sa.literal("w"), pr.c.user_id, pr.c.wait_s, sa.null(), sa.null(),
-                  sa.case((seen.c.whole == 0, seen.c.thread_id)))
-        .select_from(seen.outerjoin(pr, sa.and_(_on_thread(installation_id, pr, seen), seen.c.whole == 1)))
-        .where(sa.or_(seen.c.whole == 0, pr.c.user_id.isnot(None))))
+        sa.select(sa.literal("w"), pr.c.user_id, sa.func.count(pr.c.wait_s), sa.null(), sa.null(), in_part_id,
+                  packed_ints(pr.c.wait_s))
+        .select_from(joined)
+        .where(sa.or_(seen.c.whole == 0, pr.c.user_id.isnot(None)))
+        .group_by(pr.c.user_id, in_part_id))
     in_part = []
-    for kind, user, a, b, c, thread_id in conn.execute(sa.union_all(counts, waits)):
+    for kind, user, a, b, c, thread_id, packed in conn.execute(sa.union_all(counts, waits)):
         if kind == "c":
             f = figures[user]
             f["received"] += int(a)
@@ -205,7 +214,11 @@ def _workload_kept(conn, installation_id: int, user_id: int, figures: dict) -> N
         elif thread_id is not None:
             in_part.append(thread_id)
         else:
-            figures[user]["waits"].append(a)
+            unpacked = unpack_ints(packed, a)
+            if unpacked is None:  # cut: read one row per pair
+                unpacked = conn.execute(_from_seen(sa.select(pr.c.wait_s).select_from(joined)
+                                                   .where(seen.c.whole == 1, pr.c.user_id == user))).scalars().all()
+            figures[user]["waits"] += unpacked
     for th in _in_part(conn, installation_id, user_id, in_part):
         for user, (received, sent) in th["mailboxes"].items():
             f = figures[int(user)]
