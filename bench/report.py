@@ -82,10 +82,12 @@ def ratios(result) -> tuple[dict, dict]:
     streaming = result.get("streaming", {}).get("users")
     if streaming:
         big, fifty = streaming.get("2000_clients", {}), streaming.get("50_clients", {})
-        targets["streaming: query_threads p99 <= 50 ms (2,000-client user)"] = at_most(
+        targets["streaming: query_threads p99 <= 50 ms (2,000-client user, computed)"] = at_most(
             big.get("query_threads", {}).get("p99_ms"), 50)
-        targets["streaming: query_threads p99 <= 10 ms (50-client user)"] = at_most(
+        targets["streaming: query_threads p99 <= 10 ms (50-client user, computed)"] = at_most(
             fifty.get("query_threads", {}).get("p99_ms"), 10)
+        targets["streaming: query_threads p99 <= 10 ms (50-client user, served: the cached page while current)"] = \
+            at_most(fifty.get("query_threads_served", {}).get("p99_ms"), 10)
         targets["streaming: each report p50 <= 150 ms (2,000-client user, computed)"] = all(
             v <= 150 for v in big.get("reports_p50_ms", {}).values())
         targets["streaming: each report p50 <= 20 ms (50-client user, computed)"] = all(
@@ -154,8 +156,10 @@ def table(result) -> str:
         lines.append(f"while streaming ({s['stream']['items_per_s']} meetings and emails/s, "
                      f"{s['stream']['access_changes']} access changes, {s['stream']['failed']} failed tasks):")
         for who, f in s["users"].items():
-            lines.append(f"  {who.replace('_', ' ')} user: query_threads p50 {f['query_threads']['p50_ms']} / p99 "
-                         f"{f['query_threads']['p99_ms']} ms; reports p50 " + ", ".join(
+            served = f.get("query_threads_served", {})
+            lines.append(f"  {who.replace('_', ' ')} user: query_threads computed p50 {f['query_threads']['p50_ms']} / "
+                         f"p99 {f['query_threads']['p99_ms']} ms, served p50 {served.get('p50_ms')} / p99 "
+                         f"{served.get('p99_ms')} ms; reports p50 " + ", ".join(
                              f"{n} {v} ms" for n, v in f["reports_p50_ms"].items())
                          + f"; cache hit rate {f['cache_hit_rate']} of {f['reports_asked']} asked")
         lines.append("  exact after the stream: " + ", ".join(

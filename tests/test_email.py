@@ -184,6 +184,47 @@ def test_visibility_matches_the_oracle_in_every_query(clean, seed):
             assert {c["source_id"] for c in got["items"]} == {s for s, (_, _, c, _) in CONTACTS.items() if c in clients}
 
 
+def test_a_thread_page_is_served_again_until_something_it_shows_changes(clean):
+    """query_threads keeps each page (worker/answer_cache.py) and serves it again, equal to
+    the page computed now, while writes go to other clients; the copy is stale as soon as
+    one of the user's clients, the user's mailbox or the user's access changes."""
+    from worker import answer_cache, keys
+    ctx = clean
+    r = ctx.redis
+    setup_directory(ctx)
+    ingest_corpus(ctx, corpus(seed=3, conversations=8))
+    change(ctx, I, 9, [1, 2], "set")
+    first = queries.query_threads(ctx, I, 9, limit=200)
+    stored = list(r.scan_iter(match=keys.answer_cache(I, 9, "*")))
+    assert len(stored) == 1 and first["total"] > 0
+    answer = stored[0].decode().rsplit(":", 1)[1]
+
+    def current() -> bool:
+        return int(answer_cache.check(ctx, I, 9, answer, ctx.mirror.token(I), "check")[0]) == 1
+
+    def served_as_computed() -> dict:
+        served = queries.query_threads(ctx, I, 9, limit=200)
+        assert served == queries.query_threads(ctx, I, 9, limit=200, cache=False)
+        return served
+
+    def mail(n, sender, mailbox):
+        raw = (f"Message-ID: <cache-{n}@x>\r\nFrom: {sender}\r\nTo: u1@ours.com\r\nSubject: cache {n}\r\n"
+               f"Date: Tue, 14 Nov 2023 10:0{n}:00 +0000\r\n\r\nbody\r\n").encode()
+        assert email_ingest.ingest_emails(ctx, I, mailbox, [{"raw": b64(raw)}])["new"] == 1
+    assert current() and served_as_computed() == first
+    mail(1, "c@c3.co.uk", 1)  # client 3's: not the user's
+    assert current() and served_as_computed() == first
+    mail(2, "a@c1.com", 1)  # client 1's
+    assert not current()
+    assert served_as_computed()["total"] == first["total"] + 1 and current()
+    change(ctx, I, 9, [2], "revoke")
+    assert not current()
+    assert served_as_computed()["total"] < first["total"] + 1 and current()
+    mail(3, "x@unknown.org", 9)  # no client: read from the user's own mailbox
+    assert not current()
+    assert "cache 3" in {t["subject"] for t in served_as_computed()["items"]}
+
+
 def test_threads_page_with_cursors_and_filters(clean):
     ctx = clean
     setup_directory(ctx)

@@ -27,7 +27,7 @@ def test_scripts_write_the_keys_python_names(clean):
 def test_every_key_of_an_installation_shares_its_hash_tag():
     for key in (keys.client_set(5, 1, "a", "b"), keys.payloads(5), keys.user_clients(5, 2), keys.view_set(5, 2, "d:*:*"),
                 keys.ready(5), keys.scratch(5), keys.stats(5), keys.active_users(5), keys.access_versions(5),
-                keys.generation(5), keys.writes(5), keys.data_version(5), keys.report_cache(5, 2, "ab"),
+                keys.generation(5), keys.writes(5), keys.data_version(5), keys.answer_cache(5, 2, "ab"),
                 keys.client_stamps(5), keys.user_stamps(5)):
         assert key.startswith("{i:5}:")
 
@@ -71,7 +71,7 @@ def test_no_script_spells_a_key_template_itself():
 
 SCRIPT_ARGS = {"query": "worker.query:QueryArgs", "head": "worker.query:HeadArgs", "build": "worker.precompute:BuildArgs",
                "apply": "worker.redis_index:ApplyArgs", "delete": "worker.redis_index:DeleteArgs",
-               "access": "worker.redis_index:AccessArgs", "report_cache": "worker.reports:ReportCacheArgs",
+               "access": "worker.redis_index:AccessArgs", "answer_cache": "worker.answer_cache:AnswerCacheArgs",
                "publish": "worker.mirror:PublishArgs", "wipe": "worker.mirror:WipeArgs"}
 
 

@@ -211,11 +211,12 @@ def user_stamps(installation_id: int) -> str:
     return f"{prefix(installation_id)}us"
 
 
-def report_cache(installation_id: int, user_id: int, digest: str) -> str:
-    """Hash ``t`` -> ``<token>|s<data version>``, ``b`` -> report JSON, with a TTL: one
-    user's report for one (name, params) digest, served while the token holds and nothing
-    the report could include changed after that data version (worker/reports/__init__.py,
-    report_cache.lua).  (An earlier layout kept strings under ``rc:``; they expire.)"""
+def answer_cache(installation_id: int, user_id: int, digest: str) -> str:
+    """Hash ``t`` -> ``<token>|s<data version>``, ``b`` -> answer JSON, with a TTL: one
+    user's answer (a report for one (name, params), a page of threads for one set of
+    arguments) under its digest, served while the token holds and nothing the answer could
+    include changed after that data version (worker/answer_cache.py, answer_cache.lua).
+    (An earlier layout kept strings under ``rc:``; they expire.)"""
     return f"{prefix(installation_id)}rr:{user_id}:{digest}"
 
 

@@ -18,7 +18,7 @@ from worker.records import item_json
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 #: The scripts a client runs; shared files (common.lua, views.lua) are not run alone.
-NAMES = ("apply", "delete", "access", "query", "head", "build", "publish", "report_cache", "wipe")
+NAMES = ("apply", "delete", "access", "query", "head", "build", "publish", "answer_cache", "wipe")
 
 
 #: URL schemes that name a seed node of a Redis Cluster.

@@ -12,11 +12,11 @@ import json
 
 import sqlalchemy as sa
 
-from worker import cursors
+from worker import answer_cache, cursors
 from worker.email.addresses import fold, name_terms
 from worker.email import thread_state
 from worker.email.thread_state import is_message
-from worker.errors import InvalidArgument
+from worker.errors import REDIS_FAULTS, InvalidArgument, is_transient
 from worker.query import MAX_LIMIT, bounded_int, token_list
 from worker.records import item_json, iso_seconds, parse_time, positive_int, to_seconds
 from worker.tables import contact_terms, contacts, email_links, email_participants, emails, meetings, threads
@@ -129,10 +129,12 @@ def _partial_threads(conn, installation_id: int, user_id: int, ids, f: _Filters)
 
 
 def query_threads(ctx, installation_id, user_id, client_ids=None, contact_source_id=None, awaiting_reply=None,
-                  date_from=None, date_to=None, order="desc", limit=20, cursor=None) -> dict:
+                  date_from=None, date_to=None, order="desc", limit=20, cursor=None, cache: bool = True) -> dict:
     """``crm.query_threads``: the threads the user sees whole come from their kept state
     (thread_state.py), listed by the database; those the user sees only in part are
-    summarized from the user's visible messages; the two are merged into one page."""
+    summarized from the user's visible messages; the two are merged into one page.  The
+    page is kept and served again while nothing it could include changed
+    (worker/answer_cache.py); ``cache=False`` computes it."""
     installation_id = positive_int("installation_id", installation_id)
     user_id = positive_int("user_id", user_id)
     client_ids = _client_filter(client_ids)
@@ -151,7 +153,26 @@ def query_threads(ctx, installation_id, user_id, client_ids=None, contact_source
     linked = _linked_to(installation_id, client_ids, contact_source_id) \
         if client_ids is not None or contact_source_id is not None else None
     f = _Filters(linked, awaiting_reply, date_from, date_to, order == "desc", after)
-    # One snapshot (the connection's transaction) holds every read.
+    tag = None
+    if cache:
+        answer = answer_cache.digest(fingerprint.decode(), limit, cursor)
+        try:
+            copy, tag = answer_cache.read(ctx, installation_id, user_id, answer, ctx.mirror.token(installation_id))
+        except REDIS_FAULTS as exc:
+            if not is_transient(exc):
+                raise
+            copy = None
+        if copy is not None:
+            return copy
+    result = _threads_page(ctx, installation_id, user_id, f, limit, secret, fingerprint)
+    if tag is not None:
+        answer_cache.store(ctx, installation_id, user_id, answer, tag, result)
+    return result
+
+
+def _threads_page(ctx, installation_id: int, user_id: int, f: _Filters, limit: int, secret: bytes,
+                  fingerprint: bytes) -> dict:
+    """The page, computed: one snapshot (the connection's transaction) holds every read."""
     with ctx.engine.connect() as conn:
         whole_total, whole, partial_ids = _listing(conn, installation_id, user_id, f, limit)
         partial = _partial_threads(conn, installation_id, user_id, partial_ids, f)

@@ -12,29 +12,23 @@ ranking ever includes a meeting the user may not see.
   functions over the visible messages of each thread; ``going_cold`` takes the gaps
   between a client's visible meetings with ``LAG``.  The same SQL runs on MariaDB/MySQL,
   TiDB and SQLite; on TiDB with TiFlash replicas it reads the columnar replicas.
-- A result is cached in Redis per (user, report, params), tagged with the index's token
-  and the installation's data version read before computing it.  Every write to the
-  index stamps what it touched (the clients of the meetings it wrote, the users whose
-  mailbox or access it changed) with the next data version; a cached report is stale
-  once one of the user's clients, or the user, has a stamp above its tag.  A write to
-  other clients leaves it current; a revocation stamps the user before the database
-  commits.
+- A result is cached in Redis per (user, report, params) and served while nothing it
+  could include changed (worker/answer_cache.py): a write to other clients leaves it
+  current; a revocation makes it stale before the database commits.
 
 Every report covers the visible meetings dated in ``[date_from, date_to)`` whose
 ``client_id`` is in ``params.client_ids`` (when given).  Times are UTC.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
 
-from worker import keys
+from worker import answer_cache, keys
 from worker.errors import REDIS_FAULTS, InvalidArgument, is_transient
 from worker.query import token_list
 from worker.records import iso_seconds, parse_time, positive_int, to_seconds
-from worker.redis_index import ScriptArgs
 
 from worker.reports.shared import ALL, BUCKETS, HISTOGRAM, NAMES, PARAMS, TIFLASH_HINT, Params, percentile
 from worker.reports.threads import awaiting_reply, response_times, workload
@@ -44,10 +38,6 @@ __all__ = ["ALL", "BUCKETS", "HISTOGRAM", "NAMES", "Params", "percentile", "clie
            "precompute", "report", "validate", "REPORTS", "REQUESTS_MAX"]
 
 log = logging.getLogger(__name__)
-
-#: Seconds a cached report lives at most (``going_cold`` measures silence up to now).
-CACHE_SECONDS = 300
-
 
 def validate(installation_id, user_id, name, params) -> tuple[int, int, str, Params]:
     installation_id = positive_int("installation_id", installation_id)
@@ -75,20 +65,9 @@ def validate(installation_id, user_id, name, params) -> tuple[int, int, str, Par
         date_from=dates["date_from"], date_to=dates["date_to"], bucket=bucket)
 
 
-#: Report requests noted per installation (report_cache.lua; the beat keeps the noted ones
+#: Report requests noted per installation (answer_cache.lua; the beat keeps the noted ones
 #: computed while asked for within ``CRM_REPORT_IDLE``): a new request beyond is not noted.
 REQUESTS_MAX = 10_000
-
-
-@dataclasses.dataclass(frozen=True)
-class ReportCacheArgs(ScriptArgs):
-    """ARGV of ``report_cache.lua``."""
-    token: str
-    user: int
-    field: str
-    request: str
-    max_requests: int
-    mode: str
 
 
 def report(ctx, installation_id, user_id, name, params=None, now: int | None = None) -> dict:
@@ -115,17 +94,11 @@ def report(ctx, installation_id, user_id, name, params=None, now: int | None = N
 
 def _cached(ctx, installation_id: int, user_id: int, name: str, p: Params, token: str, mode: str,
             request: str = "", client=None):
-    """report_cache.lua for one (user, report, params): ``mode`` "ask" (the user's request:
+    """answer_cache.lua for one (user, report, params): ``mode`` "ask" (the user's request:
     noted, the copy returned when current) or "check" (the beat's: nothing noted, no copy
     returned).  ``client``: a pipeline to queue the call on."""
-    digest = p.digest(name)
-    return ctx.scripts["report_cache"](
-        keys=[keys.ready(installation_id), keys.data_version(installation_id),
-              keys.report_cache(installation_id, user_id, digest), keys.report_requests(installation_id),
-              keys.user_clients(installation_id, user_id), keys.client_stamps(installation_id),
-              keys.user_stamps(installation_id)],
-        args=ReportCacheArgs(token, user_id, f"{user_id}:{digest}", request, REQUESTS_MAX, mode).argv(),
-        client=client)
+    return answer_cache.check(ctx, installation_id, user_id, p.digest(name), token, mode, request=request,
+                              max_requests=REQUESTS_MAX, client=client)
 
 
 def _compute_and_store(ctx, installation_id: int, user_id: int, name: str, p: Params, now: int,
@@ -136,16 +109,8 @@ def _compute_and_store(ctx, installation_id: int, user_id: int, name: str, p: Pa
                                stamps=client_stamps(ctx, installation_id))
     result = {"name": name, "rows": rows, "generated_at": iso_seconds(now), "source": source}
     if tag is not None:
-        key = keys.report_cache(installation_id, user_id, p.digest(name))
-        body = json.dumps({k: v for k, v in result.items() if k != "source"}, separators=(",", ":"))
-        try:
-            pipe = ctx.redis.pipeline(transaction=True)  # keys of one installation: one slot
-            pipe.hset(key, mapping={"t": tag, "b": body})
-            pipe.expire(key, CACHE_SECONDS)
-            pipe.execute()
-        except REDIS_FAULTS as exc:
-            if not is_transient(exc):
-                raise
+        answer_cache.store(ctx, installation_id, user_id, p.digest(name), tag,
+                           {k: v for k, v in result.items() if k != "source"})
     return result
 
 

@@ -30,7 +30,7 @@ if redis.call("GET", KEYS[4]) ~= token then
   return -1
 end
 
--- The user's cached reports are stale from this step on (report_cache.lua).
+-- The user's cached answers are stale from this step on (answer_cache.lua).
 touched_users[user] = true
 local function drop_views()
   local views = redis.call("HKEYS", KEYS[3])

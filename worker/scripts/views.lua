@@ -81,7 +81,7 @@ local function split_reach(reach)
   return clients, users
 end
 
--- What this script call touched, for the cached reports (report_cache.lua): the clients
+-- What this script call touched, for the cached answers (answer_cache.lua): the clients
 -- (a meeting's own client, old and new, and the others an email links to) and the users
 -- (whose mailbox an email was read from, or whose access list changed).
 local touched_clients, touched_users = {}, {}
