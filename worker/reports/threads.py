@@ -135,9 +135,12 @@ def _summarize_waits(waits: list, threads: int) -> dict:
 def awaiting_reply(conn, installation_id: int, user_id: int, p: Params, now: int, hint: str | None = None) -> list[dict]:
     if not p.narrowed:
         seen, t = _seen(installation_id, user_id), thread_table
+        # ``seen.awaiting`` repeats the thread's state for the threads seen whole: only
+        # those awaiting are joined to their kept row.
         rows = conn.execute(_from_seen(
             sa.select(seen.c.whole, t.c.thread_id, t.c.subject, t.c.awaiting_s, t.c.clients)
-            .select_from(seen.join(t, _on_thread(installation_id, t, seen)))
+            .select_from(seen.join(t, sa.and_(_on_thread(installation_id, t, seen),
+                                              sa.or_(seen.c.whole == 0, seen.c.awaiting == 1))))
             .where(sa.or_(seen.c.whole == 0, t.c.awaiting_s.isnot(None))))).all()
         waiting = [(since, tid, subject, json.loads(clients)) for whole, tid, subject, since, clients in rows if whole]
         waiting += [(th["awaiting_s"], th["thread_id"], th["subject"], th["clients"])
