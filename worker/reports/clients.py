@@ -186,6 +186,7 @@ def _whole_buckets(conn, conds, label, hint, packed: dict) -> None:
     entry = b.type + " " + sa.cast(b.bucket, sa.String) + " " + sa.cast(b["count"], sa.String) + ";"
     stmt = sa.select(b.client_id, sa.func.group_concat(entry), sa.func.count()).where(*conds).group_by(b.client_id)
     cut = []
+    labels: dict = {}  # bucket number (text) -> label, for every client
     for client_id, text, n in conn.execute(hinted(stmt, hint)):
         if isinstance(text, (bytes, bytearray)):
             text = text.decode()
@@ -195,7 +196,8 @@ def _whole_buckets(conn, conds, label, hint, packed: dict) -> None:
             cut.append(client_id)
             continue
         numbers = fields[1::3]
-        labels = {number: label(number) for number in set(numbers)}
+        for number in set(numbers).difference(labels):
+            labels[number] = label(number)
         packed[client_id] = list(zip(fields[0::3], map(labels.__getitem__, numbers), map(int, fields[2::3])))
     if cut:
         for client_id, type_, number, count in conn.execute(hinted(sa.select(
