@@ -223,6 +223,9 @@ def test_a_thread_page_is_served_again_until_something_it_shows_changes(clean):
     mail(3, "x@unknown.org", 9)  # no client: read from the user's own mailbox
     assert not current()
     assert "cache 3" in {t["subject"] for t in served_as_computed()["items"]}
+    # Only first pages are kept: a page after a cursor is computed each time.
+    second = queries.query_threads(ctx, I, 9, limit=2, cursor=queries.query_threads(ctx, I, 9, limit=2)["next_cursor"])
+    assert second["items"] and len(list(r.scan_iter(match=keys.answer_cache(I, 9, "*")))) == 2
 
 
 def test_threads_page_with_cursors_and_filters(clean):

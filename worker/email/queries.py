@@ -132,9 +132,9 @@ def query_threads(ctx, installation_id, user_id, client_ids=None, contact_source
                   date_from=None, date_to=None, order="desc", limit=20, cursor=None, cache: bool = True) -> dict:
     """``crm.query_threads``: the threads the user sees whole come from their kept state
     (thread_state.py), listed by the database; those the user sees only in part are
-    summarized from the user's visible messages; the two are merged into one page.  The
-    page is kept and served again while nothing it could include changed
-    (worker/answer_cache.py); ``cache=False`` computes it."""
+    summarized from the user's visible messages; the two are merged into one page.  A
+    first page (no cursor) is kept and served again while nothing it could include
+    changed (worker/answer_cache.py); ``cache=False`` computes it."""
     installation_id = positive_int("installation_id", installation_id)
     user_id = positive_int("user_id", user_id)
     client_ids = _client_filter(client_ids)
@@ -154,8 +154,8 @@ def query_threads(ctx, installation_id, user_id, client_ids=None, contact_source
         if client_ids is not None or contact_source_id is not None else None
     f = _Filters(linked, awaiting_reply, date_from, date_to, order == "desc", after)
     tag = None
-    if cache:
-        answer = answer_cache.digest(fingerprint.decode(), limit, cursor)
+    if cache and cursor is None:  # the page a list shows first, and asks for again and again
+        answer = answer_cache.digest(fingerprint.decode(), limit)
         try:
             copy, tag = answer_cache.read(ctx, installation_id, user_id, answer, ctx.mirror.token(installation_id))
         except REDIS_FAULTS as exc:
