@@ -55,6 +55,10 @@ def make_engine(url: str, lock_wait_timeout: int = 10) -> sa.Engine:
             # GROUP_CONCAT packs many rows into one (worker/reports/clients.py); MySQL's
             # and TiDB's default cut it at 1,024 bytes.
             cur.execute("SET SESSION group_concat_max_len = 16777216")
+            # MySQL's and TiDB's default mode: a grouped statement that MariaDB's looser
+            # default accepts, and they refuse, fails here too (in the tests first).
+            cur.execute("SET SESSION sql_mode = IF(FIND_IN_SET('ONLY_FULL_GROUP_BY', @@SESSION.sql_mode), "
+                        "@@SESSION.sql_mode, CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), 'ONLY_FULL_GROUP_BY'))")
     return engine
 
 

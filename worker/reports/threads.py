@@ -97,8 +97,10 @@ def response_times(conn, installation_id: int, user_id: int, p: Params, now: int
         in_part_id = sa.case((seen.c.whole == 0, t.c.thread_id))
         joined = (seen.join(t, _on_thread(installation_id, t, seen))
                   .outerjoin(pr, sa.and_(_on_thread(installation_id, pr, seen), pr.c.first, seen.c.whole == 1)))
+        # max(): the group's own key, which ONLY_FULL_GROUP_BY (MySQL's and TiDB's default)
+        # accepts where an expression repeated from GROUP BY is refused.
         rows = conn.execute(_from_seen(
-            sa.select(in_part_id, packed_ints(pr.c.wait_s), sa.func.count(pr.c.wait_s),
+            sa.select(sa.func.max(in_part_id), packed_ints(pr.c.wait_s), sa.func.count(pr.c.wait_s),
                       sa.func.sum(sa.case((sa.or_(pr.c.n.is_(None), pr.c.n == 0), 1), else_=0)))
             .select_from(joined).where(sa.or_(seen.c.whole == 0, t.c.inbound > 0)).group_by(in_part_id)))
         waits, threads, in_part = [], 0, set()
@@ -202,8 +204,8 @@ def _workload_kept(conn, installation_id: int, user_id: int, figures: dict) -> N
     in_part_id = sa.case((seen.c.whole == 0, seen.c.thread_id))
     joined = seen.outerjoin(pr, sa.and_(_on_thread(installation_id, pr, seen), seen.c.whole == 1))
     waits = _from_seen(
-        sa.select(sa.literal("w"), pr.c.user_id, sa.func.count(pr.c.wait_s), sa.null(), sa.null(), in_part_id,
-                  packed_ints(pr.c.wait_s))
+        sa.select(sa.literal("w"), pr.c.user_id, sa.func.count(pr.c.wait_s), sa.null(), sa.null(),
+                  sa.func.max(in_part_id), packed_ints(pr.c.wait_s))  # max(): see response_times
         .select_from(joined)
         .where(sa.or_(seen.c.whole == 0, pr.c.user_id.isnot(None)))
         .group_by(pr.c.user_id, in_part_id))
