@@ -208,7 +208,7 @@ def call_script(ctx, query: Query, view: str, limit: int, now: int, token: str) 
     it has one ("" for none), else from the per-client sets; it answers only when the
     index is ready for ``token`` (worker/mirror.py).  The first page of a whole view
     tries ``head.lua`` first: the same answer when the view's head is cached, from a
-    script that reads four keys and takes five arguments instead of 29."""
+    script of five keys and five arguments instead of 29."""
     i, u = query.installation_id, query.user_id
     if view and limit <= HEAD and query.offset == 0 and query.after is None \
             and query.date_from is None and query.date_to is None:
