@@ -109,6 +109,35 @@ def test_rebuilds_that_overtake_each_other_on_a_cluster(on_cluster):
     assert query(ctx, installation_id=1, user_id=1)["total"] == 2000
 
 
+def test_cached_answers_on_a_cluster(on_cluster, cluster):
+    """Reports and thread pages are cached, served and made stale on a cluster as on one
+    Redis, with installations on different masters; the beat's check of the noted reports
+    (a pipeline of script calls) runs there too."""
+    from worker import answer_cache, reports
+    from worker.email import queries
+    ctx = on_cluster
+    chosen = {cluster.master_of(keys.ready(i)): i for i in INSTALLATIONS}
+    assert len(chosen) >= 2
+    for i in chosen.values():
+        change(ctx, i, 1, [1, 2], "set")
+        ingest(ctx, [record(installation_id=i, source_id=f"m{n}", client_id=n % 3 + 1) for n in range(30)])
+        first = reports.report(ctx, i, 1, "activity")
+        assert first["source"] == "rollup" and reports.report(ctx, i, 1, "activity")["source"] == "cache"
+        page = queries.query_threads(ctx, i, 1)
+        stored = set(ctx.redis.scan_iter(match=keys.answer_cache(i, 1, "*"), target_nodes="primaries"))
+        assert len(stored) == 2 and queries.query_threads(ctx, i, 1) == page
+        ingest(ctx, [record(installation_id=i, source_id="other", client_id=3)])  # not the user's
+        assert reports.report(ctx, i, 1, "activity")["source"] == "cache"
+        ingest(ctx, [record(installation_id=i, source_id="mine", client_id=1)])
+        again = reports.report(ctx, i, 1, "activity")
+        assert again["source"] == "rollup" and again["rows"] != first["rows"]
+        ingest(ctx, [record(installation_id=i, source_id="mine-2", client_id=2)])
+        counts = reports.precompute(ctx, i, ctx.mirror.token(i), int(time.time()), idle=3600, interval=120,
+                                    deadline=time.monotonic() + 30)
+        assert counts["computed"] == 1 and reports.report(ctx, i, 1, "activity")["source"] == "cache"
+        assert answer_cache.read(ctx, i, 1, "nothing-stored", ctx.mirror.token(i))[0] is None
+
+
 def test_a_master_killed_during_queries(on_cluster, cluster):
     """Queries of every installation keep answering, exactly, while a master dies: from the
     database while its slots have no master, from the index again once its replica took
@@ -163,31 +192,3 @@ def test_a_master_killed_during_queries(on_cluster, cluster):
         pytest.fail(f"the index never answered again after the failover; killed {victim}, the client "
                     f"asks {client} for installation 1; the cluster says:\n{nodes}")
 
-
-def test_cached_answers_on_a_cluster(on_cluster, cluster):
-    """Reports and thread pages are cached, served and made stale on a cluster as on one
-    Redis, with installations on different masters; the beat's check of the noted reports
-    (a pipeline of script calls) runs there too."""
-    from worker import answer_cache, reports
-    from worker.email import queries
-    ctx = on_cluster
-    chosen = {cluster.master_of(keys.ready(i)): i for i in INSTALLATIONS}
-    assert len(chosen) >= 2
-    for i in chosen.values():
-        change(ctx, i, 1, [1, 2], "set")
-        ingest(ctx, [record(installation_id=i, source_id=f"m{n}", client_id=n % 3 + 1) for n in range(30)])
-        first = reports.report(ctx, i, 1, "activity")
-        assert first["source"] == "rollup" and reports.report(ctx, i, 1, "activity")["source"] == "cache"
-        page = queries.query_threads(ctx, i, 1)
-        stored = list(ctx.redis.scan_iter(match=keys.answer_cache(i, 1, "*"), target_nodes="all"))
-        assert len(stored) == 2 and queries.query_threads(ctx, i, 1) == page
-        ingest(ctx, [record(installation_id=i, source_id="other", client_id=3)])  # not the user's
-        assert reports.report(ctx, i, 1, "activity")["source"] == "cache"
-        ingest(ctx, [record(installation_id=i, source_id="mine", client_id=1)])
-        again = reports.report(ctx, i, 1, "activity")
-        assert again["source"] == "rollup" and again["rows"] != first["rows"]
-        ingest(ctx, [record(installation_id=i, source_id="mine-2", client_id=2)])
-        counts = reports.precompute(ctx, i, ctx.mirror.token(i), int(time.time()), idle=3600, interval=120,
-                                    deadline=time.monotonic() + 30)
-        assert counts["computed"] == 1 and reports.report(ctx, i, 1, "activity")["source"] == "cache"
-        assert answer_cache.read(ctx, i, 1, "nothing-stored", ctx.mirror.token(i))[0] is None
