@@ -15,10 +15,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 
 from worker import keys
 from worker.errors import REDIS_FAULTS, is_transient
 from worker.redis_index import ScriptArgs
+
+log = logging.getLogger(__name__)
 
 #: Seconds a copy lives at most (``going_cold`` measures silence up to the time it was
 #: computed).
@@ -71,12 +74,22 @@ def store(ctx, installation_id: int, user_id: int, answer: str, tag: str, body: 
             raise
 
 
-def read(ctx, installation_id: int, user_id: int, answer: str, token: str | None):
+def read(ctx, installation_id: int, user_id: int, answer: str, token: str | None, request: str = "",
+         max_requests: int = 0):
     """The user's current copy of ``answer`` as (copy or None, tag to store a computed one
-    under, or None when nothing may be cached)."""
+    under, or None when nothing may be cached).  ``request``: a report request to note
+    (mode "ask"), else nothing is noted (mode "read").  An index that cannot be reached
+    answers (None, None): the answer is computed, and not kept."""
     if token is None:
         return None, None
-    found = check(ctx, installation_id, user_id, answer, token, "read")
+    try:
+        found = check(ctx, installation_id, user_id, answer, token, "ask" if request else "read",
+                      request=request, max_requests=max_requests)
+    except REDIS_FAULTS as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("index unreachable (%s); answer computed without its cache", exc.__class__.__name__)
+        return None, None
     if int(found[0]) == 1:
         return json.loads(found[1]), None
     if int(found[0]) == 2:

@@ -16,7 +16,7 @@ from worker import answer_cache, cursors
 from worker.email.addresses import fold, name_terms
 from worker.email import thread_state
 from worker.email.thread_state import is_message
-from worker.errors import REDIS_FAULTS, InvalidArgument, is_transient
+from worker.errors import InvalidArgument
 from worker.query import MAX_LIMIT, bounded_int, token_list
 from worker.records import item_json, iso_seconds, parse_time, positive_int, to_seconds
 from worker.tables import contact_terms, contacts, email_links, email_participants, emails, meetings, threads
@@ -156,12 +156,7 @@ def query_threads(ctx, installation_id, user_id, client_ids=None, contact_source
     tag = None
     if cache and cursor is None:  # the page a list shows first, and asks for again and again
         answer = answer_cache.digest(fingerprint.decode(), limit)
-        try:
-            copy, tag = answer_cache.read(ctx, installation_id, user_id, answer, ctx.mirror.token(installation_id))
-        except REDIS_FAULTS as exc:
-            if not is_transient(exc):
-                raise
-            copy = None
+        copy, tag = answer_cache.read(ctx, installation_id, user_id, answer, ctx.mirror.token(installation_id))
         if copy is not None:
             return copy
     result = _threads_page(ctx, installation_id, user_id, f, limit, secret, fingerprint)

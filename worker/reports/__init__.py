@@ -22,11 +22,10 @@ Every report covers the visible meetings dated in ``[date_from, date_to)`` whose
 from __future__ import annotations
 
 import json
-import logging
 import time
 
 from worker import answer_cache, keys
-from worker.errors import REDIS_FAULTS, InvalidArgument, is_transient
+from worker.errors import InvalidArgument
 from worker.query import token_list
 from worker.records import iso_seconds, parse_time, positive_int, to_seconds
 
@@ -37,7 +36,6 @@ from worker.reports.clients import activity, client_stamps, going_cold
 __all__ = ["ALL", "BUCKETS", "HISTOGRAM", "NAMES", "Params", "percentile", "client_stamps", "compute",
            "precompute", "report", "validate", "REPORTS", "REQUESTS_MAX"]
 
-log = logging.getLogger(__name__)
 
 def validate(installation_id, user_id, name, params) -> tuple[int, int, str, Params]:
     installation_id = positive_int("installation_id", installation_id)
@@ -75,30 +73,11 @@ def report(ctx, installation_id, user_id, name, params=None, now: int | None = N
     way the request is noted, so the beat keeps it computed while the user is active."""
     installation_id, user_id, name, p = validate(installation_id, user_id, name, params)
     now = int(time.time()) if now is None else now
-    tag = None
-    token = ctx.mirror.token(installation_id)
-    try:
-        if token is not None:
-            found = _cached(ctx, installation_id, user_id, name, p, token, "ask",
-                            request=json.dumps([now, name, p.to_json()]))
-            if int(found[0]) == 1:
-                return {**json.loads(found[1]), "source": "cache"}
-            if int(found[0]) == 2:
-                tag = found[1].decode()
-    except REDIS_FAULTS as exc:
-        if not is_transient(exc):
-            raise
-        log.warning("index unreachable (%s); report computed without its cache", exc.__class__.__name__)
+    copy, tag = answer_cache.read(ctx, installation_id, user_id, p.digest(name), ctx.mirror.token(installation_id),
+                                  request=json.dumps([now, name, p.to_json()]), max_requests=REQUESTS_MAX)
+    if copy is not None:
+        return {**copy, "source": "cache"}
     return _compute_and_store(ctx, installation_id, user_id, name, p, now, tag)
-
-
-def _cached(ctx, installation_id: int, user_id: int, name: str, p: Params, token: str, mode: str,
-            request: str = "", client=None):
-    """answer_cache.lua for one (user, report, params): ``mode`` "ask" (the user's request:
-    noted, the copy returned when current) or "check" (the beat's: nothing noted, no copy
-    returned).  ``client``: a pipeline to queue the call on."""
-    return answer_cache.check(ctx, installation_id, user_id, p.digest(name), token, mode, request=request,
-                              max_requests=REQUESTS_MAX, client=client)
 
 
 def _compute_and_store(ctx, installation_id: int, user_id: int, name: str, p: Params, now: int,
@@ -140,7 +119,7 @@ def precompute(ctx, installation_id: int, token: str, now: int, idle: int, inter
     noted.sort(key=lambda n: -n[0])
     pipe = ctx.redis.pipeline(transaction=False)
     for _, user_id, name, p in noted:
-        _cached(ctx, installation_id, user_id, name, p, token, "check", client=pipe)
+        answer_cache.check(ctx, installation_id, user_id, p.digest(name), token, "check", client=pipe)
     for (_, user_id, name, p), found in zip(noted, pipe.execute()):
         if int(found[0]) == 0:
             counts["left"] += 1  # the index does not mirror the database: nothing may be cached
